@@ -1,0 +1,104 @@
+"""Errors srdvol raises for bad input, bad configuration and unusable environments.
+
+Every error message is one sentence in three parts: what (file or option), the problem and the
+fix. Each class also inherits the builtin exception a Python user would catch for it, so
+``except ValueError`` keeps working for library users. Only :mod:`srdvol.cli` turns these into
+an exit code and a message without a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = [
+    "ClusterError",
+    "ConfigError",
+    "DataError",
+    "GPUUnavailableError",
+    "InputError",
+    "ModelMismatchError",
+    "OutputExistsError",
+    "OutputPathError",
+    "SrdvolError",
+    "StoreNotFoundError",
+    "UnsupportedDtypeError",
+]
+
+
+def describe(subject: str | os.PathLike[str] | None, problem: str, fix: str) -> str:
+    """Build the one-sentence message: ``"<subject>: <problem>; <fix>."``.
+
+    Parameters
+    ----------
+    subject
+        The file, store or option the message is about (``None`` to leave it out).
+    problem
+        What is wrong, in plain words.
+    fix
+        What the user should do about it.
+    """
+    head = f"{os.fspath(subject)}: " if subject is not None else ""
+    text = f"{head}{problem.rstrip('.;')}; {fix.rstrip('.')}."
+    return text
+
+
+class SrdvolError(Exception):
+    """Base class of every error srdvol reports to a user.
+
+    Parameters
+    ----------
+    subject
+        The file, store or option concerned.
+    problem
+        What is wrong.
+    fix
+        What to do about it.
+    """
+
+    exit_code: int = 2
+
+    def __init__(self, subject: str | os.PathLike[str] | None, problem: str, fix: str) -> None:
+        self.subject = None if subject is None else os.fspath(subject)
+        self.problem = problem
+        self.fix = fix
+        super().__init__(describe(subject, problem, fix))
+
+
+class InputError(SrdvolError, ValueError):
+    """The input store or array cannot be denoised as it is (axes, shape, metadata)."""
+
+
+class StoreNotFoundError(SrdvolError, FileNotFoundError):
+    """A path that should be a Zarr store (or model file) does not exist or is not one."""
+
+
+class UnsupportedDtypeError(InputError, TypeError):
+    """The array's dtype is not an integer or real floating-point type."""
+
+
+class DataError(InputError):
+    """The data itself is unusable (NaN or Inf values, constant image, too few frames)."""
+
+
+class ConfigError(SrdvolError, ValueError):
+    """An option or configuration-file value is invalid or inconsistent with another."""
+
+
+class OutputPathError(SrdvolError, ValueError):
+    """The output path is unusable (inside the input, same as the input, not writable)."""
+
+
+class OutputExistsError(SrdvolError, FileExistsError):
+    """The output exists and does not belong to this run."""
+
+
+class ModelMismatchError(SrdvolError, ValueError):
+    """A model file does not fit the requested configuration (patch size, network, version)."""
+
+
+class ClusterError(SrdvolError, ConnectionError):
+    """The Dask scheduler cannot be reached or the cluster cannot be started."""
+
+
+class GPUUnavailableError(SrdvolError, RuntimeError):
+    """GPUs were requested but are not present or not visible."""
