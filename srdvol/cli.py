@@ -1,0 +1,308 @@
+"""The ``srdvol`` command line.
+
+This is the only place that turns a :class:`~srdvol.errors.SrdvolError` into a one-sentence
+message and a non-zero exit code; ``srdvol --debug ...`` shows the traceback instead.
+Heavy modules are imported inside the commands so ``srdvol --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+
+from srdvol.config import Sampling, Window, config_defaults, load_config_file, parse_triple
+from srdvol.errors import SrdvolError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="srdvol",
+    help="Self-supervised SRDTrans denoising of large OME-Zarr fluorescence time series.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+console = Console(stderr=True, highlight=False)
+
+
+def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
+    """Eager ``--config`` callback: the file's values become this command's defaults."""
+    if value is not None:
+        options = load_config_file(value, command=ctx.info_name or "")
+        defaults = config_defaults(options)
+        known = {p.name for p in ctx.command.params}
+        ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in defaults.items() if k in known}}
+    return value
+
+
+# Options shared by several commands keep one definition, so names and help never drift.
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="TOML or YAML file whose keys set this command's options.",
+        is_eager=True,
+        callback=_load_config,
+    ),
+]
+PatchOpt = Annotated[str | None, typer.Option("--patch", help="Patch size T,Y,X (T a multiple of 16).")]
+OverlapOpt = Annotated[float, typer.Option("--overlap", min=0.0, max=0.95, help="Patch overlap fraction.")]
+BlockOpt = Annotated[str | None, typer.Option("--block", help="Processing block T,Y,X (default: from chunks and memory).")]
+WindowOpt = Annotated[Window, typer.Option("--window", help="Blending window of overlapping patches.")]
+SamplingOpt = Annotated[Sampling, typer.Option("--sampling", help="Training pairs: spatial, temporal or auto.")]
+StepsOpt = Annotated[int | None, typer.Option("--steps", min=1, help="Training steps.")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1, help="Patches per step (per worker).")]
+LrOpt = Annotated[float | None, typer.Option("--lr", help="Learning rate.")]
+SchedulerOpt = Annotated[str | None, typer.Option("--scheduler", help="Address of a running Dask scheduler.")]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", min=1, help="Local CPU worker processes.")]
+GpusOpt = Annotated[str | None, typer.Option("--gpus", help="GPUs: all (default when present), none, or 0,1.")]
+DashboardOpt = Annotated[str, typer.Option("--dashboard-address", help="Dask dashboard address.")]
+LevelOpt = Annotated[int, typer.Option("--level", min=0, help="Multiscale level to read.")]
+ChannelOpt = Annotated[int | None, typer.Option("--channel", min=0, help="Only this channel.")]
+AxesOpt = Annotated[str | None, typer.Option("--axes", help="Axes of a plain Zarr array, e.g. tzyx.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an output of another run.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Output dtype: float32, or input (round and clip).")]
+NgffOpt = Annotated[str, typer.Option("--ngff", help="Output NGFF version: 0.5 (Zarr v3) or 0.4 (Zarr v2).")]
+ModelOpt = Annotated[Path | None, typer.Option("--model", help="A trained srdvol model file.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted training.")]
+
+
+def _triple(value: str | None, option: str) -> tuple[int, int, int] | None:
+    return None if value is None else parse_triple(value, option=option)
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+) -> None:
+    """Self-supervised SRDTrans denoising of large OME-Zarr fluorescence time series."""
+
+
+def _read_options(level: int, channel: int | None, axes: str | None) -> dict[str, Any]:
+    return {"level": level, "channel": channel, "axes": axes}
+
+
+def _cluster_options(
+    scheduler: str | None, workers: int | None, gpus: str | None, dashboard_address: str
+) -> dict[str, Any]:
+    from srdvol.config import parse_gpus
+
+    return {
+        "scheduler": scheduler,
+        "workers": workers,
+        "gpus": parse_gpus(gpus),
+        "dashboard_address": dashboard_address,
+    }
+
+
+@app.command()
+def info(
+    source: Annotated[str, typer.Argument(metavar="IN", help="OME-Zarr image or Zarr array.")],
+    patch: PatchOpt = None,
+    block: BlockOpt = None,
+    level: LevelOpt = 0,
+    channel: ChannelOpt = None,
+    axes: AxesOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Show axes, shape, chunks, size and what `srdvol denoise` would do."""
+    from srdvol import pipeline
+
+    text = pipeline.info_text(
+        source, patch=_triple(patch, "--patch"), block=_triple(block, "--block"),
+        **_read_options(level, channel, axes),
+    )
+    typer.echo(text)
+
+
+@app.command()
+def simulate(
+    out: Annotated[str, typer.Argument(metavar="OUT", help="Noisy OME-Zarr to write.")],
+    truth: Annotated[str, typer.Option("--truth", help="Ground-truth OME-Zarr to write.")],
+    frames: Annotated[int, typer.Option("--frames", min=16, help="Frames (time points).")] = 128,
+    planes: Annotated[int | None, typer.Option("--planes", min=1, help="z planes (omit for T,Y,X).")] = None,
+    size: Annotated[tuple[int, int], typer.Option("--size", help="Frame size Y X.")] = (128, 128),
+    rate_hz: Annotated[float, typer.Option("--rate-hz", help="Volume rate in Hz.")] = 0.3,
+    photons: Annotated[float | None, typer.Option("--photons", help="Photon budget (see docs).")] = None,
+    seed: SeedOpt = 0,
+    overwrite: OverwriteOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Write synthetic two-photon calcium imaging with its ground truth."""
+    from srdvol import pipeline
+
+    pipeline.run_simulate(
+        out, truth=truth, frames=frames, planes=planes, size=size, rate_hz=rate_hz,
+        photons=photons, seed=seed, overwrite=overwrite,
+    )
+
+
+@app.command()
+def evaluate(
+    out: Annotated[str, typer.Argument(metavar="OUT", help="Denoised (or any) OME-Zarr image.")],
+    truth: Annotated[str, typer.Option("--truth", help="Ground-truth OME-Zarr image.")],
+    noisy: Annotated[str | None, typer.Option("--noisy", help="Noisy input, for the report.")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Write a PNG figure here.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """SNR, PSNR, SSIM and correlations of OUT against the ground truth."""
+    from srdvol import pipeline
+
+    typer.echo(pipeline.run_evaluate(out, truth=truth, noisy=noisy, report=report))
+
+
+@app.command()
+def train(
+    source: Annotated[str, typer.Argument(metavar="IN", help="Noisy OME-Zarr image.")],
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file to write.")],
+    patch: PatchOpt = None,
+    sampling: SamplingOpt = Sampling.spatial,
+    steps: StepsOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    seed: SeedOpt = 0,
+    resume: ResumeOpt = False,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    gpus: GpusOpt = None,
+    dashboard_address: DashboardOpt = ":8787",
+    level: LevelOpt = 0,
+    channel: ChannelOpt = None,
+    axes: AxesOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Self-supervised training on IN (no clean data needed)."""
+    from srdvol import pipeline
+
+    pipeline.run_train(
+        source, model, patch=_triple(patch, "--patch"), sampling=sampling.value, steps=steps,
+        batch_size=batch_size, lr=lr, seed=seed, resume=resume,
+        cluster=_cluster_options(scheduler, workers, gpus, dashboard_address),
+        read=_read_options(level, channel, axes),
+    )
+
+
+@app.command()
+def predict(
+    source: Annotated[str, typer.Argument(metavar="IN", help="Noisy OME-Zarr image.")],
+    out: Annotated[str, typer.Argument(metavar="OUT", help="Denoised OME-Zarr to write.")],
+    model: Annotated[Path, typer.Option("--model", help="A trained srdvol model file.")],
+    patch: PatchOpt = None,
+    overlap: OverlapOpt = 0.25,
+    block: BlockOpt = None,
+    window: WindowOpt = Window.tent,
+    dtype: DtypeOpt = "float32",
+    ngff: NgffOpt = "0.5",
+    overwrite: OverwriteOpt = False,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    gpus: GpusOpt = None,
+    dashboard_address: DashboardOpt = ":8787",
+    level: LevelOpt = 0,
+    channel: ChannelOpt = None,
+    axes: AxesOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Denoise IN into OUT with a trained model."""
+    from srdvol import pipeline
+
+    pipeline.run_predict(
+        source, out, model=model, patch=_triple(patch, "--patch"), overlap=overlap,
+        block=_triple(block, "--block"), window=window.value, dtype=dtype, ngff=ngff,
+        overwrite=overwrite, cluster=_cluster_options(scheduler, workers, gpus, dashboard_address),
+        read=_read_options(level, channel, axes),
+    )
+
+
+@app.command()
+def denoise(
+    source: Annotated[str, typer.Argument(metavar="IN", help="Noisy OME-Zarr image.")],
+    out: Annotated[str, typer.Argument(metavar="OUT", help="Denoised OME-Zarr to write.")],
+    model: ModelOpt = None,
+    patch: PatchOpt = None,
+    overlap: OverlapOpt = 0.25,
+    block: BlockOpt = None,
+    window: WindowOpt = Window.tent,
+    sampling: SamplingOpt = Sampling.spatial,
+    steps: StepsOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    seed: SeedOpt = 0,
+    dtype: DtypeOpt = "float32",
+    ngff: NgffOpt = "0.5",
+    overwrite: OverwriteOpt = False,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    gpus: GpusOpt = None,
+    dashboard_address: DashboardOpt = ":8787",
+    level: LevelOpt = 0,
+    channel: ChannelOpt = None,
+    axes: AxesOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Train on IN (unless --model is given), then denoise IN into OUT."""
+    from srdvol import pipeline
+
+    pipeline.run_denoise(
+        source, out, model=model, patch=_triple(patch, "--patch"), overlap=overlap,
+        block=_triple(block, "--block"), window=window.value, sampling=sampling.value,
+        steps=steps, batch_size=batch_size, lr=lr, seed=seed, dtype=dtype, ngff=ngff,
+        overwrite=overwrite, cluster=_cluster_options(scheduler, workers, gpus, dashboard_address),
+        read=_read_options(level, channel, axes),
+    )
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option("--workdir", help="Folder for the demo's stores.")] = Path(
+        "demo-output"
+    ),
+    steps: StepsOpt = None,
+    workers: WorkersOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Simulate -> denoise -> evaluate on a small default, in minutes on a laptop CPU."""
+    from srdvol import pipeline
+
+    pipeline.run_demo(workdir, steps=steps, workers=workers)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``srdvol`` console script."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        app(args=args, prog_name="srdvol", standalone_mode=False)
+    except SrdvolError as exc:
+        if debug:
+            raise
+        console.print(f"srdvol: error: {exc}", soft_wrap=True)
+        raise SystemExit(exc.exit_code) from None
+    except click.exceptions.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except click.ClickException as exc:
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        console.print("srdvol: interrupted; run the same command again to resume.")
+        raise SystemExit(130) from None
+    except Exception as exc:  # an error we did not foresee: still no raw traceback
+        if debug:
+            raise
+        console.print(
+            f"srdvol: internal error: {type(exc).__name__}: {exc}; rerun with srdvol --debug "
+            "to see the traceback and report it.",
+            soft_wrap=True,
+        )
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()
