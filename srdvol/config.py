@@ -155,7 +155,8 @@ def _validate(table: Mapping[str, Any], *, path: Path, where: str) -> dict[str, 
             f"{where}key {key!r}: {first['msg']}",
             "fix or remove that key (every key is an option name such as patch or steps)",
         ) from None
-    return parsed.model_dump(exclude_none=True, mode="json")
+    options = parsed.model_dump(exclude_none=True)
+    return {k: v.value if isinstance(v, enum.Enum) else v for k, v in options.items()}
 
 
 def load_config_file(path: str | os.PathLike[str], *, command: str) -> dict[str, Any]:

@@ -1,0 +1,74 @@
+"""Configuration files and option parsing."""
+
+from __future__ import annotations
+
+import pytest
+
+from srdvol.config import config_defaults, load_config_file, parse_gpus, parse_triple
+from srdvol.errors import ConfigError
+
+
+def test_parse_triple_accepts_text_and_sequences():
+    assert parse_triple("16, 64,64") == (16, 64, 64)
+    assert parse_triple([32, 8, 8]) == (32, 8, 8)
+
+
+@pytest.mark.parametrize("bad", ["16,64", "a,b,c", "0,64,64", "16,64,64,64", ""])
+def test_parse_triple_rejects_bad_values_naming_the_option(bad):
+    with pytest.raises(ConfigError, match="--block.*--block 32,64,64"):
+        parse_triple(bad, option="--block")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [(None, None), ("all", "all"), ("none", []), ("0,2", [0, 2])]
+)
+def test_parse_gpus(text, expected):
+    assert parse_gpus(text) == expected
+
+
+def test_parse_gpus_rejects_words():
+    with pytest.raises(ConfigError, match="--gpus"):
+        parse_gpus("first")
+
+
+def test_toml_flat_keys_and_command_table(tmp_path):
+    file = tmp_path / "run.toml"
+    file.write_text('patch = [32, 64, 64]\nsteps = 10\n[train]\nsteps = 99\nbatch-size = 2\n')
+    train = load_config_file(file, command="train")
+    predict = load_config_file(file, command="predict")
+    assert train == {"patch": (32, 64, 64), "steps": 99, "batch_size": 2}
+    assert predict == {"patch": (32, 64, 64), "steps": 10}
+    assert config_defaults(train)["patch"] == "32,64,64"
+
+
+def test_yaml_file(tmp_path):
+    file = tmp_path / "run.yaml"
+    file.write_text("overlap: 0.5\nsampling: temporal\nsize: [64, 96]\n")
+    assert load_config_file(file, command="denoise") == {
+        "overlap": 0.5,
+        "sampling": "temporal",
+        "size": (64, 96),
+    }
+
+
+@pytest.mark.parametrize(
+    ("content", "suffix", "message"),
+    [
+        ("pach = [1, 2, 3]\n", ".toml", "'pach'"),
+        ("overlap = 1.5\n", ".toml", "'overlap'"),
+        ("steps = = 3\n", ".toml", "cannot be parsed"),
+        ("steps: 3\n", ".ini", "unknown configuration format"),
+        ("[train]\nsampling = 'diagonal'\n", ".toml", r"\[train\] key 'sampling'"),
+    ],
+)
+def test_bad_config_files_name_the_file_and_key(tmp_path, content, suffix, message):
+    file = tmp_path / f"run{suffix}"
+    file.write_text(content)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config_file(file, command="train")
+    assert str(file) in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config_file(tmp_path / "nope.toml", command="train")
