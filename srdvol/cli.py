@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 
@@ -31,7 +30,7 @@ app = typer.Typer(
 console = Console(stderr=True, highlight=False)
 
 
-def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
+def _load_config(ctx: typer.Context, _param: typer.CallbackParam, value: Path | None) -> Path | None:
     """Eager ``--config`` callback: the file's values become this command's defaults."""
     if value is not None:
         options = load_config_file(value, command=ctx.info_name or "")
@@ -285,14 +284,14 @@ def main(argv: list[str] | None = None) -> None:
             raise
         console.print(f"srdvol: error: {exc}", soft_wrap=True)
         raise SystemExit(exc.exit_code) from None
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         raise SystemExit(exc.exit_code) from None
-    except click.ClickException as exc:
-        exc.show()
-        raise SystemExit(exc.exit_code) from None
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         console.print("srdvol: interrupted; run the same command again to resume.")
         raise SystemExit(130) from None
+    except typer.TyperException as exc:  # usage errors: typer prints them like click does
+        exc.show()  # type: ignore[attr-defined]
+        raise SystemExit(getattr(exc, "exit_code", 2)) from None
     except Exception as exc:  # an error we did not foresee: still no raw traceback
         if debug:
             raise
