@@ -1,0 +1,511 @@
+"""Dask clusters for srdvol: one worker per GPU, CPU workers otherwise, or an existing scheduler.
+
+srdvol either attaches to a scheduler the user already runs (dask-jobqueue, Kubernetes, a
+``dask scheduler`` started by hand) or starts a local :class:`distributed.SpecCluster`:
+
+- one :class:`distributed.Nanny` worker process per GPU, pinned with its own
+  ``CUDA_VISIBLE_DEVICES`` and advertising ``resources={"GPU": 1}`` (dask-cuda is not used: its
+  releases pin other dask versions);
+- or, without GPUs, a few CPU worker processes whose torch thread count is set explicitly
+  (a Nanny worker otherwise runs torch with one thread, because distributed sets
+  ``OMP_NUM_THREADS=1`` before spawning it).
+
+A model is loaded once per worker by :class:`ModelPlugin`; its weights travel as a file path, never
+through the scheduler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+from distributed import Client, Nanny, Scheduler, SpecCluster, WorkerPlugin
+
+from srdvol.errors import ClusterError, ConfigError, GPUUnavailableError
+
+__all__ = [
+    "ModelPlugin",
+    "TorchThreadsPlugin",
+    "cpu_worker_spec",
+    "dashboard_link",
+    "gpu_worker_spec",
+    "open_cluster",
+    "parse_gpus",
+    "visible_gpus",
+]
+
+logger = logging.getLogger(__name__)
+
+#: What ``gpus=`` accepts: ``None``/"auto" (GPUs when present), "all", "none", or device ids.
+GPUChoice = Literal["auto", "all", "none"] | Sequence[int] | None
+
+# Environment variables that size the BLAS/OpenMP pools numpy and torch start with.
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+# --------------------------------------------------------------------------------------------
+# GPUs
+
+
+def visible_gpus() -> list[int]:
+    """Return the ids of the GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names them.
+
+    ``CUDA_VISIBLE_DEVICES`` wins when set (an empty value or ``-1`` means no GPU). Otherwise
+    the count comes from ``torch.cuda.device_count()`` when torch was built with CUDA, or from
+    ``nvidia-smi -L``. A machine without GPUs gives ``[]``.
+
+    Returns
+    -------
+    list of int
+        Device ids, suitable for ``CUDA_VISIBLE_DEVICES`` of a worker process.
+    """
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        ids: list[int] = []
+        for item in env.split(","):
+            item = item.strip()
+            # CUDA stops at the first invalid entry; a GPU UUID (GPU-...) is not an index we can
+            # forward by number, so such lists are read by position instead.
+            if not item or item == "-1":
+                break
+            ids.append(int(item) if item.isdigit() else len(ids))
+        return ids
+    return list(range(_count_gpus()))
+
+
+def _count_gpus() -> int:
+    try:
+        import torch
+
+        if torch.backends.cuda.is_built() and torch.cuda.is_available():
+            return int(torch.cuda.device_count())
+    except Exception:  # a broken CUDA install must not stop the CPU path
+        logger.debug("torch could not count GPUs", exc_info=True)
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return 0
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def parse_gpus(text: str | None) -> GPUChoice:
+    """Read the ``--gpus`` option: ``auto``, ``all``, ``none`` or comma-separated ids (``0,2``).
+
+    Raises
+    ------
+    ConfigError
+        If the text is none of these.
+    """
+    if text is None:
+        return None
+    value = text.strip().lower()
+    if value in ("auto", "all", "none"):
+        return value  # type: ignore[return-value]
+    try:
+        ids = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        ids = []
+    if not ids or any(i < 0 for i in ids):
+        raise ConfigError(
+            "--gpus",
+            f"{text!r} is not a GPU choice",
+            "give auto, all, none or device ids such as 0,1",
+        )
+    return ids
+
+
+def _resolve_gpus(gpus: GPUChoice) -> list[int]:
+    """Turn a ``gpus=`` choice into the device ids to start workers on (``[]`` for CPU)."""
+    present = visible_gpus()
+    if gpus is None or gpus == "auto":
+        return present
+    if gpus == "none":
+        return []
+    if gpus == "all":
+        if not present:
+            raise GPUUnavailableError(
+                "--gpus all",
+                "no GPU is visible on this machine (torch and nvidia-smi find none, or "
+                "CUDA_VISIBLE_DEVICES hides them)",
+                "run without --gpus to use CPU workers, or on a machine with a GPU",
+            )
+        return present
+    if isinstance(gpus, str):
+        raise ConfigError("--gpus", f"{gpus!r} is not a GPU choice", "give auto, all, none or ids")
+    wanted = [int(i) for i in gpus]
+    missing = [i for i in wanted if i not in present]
+    if missing:
+        seen = ", ".join(map(str, present)) if present else "none"
+        raise GPUUnavailableError(
+            f"--gpus {','.join(map(str, wanted))}",
+            f"GPU {', '.join(map(str, missing))} is not visible (visible GPUs: {seen})",
+            "choose visible device ids, or run without --gpus to use CPU workers",
+        )
+    return wanted
+
+
+# --------------------------------------------------------------------------------------------
+# Worker plugins
+
+
+def _set_torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+    # inter-op threads can only be set once per process, before any parallel work
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(n)
+
+
+class TorchThreadsPlugin(WorkerPlugin):
+    """Worker plugin that sets torch's intra-op thread count when a worker starts.
+
+    Parameters
+    ----------
+    threads
+        Threads torch may use inside this worker process.
+    """
+
+    name = "srdvol-torch-threads"
+    idempotent = True
+
+    def __init__(self, threads: int) -> None:
+        self.threads = int(threads)
+
+    def setup(self, worker: Any) -> None:
+        """Set the thread count in the worker process (called by distributed)."""
+        for var in _THREAD_VARS:
+            os.environ[var] = str(self.threads)
+        _set_torch_threads(self.threads)
+
+    def teardown(self, worker: Any) -> None:
+        """Nothing to release."""
+
+
+class ModelPlugin(WorkerPlugin):
+    """Worker plugin that loads a model file once per worker, before any task needs it.
+
+    The plugin warms the per-process model cache of :mod:`srdvol.predict`, so tasks that build a
+    :class:`srdvol.predict.ModelPredictor` for the same file find the network already on the
+    device. Only the path travels to the workers; each worker reads the file itself, so the path
+    must be visible to every worker (a shared file system on a cluster).
+
+    Parameters
+    ----------
+    model_path
+        Path of the srdvol model file.
+    device
+        ``"auto"`` (the worker's GPU when it has one, else CPU), ``"cpu"`` or ``"cuda"``.
+    autocast
+        Run the network in mixed precision on GPUs.
+    threads
+        If given, torch's thread count in the worker.
+    """
+
+    name = "srdvol-model"
+    idempotent = False
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        device: str = "auto",
+        autocast: bool = True,
+        threads: int | None = None,
+    ) -> None:
+        self.model_path = os.fspath(model_path)
+        self.device = device
+        self.autocast = autocast
+        self.threads = threads
+
+    def setup(self, worker: Any) -> None:
+        """Load the model into this worker process's cache (called by distributed)."""
+        if self.threads is not None:
+            _set_torch_threads(self.threads)
+        from srdvol import predict
+
+        predict.warm_model_cache(self.model_path, device=self.device, autocast=self.autocast)
+
+    def teardown(self, worker: Any) -> None:
+        """Nothing to release: the cache lives as long as the worker process."""
+
+
+# --------------------------------------------------------------------------------------------
+# Cluster specs
+
+
+def _default_memory_limit(n_workers: int) -> int:
+    import psutil
+
+    # SpecCluster's "auto" sizes a 1-thread worker as 1/ncores of RAM, far too little for a model
+    # worker; share the machine between the workers instead, as LocalCluster does.
+    return int(psutil.virtual_memory().total // max(1, n_workers))
+
+
+def gpu_worker_spec(
+    gpu_ids: Sequence[int],
+    *,
+    host: str = "127.0.0.1",
+    memory_limit: int | str | None = None,
+    threads: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Build a :class:`distributed.SpecCluster` worker spec with one process per GPU.
+
+    Each worker is a :class:`distributed.Nanny` named ``gpu-<id>`` whose process sees only its
+    own device (``CUDA_VISIBLE_DEVICES=<id>``, so the model uses ``cuda:0`` there), advertises
+    ``resources={"GPU": 1}`` and runs one task at a time.
+
+    Parameters
+    ----------
+    gpu_ids
+        Device ids as ``CUDA_VISIBLE_DEVICES`` names them.
+    host
+        Interface the workers listen on.
+    memory_limit
+        Host memory per worker (bytes or a string like ``"16GB"``); default: RAM / workers.
+    threads
+        CPU threads for torch and BLAS in each worker (data loading, normalisation); default:
+        CPU cores / workers.
+
+    Returns
+    -------
+    dict
+        ``{name: {"cls": Nanny, "options": {...}}}``, the ``workers=`` argument of SpecCluster.
+    """
+    ids = [int(i) for i in gpu_ids]
+    if len(set(ids)) != len(ids):
+        raise ConfigError("--gpus", f"GPU ids {ids} repeat a device", "give each GPU once")
+    n = max(1, len(ids))
+    cpu_threads = threads or max(1, (os.cpu_count() or 1) // n)
+    limit = _default_memory_limit(n) if memory_limit is None else memory_limit
+    spec: dict[str, dict[str, Any]] = {}
+    for gpu in ids:
+        env = {"CUDA_VISIBLE_DEVICES": str(gpu)}
+        env.update({var: str(cpu_threads) for var in _THREAD_VARS})
+        spec[f"gpu-{gpu}"] = {
+            "cls": Nanny,
+            "options": {
+                "nthreads": 1,
+                "resources": {"GPU": 1},
+                "env": env,
+                "host": host,
+                "memory_limit": limit,
+                "plugins": (TorchThreadsPlugin(cpu_threads),),
+            },
+        }
+    return spec
+
+
+def cpu_worker_spec(
+    n_workers: int,
+    *,
+    threads: int | None = None,
+    host: str = "127.0.0.1",
+    memory_limit: int | str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Build a :class:`distributed.SpecCluster` worker spec of CPU worker processes.
+
+    Each worker (``cpu-<i>``) runs one task at a time and lets torch and BLAS use ``threads``
+    threads: a model task parallelises inside torch, not across dask threads.
+
+    Parameters
+    ----------
+    n_workers
+        Number of worker processes.
+    threads
+        torch/BLAS threads per worker; default: CPU cores / workers.
+    host
+        Interface the workers listen on.
+    memory_limit
+        Memory per worker (bytes or a string like ``"8GB"``); default: RAM / workers.
+    """
+    if n_workers < 1:
+        raise ConfigError("--workers", f"{n_workers} workers is not possible", "give 1 or more")
+    if threads is not None and threads < 1:
+        raise ConfigError("--threads", f"{threads} threads is not possible", "give 1 or more")
+    per_worker = threads or max(1, (os.cpu_count() or 1) // n_workers)
+    limit = _default_memory_limit(n_workers) if memory_limit is None else memory_limit
+    env = {var: str(per_worker) for var in _THREAD_VARS}
+    return {
+        f"cpu-{i}": {
+            "cls": Nanny,
+            "options": {
+                "nthreads": 1,
+                "env": dict(env),
+                "host": host,
+                "memory_limit": limit,
+                "plugins": (TorchThreadsPlugin(per_worker),),
+            },
+        }
+        for i in range(n_workers)
+    }
+
+
+def _scheduler_spec(host: str, dashboard_address: str | None) -> dict[str, Any]:
+    # The HTTP server (health, metrics) starts even without a dashboard: give it a free port then.
+    options: dict[str, Any] = {
+        "host": host,
+        "dashboard": dashboard_address is not None,
+        "dashboard_address": ":0" if dashboard_address is None else dashboard_address,
+    }
+    return {"cls": Scheduler, "options": options}
+
+
+# --------------------------------------------------------------------------------------------
+# Opening a cluster
+
+
+def dashboard_link(client: Client) -> str | None:
+    """Return the dashboard URL of the client's scheduler (``.../status``), or ``None``.
+
+    ``None`` means the scheduler serves no dashboard (started with ``dashboard_address=None``,
+    or bokeh is not installed where the scheduler runs).
+    """
+    try:
+        served = bool(client.run_on_scheduler(_serves_dashboard))
+    except Exception:  # a scheduler that refuses run_on_scheduler: trust its own report
+        logger.debug("could not ask the scheduler about its dashboard", exc_info=True)
+        served = "dashboard" in client.scheduler_info().get("services", {})
+    return str(client.dashboard_link) if served else None
+
+
+def _serves_dashboard(dask_scheduler: Any) -> bool:
+    # The scheduler always runs an HTTP server (health, metrics); the bokeh dashboard is an
+    # application added to it only when enabled and bokeh is importable.
+    return bool(getattr(dask_scheduler.http_application, "applications", None))
+
+
+@contextlib.contextmanager
+def open_cluster(
+    *,
+    scheduler: str | None = None,
+    gpus: GPUChoice = None,
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    dashboard_address: str | None = ":8787",
+    memory_limit: int | str | None = None,
+    host: str = "127.0.0.1",
+    timeout: float = 10.0,
+) -> Iterator[Client]:
+    """Connect to a Dask scheduler or start a local cluster; yield a client and clean up.
+
+    Parameters
+    ----------
+    scheduler
+        Address of a running scheduler (``tcp://host:8786``) or a scheduler file (``*.json``)
+        to attach to. ``None`` starts a local cluster and closes it on exit.
+    gpus
+        Local cluster only: ``None``/``"auto"`` (one worker per visible GPU, CPU workers when
+        there is none), ``"all"`` (GPUs required), ``"none"`` (CPU workers) or device ids.
+    workers
+        Number of workers: CPU worker processes (default: up to 4, one per 2 cores), or the
+        first ``workers`` of the chosen GPUs.
+    threads_per_worker
+        torch/BLAS threads in each worker (default: CPU cores / workers).
+    dashboard_address
+        Where the local scheduler serves its dashboard (``":0"`` for any free port, ``None``
+        for none).
+    memory_limit
+        Memory per worker (bytes or ``"16GB"``); default: RAM / workers.
+    host
+        Interface of the local scheduler and workers.
+    timeout
+        Seconds to wait when connecting to ``scheduler``.
+
+    Yields
+    ------
+    distributed.Client
+
+    Raises
+    ------
+    ClusterError
+        If ``scheduler`` cannot be reached in ``timeout`` seconds or the local cluster fails.
+    GPUUnavailableError
+        If GPUs are requested and not visible.
+    """
+    if scheduler is not None:
+        with _attach(scheduler, timeout=timeout) as client:
+            yield client
+        return
+    spec = _local_spec(gpus, workers, threads_per_worker, memory_limit, host)
+    try:
+        cluster = SpecCluster(
+            workers=spec,
+            scheduler=_scheduler_spec(host, dashboard_address),
+            silence_logs=logging.ERROR,
+            name="srdvol",
+        )
+    except Exception as exc:  # startup errors of distributed have no single type
+        raise ClusterError(
+            "local Dask cluster",
+            f"the worker processes did not start ({type(exc).__name__}: {exc})",
+            "check free memory and ports, or pass --scheduler to use an existing cluster",
+        ) from exc
+    try:
+        with Client(cluster) as client:
+            link = dashboard_link(client)
+            logger.info("Dask dashboard: %s", link or "disabled")
+            yield client
+    finally:
+        cluster.close()
+
+
+def _local_spec(
+    gpus: GPUChoice,
+    workers: int | None,
+    threads: int | None,
+    memory_limit: int | str | None,
+    host: str,
+) -> dict[str, dict[str, Any]]:
+    if workers is not None and workers < 1:
+        raise ConfigError("--workers", f"{workers} workers is not possible", "give 1 or more")
+    ids = _resolve_gpus(gpus)
+    if ids:
+        if workers is not None:
+            if workers > len(ids):
+                raise GPUUnavailableError(
+                    "--workers",
+                    f"{workers} GPU workers asked for but only {len(ids)} GPU(s) chosen",
+                    "lower --workers or choose more GPUs with --gpus",
+                )
+            ids = ids[:workers]
+        return gpu_worker_spec(ids, host=host, memory_limit=memory_limit, threads=threads)
+    cores = os.cpu_count() or 1
+    n = workers or max(1, min(4, cores // 2))
+    return cpu_worker_spec(n, threads=threads, host=host, memory_limit=memory_limit)
+
+
+@contextlib.contextmanager
+def _attach(scheduler: str, *, timeout: float) -> Iterator[Client]:
+    kwargs: dict[str, Any]
+    if scheduler.endswith(".json") and "://" not in scheduler:
+        if not os.path.exists(scheduler):
+            raise ClusterError(
+                scheduler,
+                "the scheduler file does not exist",
+                "start the scheduler with --scheduler-file first, or give its tcp:// address",
+            )
+        kwargs = {"scheduler_file": scheduler}
+    else:
+        kwargs = {"address": scheduler}
+    try:
+        client = Client(timeout=timeout, set_as_default=False, **kwargs)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise ClusterError(
+            scheduler,
+            f"no Dask scheduler answered within {timeout:g} s ({type(exc).__name__})",
+            "check the address and that the scheduler is running, or leave out --scheduler "
+            "to start a local cluster",
+        ) from exc
+    try:
+        yield client
+    finally:
+        client.close()

@@ -1,0 +1,198 @@
+"""Tests of srdvol.cluster with real worker processes (kept to 1-2 workers with 1-2 threads)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import urllib.request
+
+import pytest
+from distributed import Client, LocalCluster, SpecCluster
+
+from srdvol.cluster import (
+    cpu_worker_spec,
+    dashboard_link,
+    gpu_worker_spec,
+    open_cluster,
+    parse_gpus,
+    visible_gpus,
+)
+from srdvol.errors import ClusterError, ConfigError, GPUUnavailableError
+
+
+def _worker_env() -> tuple[str | None, str | None]:
+    return os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("OMP_NUM_THREADS")
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _slow_square(x: int) -> int:
+    time.sleep(1.5)
+    return x * x
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# ------------------------------------------------------------------------------ GPU detection
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [("2,3", [2, 3]), ("0", [0]), ("", []), ("-1", []), ("1,-1,2", [1])],
+)
+def test_visible_gpus_follows_cuda_visible_devices(monkeypatch, env, expected):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env)
+    assert visible_gpus() == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [(None, None), ("auto", "auto"), ("ALL", "all"), ("none", "none"), ("0,2", [0, 2])],
+)
+def test_parse_gpus_reads_the_option(text, expected):
+    assert parse_gpus(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "gpu0", "-1", "0,x"])
+def test_parse_gpus_rejects_nonsense(text):
+    with pytest.raises(ConfigError, match="--gpus"):
+        parse_gpus(text)
+
+
+# ------------------------------------------------------------------------------ worker specs
+
+
+def test_gpu_worker_spec_pins_one_device_per_worker():
+    spec = gpu_worker_spec([0, 3], memory_limit="1GB", threads=2)
+    assert sorted(spec) == ["gpu-0", "gpu-3"]
+    for gpu in (0, 3):
+        options = spec[f"gpu-{gpu}"]["options"]
+        assert options["env"]["CUDA_VISIBLE_DEVICES"] == str(gpu)
+        assert options["resources"] == {"GPU": 1}
+        assert options["nthreads"] == 1
+        assert options["memory_limit"] == "1GB"
+        assert options["env"]["OMP_NUM_THREADS"] == "2"
+
+
+def test_gpu_worker_spec_refuses_repeated_ids():
+    with pytest.raises(ConfigError, match="repeat"):
+        gpu_worker_spec([1, 1])
+
+
+def test_cpu_worker_spec_sets_threads_and_names():
+    spec = cpu_worker_spec(3, threads=2)
+    assert sorted(spec) == ["cpu-0", "cpu-1", "cpu-2"]
+    assert all(s["options"]["env"]["OMP_NUM_THREADS"] == "2" for s in spec.values())
+    assert all("resources" not in s["options"] for s in spec.values())
+    with pytest.raises(ConfigError, match="--workers"):
+        cpu_worker_spec(0)
+
+
+def test_spec_cluster_workers_see_their_own_gpu():
+    # Starting GPU-pinned workers needs no GPU: the pinning is only environment and resources.
+    from srdvol.cluster import _scheduler_spec
+
+    spec = gpu_worker_spec([0, 1], memory_limit="1GB", threads=1)
+    with (
+        SpecCluster(workers=spec, scheduler=_scheduler_spec("127.0.0.1", None)) as cluster,
+        Client(cluster) as client,
+    ):
+        client.wait_for_workers(2, timeout=60)
+        info = client.scheduler_info(n_workers=-1)["workers"]
+        by_name = {w["name"]: (addr, w) for addr, w in info.items()}
+        assert sorted(by_name) == ["gpu-0", "gpu-1"]
+        envs = client.run(_worker_env)
+        for name, (addr, worker) in by_name.items():
+            assert worker["resources"] == {"GPU": 1}
+            assert envs[addr][0] == name.removeprefix("gpu-")
+        # a GPU task lands only on workers that advertise the resource
+        future = client.submit(_worker_env, resources={"GPU": 1}, pure=False)
+        assert future.result(timeout=60)[0] in {"0", "1"}
+
+
+# ------------------------------------------------------------------------------ open_cluster
+
+
+@pytest.mark.parametrize("gpus", [[0], "all", [0, 1]])
+def test_open_cluster_without_gpus_refuses_gpu_request(monkeypatch, gpus):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the same answer on a machine with GPUs
+    with pytest.raises(GPUUnavailableError) as info, open_cluster(gpus=gpus):
+        pytest.fail("a cluster was started")
+    message = str(info.value)
+    assert message.startswith("--gpus")
+    assert "not visible" in message or "no GPU" in message
+    assert "without --gpus" in message
+
+
+def test_open_cluster_rejects_zero_workers():
+    with pytest.raises(ConfigError, match="--workers"), open_cluster(gpus="none", workers=0):
+        pytest.fail("a cluster was started")
+
+
+def test_cpu_cluster_sets_torch_threads_and_serves_dashboard(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with open_cluster(workers=2, threads_per_worker=2, dashboard_address=":0") as client:
+        client.wait_for_workers(2, timeout=60)
+        threads = client.run(_torch_threads)
+        assert list(threads.values()) == [2, 2]
+        # tasks run on the worker's executor thread, not the event loop: check there too
+        assert client.submit(_torch_threads, pure=False).result(timeout=60) == 2
+
+        link = dashboard_link(client)
+        assert link is not None
+        assert link.startswith("http://127.0.0.1:")
+        assert link.endswith("/status")
+        assert not link.startswith("http://127.0.0.1:8787/")  # ":0" picked a free port
+        running = client.map(_slow_square, [2, 3], pure=False)
+        with urllib.request.urlopen(link, timeout=30) as response:
+            assert response.status == 200
+            assert b"<html" in response.read(2000).lower()
+        assert client.gather(running) == [4, 9]
+
+
+def test_cluster_without_dashboard_reports_none(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with open_cluster(workers=1, threads_per_worker=1, dashboard_address=None) as client:
+        assert dashboard_link(client) is None
+        assert client.submit(sum, [1, 2, 3]).result(timeout=60) == 6
+
+
+def test_attach_to_running_scheduler():
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster:
+        with open_cluster(scheduler=cluster.scheduler_address) as client:
+            assert client.submit(pow, 3, 4).result(timeout=60) == 81
+            assert client.scheduler.address == cluster.scheduler_address
+            assert dashboard_link(client) == cluster.dashboard_link
+        # closing the attached client leaves the user's cluster running
+        with Client(cluster.scheduler_address, timeout=10) as again:
+            assert again.submit(pow, 2, 5).result(timeout=60) == 32
+
+
+def test_attach_to_unreachable_scheduler_fails_fast():
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    start = time.monotonic()
+    with pytest.raises(ClusterError) as info, open_cluster(scheduler=address, timeout=2):
+        pytest.fail("connected to nothing")
+    assert time.monotonic() - start < 15
+    message = str(info.value)
+    assert message.startswith(address)
+    assert "no Dask scheduler answered" in message
+    assert "--scheduler" in message
+    assert isinstance(info.value, ConnectionError)
+
+
+def test_attach_to_missing_scheduler_file(tmp_path):
+    path = tmp_path / "scheduler.json"
+    with pytest.raises(ClusterError, match="does not exist"), open_cluster(scheduler=str(path)):
+        pytest.fail("connected to nothing")
