@@ -102,3 +102,22 @@ class ClusterError(SrdvolError, ConnectionError):
 
 class GPUUnavailableError(SrdvolError, RuntimeError):
     """GPUs were requested but are not present or not visible."""
+
+
+class TrainingInterruptedError(SrdvolError, RuntimeError):
+    """Distributed training stopped: a worker died or lost contact with the others mid-run."""
+
+
+def _rebuild_error(
+    cls: type[SrdvolError], subject: str | None, problem: str, fix: str
+) -> SrdvolError:
+    return cls(subject, problem, fix)
+
+
+def _reduce_error(self: SrdvolError) -> tuple[object, ...]:
+    # Errors raised inside Dask tasks are pickled back to the client; the default reduction
+    # would call __init__ with the message alone and fail.
+    return (_rebuild_error, (type(self), self.subject, self.problem, self.fix), self.__dict__)
+
+
+SrdvolError.__reduce__ = _reduce_error  # type: ignore[method-assign,assignment]
