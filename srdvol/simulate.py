@@ -41,8 +41,8 @@ from srdvol.errors import ConfigError
 
 __all__ = ["DEFAULT_PHOTONS", "SceneConfig", "SimulationInfo", "render_frames", "simulate"]
 
-#: Default photon budget: mean photons per pixel and frame at rest (noisy SNR of a few dB).
-DEFAULT_PHOTONS = 2.0
+#: Default photon budget: mean photons per pixel and frame at rest (noisy SNR about 2 dB).
+DEFAULT_PHOTONS = 1.0
 #: Spawn-key prefixes keep the scene stream and the per-frame noise streams apart.
 _SCENE_KEY = 0
 _NOISE_KEY = 1
