@@ -368,25 +368,47 @@ def _noisy_frame(expected: np.ndarray, *, seed: int, t: int, z: int, cfg: SceneC
 # --------------------------------------------------------------------------- stores
 
 
+def _frame_block(
+    scene: _Scene, kind: str, seed: int, cfg: SceneConfig, *, planes: bool, block_info: Any = None
+) -> np.ndarray:
+    """One (1, [1,] y, x) block of the lazy noisy or truth image (used for metadata samples)."""
+    loc = block_info[None]["array-location"]
+    t, z = loc[0][0], (loc[1][0] if planes else 0)
+    expected = render_frames(scene, t, t + 1, z)[0]
+    if kind == "noisy":
+        frame: np.ndarray = _noisy_frame(expected, seed=seed, t=t, z=z, cfg=cfg)
+    else:
+        frame = (cfg.offset + cfg.gain * expected).astype(np.float32)
+    return frame.reshape((1, 1, *frame.shape) if planes else (1, *frame.shape))
+
+
 def _like(
-    shape: tuple[int, ...], dims: tuple[str, ...], *, rate_hz: float, px: float, dz: float,
-    source: str,
+    scene: _Scene, kind: str, *, dims: tuple[str, ...], rate_hz: float, px: float, dz: float,
+    seed: int, cfg: SceneConfig, frames: int,
 ) -> Any:
-    """A lazy DataArray describing the simulated image (what ``create_output`` copies)."""
+    """A lazy DataArray of the simulated image, one dask chunk per frame (what create_output
+    copies: dims, scale, units; it samples one frame for the viewer's contrast window)."""
     import dask.array as da
     import xarray as xr
 
+    nz, ny, nx = scene.shape_zyx
+    planes = "z" in dims
+    chunks = ((1,) * frames, (1,) * nz, (ny,), (nx,)) if planes else ((1,) * frames, (ny,), (nx,))
+    dtype = np.uint16 if kind == "noisy" else np.float32
+    data = da.map_blocks(
+        _frame_block, scene, kind, seed, cfg, planes=planes, chunks=chunks, dtype=dtype,
+        meta=np.empty((0,) * len(dims), dtype),
+    )
     scale = {"t": 1.0 / rate_hz, "z": dz, "y": px, "x": px}
     units = {"t": "second", "z": "micrometer", "y": "micrometer", "x": "micrometer"}
+    shape = data.shape
     coords = {d: np.arange(n) * scale[d] for d, n in zip(dims, shape, strict=True)}
-    data = da.zeros(shape, dtype=np.float32, chunks=-1)  # never computed
     attrs = {
         "axes_units": {d: units[d] for d in dims},
         "scale": {d: scale[d] for d in dims},
         "translation": dict.fromkeys(dims, 0.0),
-        "source": source,
     }
-    return xr.DataArray(data, dims=dims, coords=coords, attrs=attrs)
+    return xr.DataArray(data, dims=dims, coords=coords, attrs=attrs, name=kind)
 
 
 def _create_image(
@@ -394,46 +416,11 @@ def _create_image(
     overwrite: bool,
 ) -> Any:
     """Create an OME-Zarr 0.5 image through :func:`srdvol.output.create_output`."""
-    try:
-        from srdvol.output import create_output
-    except ImportError:  # pragma: no cover - until srdvol.output lands
-        return _create_ngff05(path, like=like, dtype=dtype, chunks=chunks, provenance=provenance,
-                              overwrite=overwrite)
+    from srdvol.output import create_output
+
     return create_output(
         path, like=like, dtype=dtype, chunks=chunks, ngff="0.5", provenance=provenance,
         overwrite=overwrite,
-    )
-
-
-def _create_ngff05(
-    path: str, *, like: Any, dtype: Any, chunks: dict[str, int] | None, provenance: dict[str, Any],
-    overwrite: bool,
-) -> Any:
-    """Minimal NGFF 0.5 image (one level) written with zarr directly."""
-    import zarr
-
-    from srdvol.errors import OutputExistsError
-
-    if os.path.exists(path) and not overwrite:
-        raise OutputExistsError(path, "already exists", "choose another path or pass --overwrite")
-    dims = tuple(like.dims)
-    default = {"t": 16, "z": 1, "y": 256, "x": 256}
-    size = {**default, **(chunks or {})}
-    chunk_shape = tuple(min(size[d], n) for d, n in zip(dims, like.shape, strict=True))
-    root = zarr.open_group(path, mode="w")
-    types = {"t": "time", "z": "space", "y": "space", "x": "space"}
-    root.attrs["ome"] = {
-        "version": "0.5",
-        "multiscales": [{
-            "axes": [{"name": d, "type": types[d], "unit": like.attrs["axes_units"][d]} for d in dims],
-            "datasets": [{"path": "s0", "coordinateTransformations": [
-                {"type": "scale", "scale": [like.attrs["scale"][d] for d in dims]}]}],
-        }],
-    }
-    root.attrs["srdvol"] = provenance
-    return root.create_array(
-        "s0", shape=like.shape, dtype=dtype, chunks=chunk_shape, dimension_names=list(dims),
-        fill_value=0,
     )
 
 
@@ -465,6 +452,23 @@ def _write_labels(truth: str, labels: np.ndarray, dims: tuple[str, ...], px: flo
         dimension_names=list(spatial), overwrite=True,
     )
     arr[...] = data
+
+
+def _check_target(path: str, record: dict[str, Any], *, overwrite: bool) -> None:
+    """Refuse, before writing anything, a store that is not this very simulation's output."""
+    import json
+
+    from srdvol.errors import OutputExistsError
+    from srdvol.output import read_provenance
+
+    if overwrite or not os.path.exists(path):
+        return
+    existing = (read_provenance(path) or {}).get("simulation")
+    if existing != json.loads(json.dumps(record)):
+        raise OutputExistsError(
+            path, "already exists and is not the output of this simulation",
+            "choose another path or pass --overwrite to replace it",
+        )
 
 
 def _slabs(length: int, step: int) -> list[tuple[int, int]]:
@@ -542,8 +546,9 @@ def simulate(
     for option, ok in checks.items():
         if not ok:
             raise ConfigError(option, "must be a positive number", f"give a positive {option}")
-    if os.fspath(out) == os.fspath(truth):
-        raise ConfigError("--truth", "is the same path as OUT", "give two different paths")
+    from srdvol.output import check_output_path
+
+    check_output_path(truth, out)  # neither store may be, or lie inside, the other
     nz = 1 if planes is None else int(planes)
     dims = ("t", "y", "x") if planes is None else ("t", "z", "y", "x")
     shape = (frames, ny, nx) if planes is None else (frames, nz, ny, nx)
@@ -553,18 +558,23 @@ def simulate(
         cfg=cfg,
     )
     model = {
-        "photons": photons, "gain": cfg.gain, "offset": cfg.offset, "read_noise": cfg.read_noise,
+        "dims": list(dims), "shape": list(shape), "photons": photons, "gain": cfg.gain, "offset": cfg.offset, "read_noise": cfg.read_noise,
         "rate_hz": rate_hz, "pixel_size_um": px, "seed": seed, "n_cells": built.n_cells,
         "scene": asdict(cfg),
     }
-    common = {"rate_hz": rate_hz, "px": px, "dz": cfg.plane_spacing_um}
+    for path, role in ((out, "noisy"), (truth, "truth")):
+        _check_target(os.fspath(path), {**model, "role": role}, overwrite=overwrite)
+    common = {
+        "dims": dims, "rate_hz": rate_hz, "px": px, "dz": cfg.plane_spacing_um, "seed": seed,
+        "cfg": cfg, "frames": frames,
+    }
     noisy_arr = _create_image(
-        os.fspath(out), like=_like(shape, dims, source="srdvol simulate", **common),
+        os.fspath(out), like=_like(built, "noisy", **common),
         dtype=np.uint16, chunks=chunks, overwrite=overwrite,
         provenance={"command": "simulate", "simulation": {**model, "role": "noisy"}},
     )
     truth_arr = _create_image(
-        os.fspath(truth), like=_like(shape, dims, source="srdvol simulate", **common),
+        os.fspath(truth), like=_like(built, "truth", **common),
         dtype=np.float32, chunks=chunks, overwrite=overwrite,
         provenance={"command": "simulate", "simulation": {**model, "role": "truth"}},
     )
