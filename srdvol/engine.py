@@ -53,13 +53,7 @@ DEFAULT_BLOCK_MEMORY = 512 * 2**20
 
 
 class BlockDataError(DataError):
-    """A block holds NaN or Inf values; the run stops and names the block.
-
-    Defined here with ``__reduce__`` so the error survives the trip from a Dask worker.
-    """
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.subject, self.problem, self.fix))
+    """A block holds NaN or Inf values; the run stops and names the block."""
 
 
 # ---------------------------------------------------------------------------------------------

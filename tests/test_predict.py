@@ -1,0 +1,166 @@
+"""Tests for srdvol.predict: predictors, one-block prediction and the whole-array pass."""
+
+from __future__ import annotations
+
+import pickle
+import sys
+import types
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from srdvol import predict
+from srdvol.errors import DataError, InputError, ModelMismatchError, StoreNotFoundError
+from srdvol.predict import AffineModel, ModelPredictor, PatchMeanModel, predict_array, predict_block
+from srdvol.tiling import lattice, stride, window
+
+
+def reference_pass(movie, model, patch, overlap, kind="tent"):
+    """Independent global sliding window: pad short axes, loop over the lattice, weighted mean."""
+    shape = movie.shape
+    padded = np.pad(movie, [(0, max(0, p - n)) for n, p in zip(shape, patch, strict=True)],
+                    mode="reflect").astype(np.float64)
+    num = np.zeros(padded.shape)
+    den = np.zeros(padded.shape)
+    w = window(patch, kind).astype(np.float64)
+    axes = [lattice(n, p, stride(p, overlap)) for n, p in zip(padded.shape, patch, strict=True)]
+    for t0 in axes[0]:
+        for y0 in axes[1]:
+            for x0 in axes[2]:
+                sl = (slice(t0, t0 + patch[0]), slice(y0, y0 + patch[1]), slice(x0, x0 + patch[2]))
+                pred = model(padded[sl][None].astype(np.float32))[0].astype(np.float64)
+                num[sl] += w * pred
+                den[sl] += w
+    return (num / den)[: shape[0], : shape[1], : shape[2]]
+
+
+@given(
+    t=st.integers(16, 30), y=st.integers(1, 14), x=st.integers(1, 14),
+    pt=st.integers(1, 20), py=st.integers(1, 9), px=st.integers(1, 9),
+    overlap=st.floats(0, 0.9), kind=st.sampled_from(["tent", "cos2"]),
+)
+@settings(max_examples=40, deadline=None)
+def test_affine_known_answer_whole_array(t, y, x, pt, py, px, overlap, kind):
+    rng = np.random.default_rng(t * 1000 + y * 10 + x)
+    movie = rng.normal(50, 20, size=(t, y, x)).astype(np.float32)
+    out = predict_array(movie, AffineModel(2, 1), patch=(pt, py, px), overlap=overlap,
+                        window_kind=kind)
+    assert out.dtype == np.float32 and out.shape == movie.shape
+    np.testing.assert_allclose(out, 2 * movie + 1, rtol=2e-6, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["tent", "cos2"])
+def test_patch_dependent_model_matches_reference(kind):
+    rng = np.random.default_rng(3)
+    movie = rng.gamma(3, 10, size=(21, 13, 7)).astype(np.float32)  # x shorter than the patch
+    patch, overlap = (8, 5, 9), 0.4
+    got = predict_array(movie, PatchMeanModel(), patch=patch, overlap=overlap, window_kind=kind)
+    want = reference_pass(movie, PatchMeanModel(), patch, overlap, kind)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # The stand-in really is patch dependent: its output differs from a pixel-wise shift.
+    assert np.ptp(got - movie) > 1.0
+
+
+def test_predict_block_pieces_equal_whole_pass():
+    rng = np.random.default_rng(4)
+    movie = rng.random((40, 17, 19)).astype(np.float32) * 100
+    patch, overlap = (16, 6, 5), 0.3
+    whole = predict_array(movie, PatchMeanModel(), patch=patch, overlap=overlap)
+    pieces = np.empty_like(whole)
+    for t0, t1 in [(0, 13), (13, 40)]:
+        for y0, y1 in [(0, 9), (9, 17)]:
+            lo = (max(0, t0 - 15), max(0, y0 - 5), 0)
+            hi = (min(40, t1 + 15), min(17, y1 + 5), 19)
+            region = movie[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+            pieces[t0:t1, y0:y1] = predict_block(
+                region, predictor=PatchMeanModel(), patch=patch, overlap=overlap, origin=lo,
+                shape=movie.shape, core=[(t0, t1), (y0, y1), (0, 19)])
+    np.testing.assert_array_equal(pieces, whole)
+
+
+def test_predict_block_refuses_region_without_halo():
+    movie = np.ones((32, 10, 10), np.float32)
+    with pytest.raises(RuntimeError, match="does not contain"):
+        predict_block(movie[10:20], predictor=AffineModel(), patch=(16, 4, 4), overlap=0.25,
+                      origin=(10, 0, 0), shape=movie.shape, core=[(10, 20), (0, 10), (0, 10)])
+
+
+def test_multi_axis_array_treats_each_plane_as_a_movie():
+    rng = np.random.default_rng(5)
+    arr = rng.random((2, 16, 3, 8, 9)).astype(np.float32)  # c t z y x
+    out = predict_array(arr, PatchMeanModel(), patch=(16, 4, 4), overlap=0.25, dims="ctzyx")
+    for c in range(2):
+        for z in range(3):
+            np.testing.assert_array_equal(
+                out[c, :, z], predict_array(arr[c, :, z], PatchMeanModel(), patch=(16, 4, 4),
+                                            overlap=0.25))
+
+
+def test_errors_short_movie_and_missing_dims():
+    with pytest.raises(DataError, match="fewer than the 16"):
+        predict_array(np.zeros((15, 4, 4), np.float32), AffineModel(), patch=(8, 4, 4))
+    with pytest.raises(InputError, match="dims"):
+        predict_array(np.zeros((16, 2, 4, 4), np.float32), AffineModel(), patch=(8, 4, 4))
+
+
+def test_stand_ins_pickle():
+    x = np.arange(2 * 16 * 2 * 2, dtype=np.float32).reshape(2, 16, 2, 2)
+    for model in (AffineModel(2, 1, delay=0.01), PatchMeanModel(0.3)):
+        back = pickle.loads(pickle.dumps(model))
+        np.testing.assert_array_equal(back(x), model(x))
+    np.testing.assert_array_equal(AffineModel(2, 1)(x), 2 * x + 1)
+
+
+# --- ModelPredictor, with a fake checkpoint module standing in for srdvol.model.checkpoint ---
+
+@pytest.fixture
+def fake_checkpoint(monkeypatch, tmp_path):
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    loads = []
+
+    def load_model(path):
+        loads.append(path)
+        net = torch.nn.Conv3d(1, 1, 1)
+        with torch.no_grad():
+            net.weight.fill_(2.0)
+            net.bias.zero_()
+        record = SimpleNamespace(patch=(16, 4, 4),
+                                 normalization=SimpleNamespace(mean=10.0, std=4.0))
+        return net, record
+
+    module = types.ModuleType("srdvol.model.checkpoint")
+    module.load_model = load_model
+    monkeypatch.setitem(sys.modules, "srdvol.model.checkpoint", module)
+    monkeypatch.setattr(predict, "_CACHE", {})
+    path = tmp_path / "model.srdvol"
+    path.write_bytes(b"weights")
+    return path, loads
+
+
+def test_model_predictor_normalises_and_denormalises(fake_checkpoint):
+    path, loads = fake_checkpoint
+    model = ModelPredictor(path, device="cpu")
+    x = np.random.default_rng(0).normal(10, 4, size=(3, 16, 4, 4)).astype(np.float32)
+    # network doubles the normalised input: ((x - m) / s * 2) * s + m = 2x - m
+    np.testing.assert_allclose(model(x), 2 * x - 10.0, rtol=1e-5, atol=1e-4)
+    model(x)
+    pickle.loads(pickle.dumps(model))(x)
+    assert len(loads) == 1  # loaded once per process, also after pickling
+    assert model.patch == {"t": 16, "y": 4, "x": 4}
+
+
+def test_model_predictor_patch_mismatch(fake_checkpoint):
+    path, _ = fake_checkpoint
+    with pytest.raises(ModelMismatchError, match="--patch"):
+        _ = ModelPredictor(path, device="cpu", patch=(32, 8, 8)).patch
+    with pytest.raises(ModelMismatchError, match="patch_t 16"):
+        ModelPredictor(path, device="cpu")(np.zeros((1, 32, 4, 4), np.float32))
+
+
+def test_model_predictor_missing_file(fake_checkpoint, tmp_path):
+    with pytest.raises(StoreNotFoundError, match="does not exist"):
+        ModelPredictor(tmp_path / "nope", device="cpu")(np.zeros((1, 16, 4, 4), np.float32))
