@@ -1,0 +1,161 @@
+"""Tests of the SRDTrans network: shapes, size, errors, and windowed attention vs a naive one."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from srdvol.errors import ConfigError, ModelMismatchError
+from srdvol.model import attention
+from srdvol.model.attention import SwinLayer, TemporalTransformer, attend
+from srdvol.model.network import NetworkConfig, build_network, count_parameters
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize(
+    ("patch_t", "shape"),
+    [(16, (16, 23, 30)), (16, (16, 7, 7)), (16, (16, 1, 3)), (32, (32, 10, 8))],
+)
+def test_output_shape_equals_input_shape(patch_t: int, shape: tuple[int, int, int]) -> None:
+    network = build_network(NetworkConfig.tiny(patch_t=patch_t))
+    x = torch.randn(2, 1, *shape, requires_grad=True)
+    y = network(x)
+    assert y.shape == x.shape
+    assert y.dtype == torch.float32
+    y.square().mean().backward()
+    grads = [p.grad for p in network.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert torch.isfinite(x.grad).all()
+
+
+def test_default_network_has_about_1_8_million_parameters() -> None:
+    config = NetworkConfig()
+    assert config.channels == (8, 16, 32, 64)
+    assert (config.embed_dim, config.heads, config.window, config.shift) == (128, 8, 7, 3)
+    count = count_parameters(build_network(config))
+    assert abs(count - 1.8e6) < 0.1 * 1.8e6
+
+
+def test_wrong_frame_count_is_a_clear_error() -> None:
+    network = build_network(NetworkConfig.tiny(patch_t=16))
+    with pytest.raises(ModelMismatchError, match="--patch 16"):
+        network(torch.zeros(1, 1, 32, 8, 8))
+    with pytest.raises(ModelMismatchError, match="--patch"):
+        network(torch.zeros(1, 16, 8, 8))
+
+
+def test_config_validation_names_the_option() -> None:
+    with pytest.raises(ValidationError, match="--patch"):
+        NetworkConfig(patch_t=24)
+    with pytest.raises(ValidationError, match="heads"):
+        NetworkConfig(heads=3)
+    with pytest.raises(ValidationError, match="shift"):
+        NetworkConfig(window=4, shift=4)
+    with pytest.raises(ValidationError):
+        NetworkConfig(unknown=1)  # type: ignore[call-arg]
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        NetworkConfig.from_options(patch_t=40)
+    assert NetworkConfig.from_options(patch_t=48).patch_t == 48
+    assert NetworkConfig.model_fields["window"].description  # docstrings become descriptions
+
+
+def test_bf16_autocast_forward_is_finite() -> None:
+    network = build_network(NetworkConfig.tiny())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = network(torch.randn(1, 1, 16, 9, 12))
+    assert y.shape == (1, 1, 16, 9, 12)
+    assert torch.isfinite(y.float()).all()
+
+
+def _naive_window_attention(layer: SwinLayer, x: torch.Tensor) -> torch.Tensor:
+    """Reference: each pixel attends to the real pixels of its own cell of the partition.
+
+    In image coordinates the (shifted) Swin partition cuts each axis at ``shift + k * window``
+    (plain windows: at ``k * window``). Written without padding, rolling or masks.
+    """
+    n, height, width, dim = x.shape
+    w, s, heads = layer.window, layer.shift, layer.heads
+    tokens = layer.norm1(x)
+    q, k, v = layer.qkv(tokens).reshape(n, height, width, 3, heads, dim // heads).unbind(3)
+    out = torch.zeros(n, height, width, heads, dim // heads)
+
+    def cell(i: int) -> int:
+        return (i - s) // w if s else i // w
+
+    for yq in range(height):
+        for xq in range(width):
+            keys = [
+                (yk, xk)
+                for yk in range(height)
+                for xk in range(width)
+                if cell(yk) == cell(yq) and cell(xk) == cell(xq)
+            ]
+            kk = torch.stack([k[:, yk, xk] for yk, xk in keys], dim=1)  # (n, m, heads, D)
+            vv = torch.stack([v[:, yk, xk] for yk, xk in keys], dim=1)
+            index = torch.tensor(
+                [(yq - yk + w - 1) * (2 * w - 1) + (xq - xk + w - 1) for yk, xk in keys]
+            )
+            bias = layer.bias_table[index].T  # (heads, m)
+            logits = torch.einsum("nhd,nmhd->nhm", q[:, yq, xq], kk) / math.sqrt(dim // heads)
+            weights = torch.softmax(logits + bias, dim=-1)
+            out[:, yq, xq] = torch.einsum("nhm,nmhd->nhd", weights, vv)
+    x = x + layer.proj(out.reshape(n, height, width, dim))
+    return x + layer.mlp(layer.norm2(x))
+
+
+@pytest.mark.parametrize("shift", [0, 3])
+@pytest.mark.parametrize("size", [(9, 12), (7, 14), (4, 5)])
+def test_swin_layer_matches_naive_windowed_attention(shift: int, size: tuple[int, int]) -> None:
+    layer = SwinLayer(8, heads=2, window=7, shift=shift, mlp_ratio=2.0, attn_dropout=0.0).eval()
+    with torch.no_grad():
+        layer.bias_table.normal_()  # make the position bias matter
+    x = torch.randn(2, *size, 8)
+    with torch.no_grad():
+        expected = _naive_window_attention(layer, x)
+        actual = layer(x)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_shifted_window_gradient_stays_inside_the_wrapped_corner() -> None:
+    # With shift 3 the top-left 3x3 corner is its own region: rolling brings it next to the
+    # far edge, and the mask must keep it from seeing those pixels.
+    layer = SwinLayer(8, heads=2, window=7, shift=3, mlp_ratio=2.0, attn_dropout=0.0)
+    x = torch.randn(1, 14, 14, 8, requires_grad=True)
+    layer(x)[0, 0, 0].sum().backward()
+    reached = x.grad[0].abs().sum(-1) > 0
+    assert reached[:3, :3].all()
+    assert not reached[3:].any()
+    assert not reached[:, 3:].any()
+
+
+def test_temporal_transformer_mixes_time_but_not_pixels() -> None:
+    module = TemporalTransformer(8, 4, depth=1, heads=2, mlp_ratio=2.0, attn_dropout=0.0)
+    x = torch.randn(1, 8, 4, 3, 3, requires_grad=True)
+    # A weighted sum: a plain sum over channels of a LayerNorm output is constant.
+    (module(x)[0, :, 0, 1, 1] * torch.randn(8)).sum().backward()
+    reached = x.grad[0].abs().sum(0) > 0  # (t, y, x)
+    assert reached[:, 1, 1].all()
+    reached[:, 1, 1] = False
+    assert not reached.any()
+    with pytest.raises(RuntimeError):
+        module(torch.randn(1, 8, 5, 3, 3))  # the position embedding fixes the length
+
+
+def test_chunked_attention_equals_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    q, k, v = (torch.randn(5, 6, 2, 9, 4) for _ in range(3))
+    bias = torch.randn(6, 2, 9, 9)
+    bias[:, :, 0, 1:] = float("-inf")
+    whole = attend(q, k, v, bias=bias)
+    monkeypatch.setattr(attention, "ATTENTION_BATCH", 4)
+    chunked = attend(q, k, v, bias=bias)
+    torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close(chunked[:, :, :, 0], v[:, :, :, 0])
