@@ -242,9 +242,7 @@ class _Meta:
         self.array_path = array_path
 
 
-def _read_multiscales(
-    group: zarr.Group, source: str, *, level: int, axes: str | None
-) -> _Meta:
+def _read_multiscales(group: zarr.Group, source: str, *, level: int, axes: str | None) -> _Meta:
     """Parse NGFF 0.4 (``multiscales`` at the top) or 0.5 (under ``ome``) image metadata."""
     attrs = dict(group.attrs)
     ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else None
@@ -287,9 +285,7 @@ def _read_multiscales(
         unit = entry.get("unit") if isinstance(entry, dict) else None
         units[name] = str(unit) if unit else None
     ndim = len(names)
-    scale, translation = _transforms(
-        datasets[level].get("coordinateTransformations"), ndim, source
-    )
+    scale, translation = _transforms(datasets[level].get("coordinateTransformations"), ndim, source)
     top_scale, top_shift = _transforms(ms.get("coordinateTransformations"), ndim, source)
     # The multiscale-wide transform applies after the level's: x -> top(level(x)).
     scale = [s * ts for s, ts in zip(scale, top_scale, strict=True)]
@@ -390,14 +386,14 @@ def _to_dataarray(
     if channel is not None:
         if "c" not in names:
             raise InputError(
-                source, f"--channel {channel} was given but the image has no channel axis",
+                source,
+                f"--channel {channel} was given but the image has no channel axis",
                 "drop --channel",
             )
         if not 0 <= channel < sizes["c"]:
             raise InputError(
                 source,
-                f"channel {channel} does not exist (the image has channels 0 to "
-                f"{sizes['c'] - 1})",
+                f"channel {channel} does not exist (the image has channels 0 to {sizes['c'] - 1})",
                 f"pass --channel between 0 and {sizes['c'] - 1}",
             )
         index = names.index("c")
@@ -410,7 +406,9 @@ def _to_dataarray(
             start = channel or 0
             coords["c"] = np.arange(start, start + n)
         else:
-            coords[axis] = meta.scale[axis] * np.arange(n, dtype=np.float64) + meta.translation[axis]
+            coords[axis] = (
+                meta.scale[axis] * np.arange(n, dtype=np.float64) + meta.translation[axis]
+            )
     attrs = {
         "axes_units": dict(meta.units) if meta.units else {n: None for n in names},
         "scale": dict(meta.scale),
