@@ -64,5 +64,6 @@ class Accumulator:
         """Like :meth:`finalize` but only for ``region`` (e.g. a block's core), saving a copy."""
         num, den = self._num[region], self._den[region]
         if not np.all(den > 0):
-            raise RuntimeError(f"{int(np.count_nonzero(den <= 0))} voxel(s) were covered by no patch")
+            missing = int(np.count_nonzero(den <= 0))
+            raise RuntimeError(f"{missing} voxel(s) were covered by no patch")
         return (num / den).astype(np.float32, copy=False)

@@ -138,9 +138,9 @@ def denoise(
     if chunks is None and labelled and "store_chunks" in array.attrs:
         chunks = dict(array.attrs["store_chunks"])
     out_chunks = _per_axis(chunks, names) if chunks is not None else data.chunksize
+    wanted = _per_axis(block, names, movie_only=True) if block is not None else None
     plan = plan_blocks(data.shape, dims=names, patch=sizes, overlap=overlap, chunks=out_chunks,
-                       block=_per_axis(block, names, movie_only=True) if block is not None else None,
-                       memory=memory)
+                       block=wanted, memory=memory)
     result = _lazy(data, plan, predictor=predictor, window_kind=Window(window),
                    overlap=overlap, batch_size=batch_size)
     if labelled:
@@ -626,7 +626,8 @@ def rich_progress(description: str = "denoising") -> Iterator[Callable[[Progress
     >>> with rich_progress() as bar:  # doctest: +SKIP
     ...     write(lazy, target, progress=bar)
     """
-    from rich.progress import BarColumn, Progress as Bar, TextColumn
+    from rich.progress import BarColumn, TextColumn
+    from rich.progress import Progress as Bar
 
     lock = threading.Lock()
     with Bar(

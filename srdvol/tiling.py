@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 
@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 
-class Window(str, Enum):
+class Window(StrEnum):
     """Blending window across a patch: linear tent or cos² (Hann)."""
 
     TENT = "tent"
