@@ -267,7 +267,8 @@ def _neuropil(
     slow = rng.normal(size=(m, frames))
     tau = max(cfg.neuropil_time_s * rate_hz, 0.5)
     slow = ndimage.gaussian_filter1d(slow, tau, axis=1, mode="wrap")
-    slow = 1.0 + 0.15 * slow / (slow.std(axis=1, keepdims=True) + 1e-12)
+    # Unit variance from the filter's theory, not the sample: short movies stay well scaled.
+    slow = 1.0 + 0.15 * slow * math.sqrt(2.0 * math.sqrt(math.pi) * tau)
     return fields, np.clip(slow, 0.2, None)
 
 
