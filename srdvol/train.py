@@ -1,0 +1,598 @@
+"""Self-supervised training from a Zarr store: a plain torch loop with exact resume.
+
+:func:`train` is the single-process entry (``srdvol train``). It validates the input and computes
+the global statistics before anything is written, then runs :func:`run_loop`: draw a batch of
+raw patches (:class:`srdvol.patches.PatchSampler`), let :class:`Trainer` take one optimiser step,
+and every ``checkpoint_every`` steps write the training state next to the model
+(``MODEL.state``: weights, Adam moments, step, learning-rate schedule, the pair and patch random
+streams). ``resume=True`` continues from that file and ends with exactly the weights of an
+uninterrupted run (on the CPU, for the same seed and options).
+
+Defaults, and why (upstream uses Adam lr 1e-4, betas (0.5, 0.999), batch 1 per GPU, constant lr,
+on raw mean-centred intensities): srdvol feeds ``(x - mean) / std``, so the input has unit scale
+whatever the detector gain, and a larger learning rate is stable. The default is Adam
+lr 1e-3 with upstream's betas, a linear warm-up over the first 5 % of the steps and a cosine decay
+to 10 % at the last step, and batch 4; in short budgets this trains much faster than lr 1e-4
+constant (see ``benchmarks/quality.py``).
+
+Distributed training (``srdvol.ddp``) reuses this module:
+
+- build the network, then ``Trainer(network, ..., rank=r, world_size=n, wrap=lambda m:
+  DistributedDataParallel(m))``: the optimiser holds the bare network's parameters, the forward
+  pass goes through the wrapper, so gradients are averaged across ranks in ``backward``;
+- give each rank its own ``PatchSampler(..., rank=r, world_size=n)`` (different patches) and call
+  :func:`run_loop` with ``on_checkpoint`` set only on rank 0 (rank 0 writes the files).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import nn
+
+from srdvol.errors import ConfigError, OutputExistsError, StoreNotFoundError
+from srdvol.model.network import NetworkConfig, build_network
+from srdvol.normalize import Statistics, normalize, sample_statistics
+from srdvol.patches import PatchSampler
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_LR",
+    "DEFAULT_PATCH",
+    "DEFAULT_STEPS",
+    "Trainer",
+    "resolve_device",
+    "run_loop",
+    "state_path",
+    "train",
+]
+
+log = logging.getLogger("srdvol.train")
+
+#: Training patch (t, y, x) read from the store; the network trains on (t, y/2, x/2).
+DEFAULT_PATCH = (64, 128, 128)
+DEFAULT_STEPS = 2000
+DEFAULT_BATCH_SIZE = 4
+DEFAULT_LR = 1e-3
+#: Adam betas of upstream SRDTrans (a short memory of the first moment suits noisy targets).
+BETAS = (0.5, 0.999)
+WARMUP_FRACTION = 0.05
+FINAL_LR_FRACTION = 0.1
+STATE_SUFFIX = ".state"
+
+
+def state_path(model_path: str | os.PathLike[str]) -> Path:
+    """Return the training-state file that sits next to ``model_path`` (``MODEL.state``)."""
+    path = Path(model_path)
+    return path.with_name(path.name + STATE_SUFFIX)
+
+
+def resolve_device(device: str) -> torch.device:
+    """Turn ``"auto"`` into CUDA when available, else CPU; pass other names through."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def lr_factor(step: int, steps: int) -> float:
+    """Learning-rate multiplier at ``step`` (0-based) of ``steps``: warm-up, then cosine decay."""
+    warmup = max(1, round(WARMUP_FRACTION * steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return FINAL_LR_FRACTION + (1.0 - FINAL_LR_FRACTION) * cosine
+
+
+class Trainer:
+    """One optimiser step at a time on batches of raw patches; no file or store access.
+
+    Parameters
+    ----------
+    network
+        The bare SRDTrans network (moved to ``device`` here).
+    stats
+        Global statistics; batches are normalised with them.
+    sampling
+        ``"spatial"`` or ``"temporal"`` pairs.
+    lr, steps
+        Peak learning rate and the total number of steps of the schedule.
+    seed
+        Seeds the pair/augmentation stream (per rank).
+    device
+        Torch device.
+    rank, world_size
+        This process's place in a distributed run (1 process by default).
+    wrap
+        Called once with the network on its device; returns the module used for the forward
+        pass (``DistributedDataParallel`` in :mod:`srdvol.ddp`). Default: no wrapper.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        *,
+        stats: Statistics,
+        sampling: str = "spatial",
+        lr: float = DEFAULT_LR,
+        steps: int = DEFAULT_STEPS,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
+    ) -> None:
+        if sampling not in ("spatial", "temporal"):
+            raise ConfigError("--sampling", f"{sampling!r} is not spatial or temporal", "pick one")
+        self.device = torch.device(device)
+        self.network = network.to(self.device)
+        self.model = wrap(self.network) if wrap is not None else self.network
+        self.stats = stats
+        self.sampling = sampling
+        self.steps = int(steps)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=lr, betas=BETAS)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, self.steps)
+        )
+        # Pair choices and augmentations come from a generator on the training device, seeded
+        # per rank, so ranks draw different pairs and a run is reproducible.
+        pair_seed = np.random.SeedSequence(seed, spawn_key=(rank, 1)).generate_state(1)[0]
+        self.generator = torch.Generator(device=self.device).manual_seed(int(pair_seed))
+        self.step_count = 0
+
+    def pairs(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Turn a normalised batch ``(B, t, y, x)`` into (input, target, ...) tensors.
+
+        Spatial sampling gives (input, target_a, target_b), each ``(B, t, y/2, x/2)``; temporal
+        sampling reads ``2 t`` frames and gives (input, target), each ``(B, t, y, x)``.
+        """
+        from srdvol.sampling import random_dihedral, spatial_pairs, temporal_pairs
+
+        batch = random_dihedral(batch, generator=self.generator)
+        if self.sampling == "spatial":
+            return spatial_pairs(batch, generator=self.generator)
+        return temporal_pairs(batch, generator=self.generator)
+
+    def loss(self, batch: np.ndarray) -> torch.Tensor:
+        """The self-supervised loss of the current network on a batch of raw patches."""
+        from srdvol.sampling import pair_loss, spatial_loss
+
+        x = torch.from_numpy(normalize(batch, self.stats)).to(self.device)
+        inputs, *targets = self.pairs(x)
+        prediction = self.model(inputs[:, None])[:, 0]
+        if len(targets) == 2:
+            return spatial_loss(prediction, *targets)
+        return pair_loss(prediction, targets[0])
+
+    def step(self, batch: np.ndarray) -> float:
+        """Take one optimiser step on raw patches ``(B, t, y, x)``; return the loss."""
+        self.model.train()
+        loss = self.loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.schedule.step()
+        self.step_count += 1
+        return float(loss.detach())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: weights, optimiser, schedule, random streams."""
+        return {
+            "network": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "step": self.step_count,
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (the schedule keeps this trainer's ``steps``)."""
+        self.network.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.step_count = int(state["step"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+
+
+def run_loop(
+    trainer: Trainer,
+    sampler: PatchSampler,
+    *,
+    steps: int,
+    checkpoint_every: int | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
+    stop_after: int | None = None,
+    progress: bool = False,
+    losses: list[float] | None = None,
+) -> list[float]:
+    """Train from ``trainer.step_count`` up to ``steps`` (or ``stop_after``) and return the losses.
+
+    Parameters
+    ----------
+    trainer, sampler
+        The optimiser state and this rank's patch source.
+    steps
+        Total number of steps of the run.
+    checkpoint_every
+        Call ``on_checkpoint(step)`` every this many steps, and always at the last step.
+    on_checkpoint
+        Writes the training state (set only on rank 0 in a distributed run).
+    stop_after
+        Stop (and checkpoint) once this many steps are done, even if ``steps`` is larger;
+        a later resume then continues the same schedule.
+    progress
+        Show a progress bar with the loss and the time left.
+    losses
+        Loss history to extend in place (from a resumed state).
+
+    Returns
+    -------
+    list of float
+        The loss of every step done so far, oldest first (``losses`` itself when given).
+    """
+    history = losses if losses is not None else []
+    end = steps if stop_after is None else min(steps, stop_after)
+    every = max(1, int(checkpoint_every)) if checkpoint_every else 0
+    report = max(1, steps // 20)
+    with _progress(progress, total=steps, done=trainer.step_count) as advance:
+        started, done = time.perf_counter(), 0
+        while trainer.step_count < end:
+            loss = trainer.step(sampler.sample())
+            history.append(loss)
+            done += 1
+            step = trainer.step_count
+            advance(loss)
+            if step % report == 0 or step == end:
+                recent = history[-report:]
+                log.info(
+                    "step %d/%d loss %.5f lr %.2e (%.2f s/step)",
+                    step,
+                    steps,
+                    sum(recent) / len(recent),
+                    trainer.optimizer.param_groups[0]["lr"],
+                    (time.perf_counter() - started) / done,
+                )
+            if on_checkpoint is not None and ((every and step % every == 0) or step == end):
+                on_checkpoint(step)
+    return history
+
+
+@contextmanager
+def _progress(enabled: bool, *, total: int, done: int) -> Any:
+    """Yield ``advance(loss)``; a rich progress bar with loss and ETA when ``enabled``."""
+    if not enabled:
+        yield lambda loss: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns) as bar:
+        task = bar.add_task("train", total=total, completed=done, loss="-")
+        yield lambda loss: bar.update(task, advance=1, loss=f"{loss:.4f}")
+
+
+@contextmanager
+def _reproducible(seed: int, device: torch.device) -> Any:
+    """Seed torch and use deterministic kernels on the CPU, restoring the caller's settings."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if device.type == "cpu":
+            torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(previous)
+
+
+def _subject(image: xr.DataArray) -> str:
+    return str(image.attrs.get("source") or image.name or "input array")
+
+
+def _open(
+    source: str | os.PathLike[str] | xr.DataArray,
+    *,
+    level: int,
+    axes: str | None,
+    channel: int | None,
+) -> xr.DataArray:
+    if isinstance(source, xr.DataArray):
+        return source
+    from srdvol.io import open_image
+
+    return open_image(source, level=level, axes=axes, channel=channel)
+
+
+def _check_patch(patch: tuple[int, int, int], sampling: str, config: NetworkConfig) -> None:
+    if patch[0] != config.patch_t:
+        raise ConfigError(
+            "--patch",
+            f"patch_t {patch[0]} differs from the network's patch_t {config.patch_t}",
+            f"use --patch {config.patch_t},{patch[1]},{patch[2]} or a network built for "
+            f"{patch[0]} frames",
+        )
+    if sampling != "temporal" and (patch[1] % 2 or patch[2] % 2):
+        raise ConfigError(
+            "--patch",
+            f"spatial sampling splits frames into 2x2 cells, and patch {patch[1]}x{patch[2]} "
+            "is odd",
+            f"use an even patch size such as --patch {patch[0]},{patch[1] + patch[1] % 2},"
+            f"{patch[2] + patch[2] % 2}",
+        )
+
+
+def choose_sampling(
+    image: xr.DataArray, *, patch: tuple[int, int, int], seed: int = 0, patches: int = 8
+) -> tuple[str, Any]:
+    """Measure spatial and temporal redundancy on a few patches and pick the sampler.
+
+    Returns
+    -------
+    (str, RedundancyEstimate)
+        ``"spatial"`` or ``"temporal"`` and the estimate it was chosen from (``.spatial``,
+        ``.temporal`` and ``.reason``).
+    """
+    from srdvol.sampling import estimate_redundancy
+
+    sampler = PatchSampler(image, patch=patch, seed=seed, batch_size=patches)
+    estimate = estimate_redundancy(list(sampler.sample()), subject=_subject(image))
+    return str(estimate.choice), estimate
+
+
+def train(
+    source: str | os.PathLike[str] | xr.DataArray,
+    model_path: str | os.PathLike[str],
+    *,
+    patch: tuple[int, int, int] | None = None,
+    sampling: str = "spatial",
+    steps: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+    network: NetworkConfig | None = None,
+    checkpoint_every: int = 100,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    device: str = "auto",
+    level: int = 0,
+    axes: str | None = None,
+    channel: int | None = None,
+    stop_after: int | None = None,
+) -> Any:
+    """Train an SRDTrans model on a noisy image without clean data and write the model file.
+
+    Parameters
+    ----------
+    source
+        Path or URL of an OME-Zarr image (or plain Zarr array with ``axes``), or an opened
+        :class:`xarray.DataArray` (as :func:`srdvol.io.open_image` returns).
+    model_path
+        Model file to write; the training state goes to ``model_path + ".state"``.
+    patch
+        Patch ``(t, y, x)`` of the model, as inference will use it (default
+        :data:`DEFAULT_PATCH`); t a multiple of 16, y and x even for spatial sampling.
+    sampling
+        ``"spatial"`` (SRDTrans; any frame rate), ``"temporal"`` (interleaved frames; fast
+        recordings) or ``"auto"`` (measure both redundancies, log them, pick).
+    steps, batch_size, lr
+        Optimiser steps, patches per step and peak learning rate (defaults
+        :data:`DEFAULT_STEPS`, :data:`DEFAULT_BATCH_SIZE`, :data:`DEFAULT_LR`).
+    seed
+        Seeds the statistics sample, weights, patches, pairs and augmentation.
+    network
+        Network sizes; default ``NetworkConfig(patch_t=patch[0])``.
+    checkpoint_every
+        Write the training state every this many steps (and at the end).
+    resume
+        Continue from ``model_path + ".state"`` if it exists (same options required; ``steps``
+        may be larger, which continues with the schedule of the new total).
+    overwrite
+        Replace an existing model file and state when not resuming.
+    progress
+        Show a progress bar with loss and ETA.
+    device
+        ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+    level, axes, channel
+        Passed to :func:`srdvol.io.open_image` when ``source`` is a path.
+    stop_after
+        Stop after this many steps in total (checkpointed, resumable), e.g. to fit a time slot.
+
+    Returns
+    -------
+    ModelRecord
+        What was written with the model (config, patch, sampling, normalisation, steps...).
+
+    Raises
+    ------
+    DataError
+        NaN/Inf or constant data in the statistics sample (raised before anything is written).
+    ConfigError
+        Inconsistent options (odd patch, patch_t not the network's, a resume with other options).
+    OutputExistsError
+        The model (or its state) exists and neither ``resume`` nor ``overwrite`` is set.
+    """
+    patch = tuple(int(v) for v in (patch or DEFAULT_PATCH))  # type: ignore[assignment]
+    steps = int(steps or DEFAULT_STEPS)
+    batch_size = int(batch_size or DEFAULT_BATCH_SIZE)
+    lr = float(lr or DEFAULT_LR)
+    if len(patch) != 3:
+        raise ConfigError("--patch", f"{patch} is not three sizes", "pass T,Y,X")
+    if sampling not in ("spatial", "temporal", "auto"):
+        raise ConfigError("--sampling", f"{sampling!r} is unknown", "use spatial, temporal or auto")
+    config = network or NetworkConfig.from_options(patch_t=patch[0])
+    _check_patch(patch, "temporal" if sampling == "temporal" else "spatial", config)
+    model_file = Path(model_path)
+    state_file = state_path(model_file)
+    saved = _load_state(state_file) if resume and state_file.exists() else None
+    if saved is None and not overwrite and (model_file.exists() or state_file.exists()):
+        raise OutputExistsError(
+            model_file,
+            "a model (or its training state) already exists",
+            "pass --resume to continue that training, --overwrite to replace it, or choose "
+            "another model path",
+        )
+
+    image = _open(source, level=level, axes=axes, channel=channel)
+    stats = sample_statistics(image, seed=seed)  # validates the data before anything is written
+    if saved is not None:
+        sampling = saved["options"]["sampling"]
+    elif sampling == "auto":
+        sampling, estimate = choose_sampling(image, patch=patch, seed=seed)
+        log.info("sampling auto: %s", estimate.reason)
+        if progress:
+            print(f"sampling auto: {estimate.reason}")
+        _check_patch(patch, sampling, config)
+    from srdvol.sampling import training_read_shape
+
+    read = training_read_shape(patch, sampling=sampling)  # type: ignore[arg-type]
+    options = {
+        "patch": list(patch),
+        "sampling": sampling,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "network": config.model_dump(mode="json"),
+    }
+    if saved is not None:
+        _check_resume(saved["options"], options, state_file)
+        stats = Statistics.from_dict(saved["stats"])
+
+    torch_device = resolve_device(device)
+    with _reproducible(seed, torch_device):
+        net = build_network(config)
+        trainer = Trainer(
+            net, stats=stats, sampling=sampling, lr=lr, steps=steps, seed=seed,
+            device=torch_device,
+        )
+        sampler = PatchSampler(image, patch=read, seed=seed, batch_size=batch_size)
+        losses: list[float] = []
+        if saved is not None:
+            trainer.load_state_dict(saved["trainer"])
+            sampler.load_state_dict(saved["sampler"])
+            losses = list(saved["losses"])
+            log.info("resuming %s at step %d of %d", model_file, trainer.step_count, steps)
+
+        def checkpoint(step: int) -> None:
+            _save_state(
+                state_file,
+                {
+                    "options": options,
+                    "stats": stats.to_dict(),
+                    "trainer": trainer.state_dict(),
+                    "sampler": sampler.state_dict(),
+                    "losses": losses,
+                },
+            )
+
+        run_loop(
+            trainer, sampler, steps=steps, checkpoint_every=checkpoint_every,
+            on_checkpoint=checkpoint, stop_after=stop_after, progress=progress, losses=losses,
+        )
+    record = _record(config, patch, sampling, stats, image, trainer, seed, losses, options)
+    _write_model(model_file, trainer.network, record)
+    return record
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    """Write the training state atomically (a crash mid-write leaves the previous one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file; say which and what to do
+        raise StoreNotFoundError(
+            path,
+            f"the training state cannot be read ({type(exc).__name__})",
+            "delete it and train without --resume, or pass --overwrite",
+        ) from None
+    return dict(state)
+
+
+def _check_resume(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    for key, value in current.items():
+        if key == "sampling":
+            continue
+        if saved.get(key) != value:
+            raise ConfigError(
+                path,
+                f"the saved training used {key}={saved.get(key)!r}, this run asks for {value!r}",
+                f"resume with the same {key}, or pass --overwrite to start again",
+            )
+
+
+def _record(
+    config: NetworkConfig,
+    patch: tuple[int, int, int],
+    sampling: str,
+    stats: Statistics,
+    image: xr.DataArray,
+    trainer: Trainer,
+    seed: int,
+    losses: list[float],
+    options: dict[str, Any],
+) -> Any:
+    from srdvol.model.checkpoint import ModelRecord, Normalization
+
+    tail = losses[-max(1, len(losses) // 20) :] if losses else []
+    data = {
+        "source": str(image.attrs.get("source", image.name or "")),
+        "dims": "".join(str(d) for d in image.dims),
+        "shape": [int(n) for n in image.shape],
+        "dtype": str(image.dtype),
+        "level": None if image.attrs.get("level") is None else int(image.attrs["level"]),
+        "statistics": stats.to_dict(),
+        "batch_size": options["batch_size"],
+        "lr": options["lr"],
+        "final_loss": sum(tail) / len(tail) if tail else None,
+    }
+    return ModelRecord(
+        network=config,
+        patch=patch,
+        sampling=sampling,  # type: ignore[arg-type]
+        normalization=Normalization(mean=stats.mean, std=stats.std),
+        training_data=data,
+        steps=trainer.step_count,
+        seed=seed,
+    )
+
+
+def _write_model(path: Path, network: nn.Module, record: Any) -> None:
+    from srdvol.model.checkpoint import save_model
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(path, network, record)
