@@ -193,9 +193,10 @@ class TorchThreadsPlugin(WorkerPlugin):
 class ModelPlugin(WorkerPlugin):
     """Worker plugin that loads a model file once per worker, before any task needs it.
 
-    The plugin warms the per-process model cache of :mod:`srdvol.predict`, so tasks that build a
-    :class:`srdvol.predict.ModelPredictor` for the same file find the network already on the
-    device. Only the path travels to the workers; each worker reads the file itself, so the path
+    The plugin fills the per-process model cache of :mod:`srdvol.predict`
+    (:func:`srdvol.predict.load_cached`), so tasks that run a
+    :class:`srdvol.predict.ModelPredictor` for the same file and device find the network already
+    loaded. Only the path travels to the workers; each worker reads the file itself, so the path
     must be visible to every worker (a shared file system on a cluster).
 
     Parameters
@@ -203,11 +204,14 @@ class ModelPlugin(WorkerPlugin):
     model_path
         Path of the srdvol model file.
     device
-        ``"auto"`` (the worker's GPU when it has one, else CPU), ``"cpu"`` or ``"cuda"``.
-    autocast
-        Run the network in mixed precision on GPUs.
+        ``"auto"`` (the worker's GPU when it has one, else CPU), ``"cpu"`` or ``"cuda"``; use
+        the same value as the predictors the tasks build.
     threads
         If given, torch's thread count in the worker.
+
+    Examples
+    --------
+    >>> client.register_plugin(ModelPlugin("model.srdvol"))  # doctest: +SKIP
     """
 
     name = "srdvol-model"
@@ -218,21 +222,19 @@ class ModelPlugin(WorkerPlugin):
         model_path: str | os.PathLike[str],
         *,
         device: str = "auto",
-        autocast: bool = True,
         threads: int | None = None,
     ) -> None:
         self.model_path = os.fspath(model_path)
         self.device = device
-        self.autocast = autocast
         self.threads = threads
 
     def setup(self, worker: Any) -> None:
         """Load the model into this worker process's cache (called by distributed)."""
         if self.threads is not None:
             _set_torch_threads(self.threads)
-        from srdvol import predict
+        from srdvol.predict import load_cached
 
-        predict.warm_model_cache(self.model_path, device=self.device, autocast=self.autocast)
+        load_cached(self.model_path, device=self.device)
 
     def teardown(self, worker: Any) -> None:
         """Nothing to release: the cache lives as long as the worker process."""

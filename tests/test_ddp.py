@@ -1,0 +1,139 @@
+"""Tests of srdvol.ddp: gloo process groups across the worker processes of a real LocalCluster."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from distributed import Client, LocalCluster
+from torch import nn
+
+from srdvol.ddp import DDPContext, Progress, run_distributed
+from srdvol.errors import DataError, TrainingInterruptedError
+
+STEPS = 4
+BATCH = 2  # per rank
+
+
+def _tiny_net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 1, 3, padding=1))
+
+
+def _global_batch(step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rng = np.random.default_rng(1000 + step)
+    x = rng.normal(size=(size, 1, 4, 6, 6)).astype(np.float32)
+    y = (0.5 * x + rng.normal(scale=0.1, size=x.shape)).astype(np.float32)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def _sgd_steps(model: nn.Module, batches, step_fn) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step, (x, y) in enumerate(batches):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        step_fn(step)
+
+
+def _train_ddp(
+    ctx: DDPContext, *, steps: int, out: str, die_at: int | None = None
+) -> dict[str, np.ndarray]:
+    """Each rank takes its half of every global batch; rank 0 checkpoints and reports."""
+    torch.set_num_threads(1)
+    net = _tiny_net(0)
+    model = ctx.wrap(net)
+    batches = []
+    for step in range(steps):
+        x, y = _global_batch(step, BATCH * ctx.world_size)
+        part = slice(ctx.rank * BATCH, (ctx.rank + 1) * BATCH)
+        batches.append((x[part], y[part]))
+
+    def after(step: int) -> None:
+        done = step + 1
+        if ctx.is_main:
+            path = Path(out) / f"step-{done}.pt"
+            torch.save(net.state_dict(), path)
+            ctx.checkpoint_written(str(path), done)
+            ctx.report(done, total=steps, loss=0.0, samples_per_s=1.0)
+        if die_at is not None and done == die_at:
+            time.sleep(0.5)  # let rank 0's reports reach the scheduler first
+            if ctx.rank == 1:
+                os._exit(1)  # the worker process dies without a word
+
+    _sgd_steps(model, batches, after)
+    if ctx.is_main:
+        (Path(out) / "written-by").write_text(str(ctx.rank))
+    return {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
+
+
+def _fails_on_rank_1(ctx: DDPContext) -> None:
+    if ctx.rank == 1:
+        raise DataError("movie.zarr", "the sample holds NaN values", "clean the data")
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+@pytest.fixture
+def cluster():
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            host="127.0.0.1",
+        ) as local,
+        Client(local) as client,
+    ):
+        client.wait_for_workers(2, timeout=60)
+        yield client
+
+
+def test_ddp_averages_gradients_like_one_process_with_the_double_batch(cluster, tmp_path):
+    seen: list[Progress] = []
+    weights = run_distributed(
+        cluster,
+        _train_ddp,
+        steps=STEPS,
+        out=str(tmp_path),
+        on_progress=seen.append,
+        timeout=60,
+    )
+    reference = _tiny_net(0)
+    batches = [_global_batch(step, 2 * BATCH) for step in range(STEPS)]
+    _sgd_steps(reference, batches, lambda step: None)
+    for name, value in reference.state_dict().items():
+        np.testing.assert_allclose(weights[name], value.numpy(), rtol=1e-5, atol=1e-6)
+    # the weights moved: the comparison is not between two untouched copies
+    assert not np.allclose(weights["0.weight"], _tiny_net(0).state_dict()["0.weight"].numpy())
+    assert (tmp_path / "written-by").read_text() == "0"
+    assert sorted(p.name for p in tmp_path.glob("step-*.pt")) == [
+        f"step-{i}.pt" for i in range(1, STEPS + 1)
+    ]
+    assert [p.step for p in seen] == list(range(1, STEPS + 1))
+    assert all(p.total == STEPS for p in seen)
+
+
+def test_worker_dying_mid_training_names_worker_step_and_checkpoint(cluster, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(TrainingInterruptedError) as info:
+        run_distributed(cluster, _train_ddp, steps=50, out=str(tmp_path), die_at=2, timeout=30)
+    assert time.monotonic() - start < 60
+    message = str(info.value)
+    assert message.startswith("distributed training: worker ")
+    assert "rank 1" in message
+    assert "at step 2 of 50" in message
+    assert str(tmp_path / "step-2.pt") in message
+    assert "resume" in message
+
+
+def test_error_in_training_code_reaches_the_caller_unchanged(cluster):
+    with pytest.raises(DataError, match="NaN values") as info:
+        run_distributed(cluster, _fails_on_rank_1, timeout=30)
+    assert info.value.subject == "movie.zarr"
