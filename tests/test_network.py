@@ -152,10 +152,18 @@ def test_temporal_transformer_mixes_time_but_not_pixels() -> None:
 
 def test_chunked_attention_equals_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
     q, k, v = (torch.randn(5, 6, 2, 9, 4) for _ in range(3))
-    bias = torch.randn(6, 2, 9, 9)
-    bias[:, :, 0, 1:] = float("-inf")
-    whole = attend(q, k, v, bias=bias)
-    monkeypatch.setattr(attention, "ATTENTION_BATCH", 4)
-    chunked = attend(q, k, v, bias=bias)
-    torch.testing.assert_close(chunked, whole)
-    torch.testing.assert_close(chunked[:, :, :, 0], v[:, :, :, 0])
+    bias = torch.randn(2, 9, 9)
+    mask = torch.zeros(6, 9, 9)
+    mask[:, 0, 1:] = float("-inf")
+    masked = attend(q, k, v, bias=bias, mask=mask)
+    plain = attend(q, k, v)
+    reference = torch.softmax(q @ k.transpose(-1, -2) / 2 + bias + mask[:, None], dim=-1) @ v
+    torch.testing.assert_close(masked, reference)
+    monkeypatch.setattr(attention, "MAX_BATCH", 4)
+    torch.testing.assert_close(attend(q, k, v, bias=bias, mask=mask), masked)
+    torch.testing.assert_close(attend(q, k, v), plain)
+    monkeypatch.setattr(attention, "MAX_LOGITS", 2 * 9 * 9 * 3)
+    torch.testing.assert_close(attend(q, k, v, bias=bias, mask=mask), masked)
+    no_bias = torch.softmax(q @ k.transpose(-1, -2) / 2 + mask[:, None], dim=-1) @ v
+    torch.testing.assert_close(attend(q, k, v, mask=mask), no_bias)
+    torch.testing.assert_close(masked[:, :, :, 0], v[:, :, :, 0])

@@ -17,10 +17,12 @@ from torch import nn
 
 __all__ = ["Mlp", "SpatialTransformer", "SwinLayer", "TemporalTransformer", "attend"]
 
-#: Upper bound on (sequences x heads) per attention kernel call. CUDA launch grids have a
-#: 65535 limit in one dimension and a full-resolution frame has ~1e6 pixel sequences, so large
-#: batches are cut into calls of at most this size (a no-op for training-size patches).
-ATTENTION_BATCH = 16384
+#: Most (batch x window) entries per attention call: CUDA's fused attention kernels put the
+#: batch on a launch-grid axis limited to 65535, and a full-resolution frame has ~1e6 pixel
+#: sequences (pytorch/pytorch#142228).
+MAX_BATCH = 65535
+#: Most attention logits per call, bounding the memory of the unfused (CPU, masked) path.
+MAX_LOGITS = 2**27
 
 
 def _init_linear(module: nn.Module) -> None:
@@ -36,6 +38,7 @@ def attend(
     v: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
     dropout: float = 0.0,
 ) -> torch.Tensor:
     """Scaled dot-product attention over ``(A, W, H, L, D)`` tensors, in bounded calls.
@@ -44,9 +47,11 @@ def attend(
     ----------
     q, k, v
         Queries, keys and values; ``A`` is a batch, ``W`` a group (the window index) that
-        ``bias`` depends on, ``H`` heads, ``L`` tokens, ``D`` the head width.
+        ``mask`` depends on, ``H`` heads, ``L`` tokens, ``D`` the head width.
     bias
-        Additive attention bias ``(W, H, L, L)`` (``-inf`` where attention is forbidden), or
+        Additive bias shared by all groups, ``(H, L, L)``, or ``None``.
+    mask
+        Additive per-group bias ``(W, L, L)`` (``-inf`` where attention is forbidden), or
         ``None``.
     dropout
         Attention dropout probability (pass 0 at evaluation).
@@ -56,21 +61,31 @@ def attend(
     torch.Tensor
         ``(A, W, H, L, D)``.
     """
-    a, w, h = q.shape[:3]
-    w_step = max(1, min(w, ATTENTION_BATCH // h))
-    a_step = max(1, ATTENTION_BATCH // (w_step * h))
-    if a <= a_step and w <= w_step:
-        mask = None if bias is None else bias.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    a, w, h, length, width = q.shape
+    budget = max(1, min(MAX_BATCH, MAX_LOGITS // (h * length * k.shape[-2])))
+    if bias is None and mask is None:
+        # Plain 4D attention lets PyTorch pick a fused kernel on GPUs.
+        flat = [t.reshape(a * w, h, length, -1) for t in (q, k, v)]
+        parts = [
+            F.scaled_dot_product_attention(*(t[i : i + budget] for t in flat), dropout_p=dropout)
+            for i in range(0, a * w, budget)
+        ]
+        return torch.cat(parts).reshape(a, w, h, length, width)
+    w_step = min(w, budget)
+    a_step = max(1, budget // w_step)
     rows = []
     for a0 in range(0, a, a_step):
         columns = []
         for w0 in range(0, w, w_step):
             part = (slice(a0, a0 + a_step), slice(w0, w0 + w_step))
-            mask = None if bias is None else bias[w0 : w0 + w_step].to(q.dtype)
+            if mask is None:
+                combined = bias
+            else:
+                combined = mask[w0 : w0 + w_step, None]
+                combined = combined if bias is None else combined + bias
             columns.append(
                 F.scaled_dot_product_attention(
-                    q[part], k[part], v[part], attn_mask=mask, dropout_p=dropout
+                    q[part], k[part], v[part], attn_mask=combined.to(q.dtype), dropout_p=dropout
                 )
             )
         rows.append(torch.cat(columns, dim=1))
@@ -253,8 +268,8 @@ class SwinLayer(nn.Module):
         self.mlp = Mlp(dim, mlp_ratio)
         self._masks: dict[tuple[int, int, str], torch.Tensor] = {}
 
-    def _bias(self, height: int, width: int, device: torch.device) -> torch.Tensor:
-        """Additive ``(nW, heads, L, L)`` bias: relative positions plus the -inf mask."""
+    def _mask(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """Additive ``(nW, L, L)`` mask: 0 where allowed, ``-inf`` elsewhere."""
         key = (height, width, str(device))
         mask = self._masks.get(key)
         if mask is None:
@@ -263,8 +278,7 @@ class SwinLayer(nn.Module):
                 ~allowed.to(device), float("-inf")
             )
             self._masks = {key: mask}  # frames of one size repeat; keep only the latest
-        relative = self.bias_table[self.bias_index].permute(2, 0, 1)  # (heads, L, L)
-        return mask[:, None] + relative[None]
+        return mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Attend inside windows of ``(N, Y, X, C)`` frames."""
@@ -281,7 +295,9 @@ class SwinLayer(nn.Module):
         qkv = self.qkv(tiles).reshape(n, n_windows, length, 3, self.heads, dim // self.heads)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # (n, nW, heads, L, D)
         drop = self.attn_dropout if self.training else 0.0
-        out = attend(q, k, v, bias=self._bias(height, width, x.device), dropout=drop)
+        relative = self.bias_table[self.bias_index].permute(2, 0, 1)  # (heads, L, L)
+        mask = self._mask(height, width, x.device)
+        out = attend(q, k, v, bias=relative, mask=mask, dropout=drop)
         out = self.proj(out.transpose(2, 3).reshape(n, n_windows, length, dim))
         out = _merge(out, w, hp, wp)
         if self.shift:
