@@ -4,9 +4,9 @@ Tensors enter and leave as ``(B, C, T, Y, X)``. The temporal transformer treats 
 a sequence of ``T`` tokens; the Swin transformer treats every coarse frame as an image of
 ``Y x X`` tokens attended inside 7x7 windows, shifted by 3 on every second layer.
 
-Padding for the windows is masked out as a key (not merely zero-filled), so a pixel's output
-does not depend on how far the frame is from a multiple of the window: the result for a frame
-is the same whatever its size, which the blockwise engine relies on.
+Frames are padded to a multiple of the window, and the padding is masked out as a key (not
+merely zero-filled: zero tokens would still take attention weight), so padded pixels never
+influence real ones.
 """
 
 from __future__ import annotations
@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Mlp", "SpatialTransformer", "SwinLayer", "TemporalTransformer", "attend"]
+__all__ = [
+    "Mlp",
+    "SpatialTransformer",
+    "SwinLayer",
+    "TemporalTransformer",
+    "attend",
+    "relative_position_index",
+    "window_mask",
+]
 
 #: Most (batch x window) entries per attention call: CUDA's fused attention kernels put the
 #: batch on a launch-grid axis limited to 65535, and a full-resolution frame has ~1e6 pixel
