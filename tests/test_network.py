@@ -68,6 +68,16 @@ def test_config_validation_names_the_option() -> None:
     assert NetworkConfig.model_fields["window"].description  # docstrings become descriptions
 
 
+def test_training_after_inference_mode_still_backpropagates() -> None:
+    network = build_network(NetworkConfig.tiny())
+    x = torch.randn(1, 1, 16, 9, 9)
+    with torch.inference_mode():
+        expected = network(x)
+    y = network(x)
+    y.square().mean().backward()
+    torch.testing.assert_close(y.detach(), expected)
+
+
 def test_bf16_autocast_forward_is_finite() -> None:
     network = build_network(NetworkConfig.tiny())
     with torch.autocast("cpu", dtype=torch.bfloat16):

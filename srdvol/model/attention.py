@@ -274,11 +274,12 @@ class SwinLayer(nn.Module):
         self.register_buffer("bias_index", relative_position_index(window), persistent=False)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_ratio)
-        self._masks: dict[tuple[int, int, str], torch.Tensor] = {}
+        self._masks: dict[tuple[int, int, str, bool], torch.Tensor] = {}
 
     def _mask(self, height: int, width: int, device: torch.device) -> torch.Tensor:
         """Additive ``(nW, L, L)`` mask: 0 where allowed, ``-inf`` elsewhere."""
-        key = (height, width, str(device))
+        # Tensors made under inference_mode cannot join autograd later, so they are cached apart.
+        key = (height, width, str(device), torch.is_inference_mode_enabled())
         mask = self._masks.get(key)
         if mask is None:
             allowed = window_mask(height, width, window=self.window, shift=self.shift)
