@@ -491,7 +491,12 @@ def train(
     with _reproducible(seed, torch_device):
         net = build_network(config)
         trainer = Trainer(
-            net, stats=stats, sampling=sampling, lr=lr, steps=steps, seed=seed,
+            net,
+            stats=stats,
+            sampling=sampling,
+            lr=lr,
+            steps=steps,
+            seed=seed,
             device=torch_device,
         )
         sampler = PatchSampler(image, patch=read, seed=seed, batch_size=batch_size)
@@ -515,8 +520,14 @@ def train(
             )
 
         run_loop(
-            trainer, sampler, steps=steps, checkpoint_every=checkpoint_every,
-            on_checkpoint=checkpoint, stop_after=stop_after, progress=progress, losses=losses,
+            trainer,
+            sampler,
+            steps=steps,
+            checkpoint_every=checkpoint_every,
+            on_checkpoint=checkpoint,
+            stop_after=stop_after,
+            progress=progress,
+            losses=losses,
         )
     record = _record(config, patch, sampling, stats, image, trainer, seed, losses, options)
     _write_model(model_file, trainer.network, record)

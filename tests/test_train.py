@@ -1,0 +1,261 @@
+"""Tests of srdvol.train: a real (tiny) training run from a zarr store, determinism, resume."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import zarr
+from torch import nn
+
+from srdvol.errors import ConfigError, DataError, OutputExistsError
+from srdvol.model.checkpoint import load_model, read_record
+from srdvol.model.network import NetworkConfig, build_network
+from srdvol.normalize import Statistics
+from srdvol.patches import PatchSampler
+from srdvol.simulate import simulate
+from srdvol.train import Trainer, lr_factor, state_path, train
+
+#: Small enough for a 2-core machine, big enough to learn something in a hundred steps.
+SMALL = NetworkConfig(channels=(4, 4, 8, 8), embed_dim=16, heads=2, patch_t=16)
+TINY = NetworkConfig.tiny(16)
+OFFSET = 100.0  # the simulator's detector baseline
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def movie(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("sim")
+    simulate(
+        root / "noisy.zarr",
+        truth=root / "truth.zarr",
+        frames=32,
+        size=(32, 32),
+        photons=2.0,
+        seed=0,
+        chunks={"t": 16, "y": 32, "x": 32},
+    )
+    return root / "noisy.zarr", root / "truth.zarr"
+
+
+def plain_image(path: Path, data: np.ndarray) -> xr.DataArray:
+    arr = zarr.create_array(str(path), shape=data.shape, chunks=(16, 16, 16), dtype=data.dtype)
+    arr[...] = data
+    ro = zarr.open_array(str(path), mode="r")
+    return xr.DataArray(da.from_zarr(ro), dims=("t", "y", "x"), attrs={"source": str(path)})
+
+
+def snr_db(estimate: np.ndarray, truth: np.ndarray) -> float:
+    """Per-frame SNR (20 log10 ||GT - offset|| / ||estimate - GT||), mean over frames."""
+    signal = np.linalg.norm((truth - OFFSET).reshape(len(truth), -1), axis=1)
+    error = np.linalg.norm((estimate - truth).reshape(len(truth), -1), axis=1)
+    return float(np.mean(20 * np.log10(signal / error)))
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_model(path)[0].state_dict()
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+QUICK: dict[str, Any] = {"patch": (16, 16, 16), "batch_size": 2, "network": TINY, "progress": False}
+
+
+@pytest.mark.slow
+def test_training_lowers_loss_and_denoises(movie: tuple[Path, Path], tmp_path: Path) -> None:
+    from srdvol.io import open_image
+    from srdvol.predict import ModelPredictor, predict_array
+
+    noisy_path, truth_path = movie
+    model = tmp_path / "m.safetensors"
+    record = train(
+        noisy_path,
+        model,
+        patch=(16, 32, 32),
+        steps=150,
+        batch_size=4,
+        lr=2e-3,
+        network=SMALL,
+        progress=False,
+        checkpoint_every=1000,
+    )
+    assert record.steps == 150
+    assert record.sampling == "spatial"
+    assert record.patch == (16, 32, 32)
+    assert read_record(model) == record
+    state = torch.load(state_path(model), weights_only=True)
+    losses = state["losses"]
+    assert len(losses) == 150
+    assert np.mean(losses[-30:]) < 0.8 * np.mean(losses[:10])
+
+    noisy = np.asarray(open_image(noisy_path).data, dtype=np.float32)
+    truth = np.asarray(open_image(truth_path).data, dtype=np.float32)
+    # The statistics were global and are stored with the model.
+    assert record.normalization.mean == pytest.approx(noisy.mean(), rel=1e-6)
+    assert record.normalization.std == pytest.approx(noisy.std(), rel=1e-6)
+    denoised = predict_array(noisy, ModelPredictor(model), patch=(16, 32, 32), overlap=0.5)
+    before, after = snr_db(noisy, truth), snr_db(denoised, truth)
+    print(f"SNR noisy {before:.2f} dB, denoised {after:.2f} dB")
+    assert after > before + 3.0, (before, after)
+
+
+def test_same_seed_same_weights(movie: tuple[Path, Path], tmp_path: Path) -> None:
+    noisy_path, _ = movie
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        train(noisy_path, tmp_path / name, steps=4, seed=seed, **QUICK)
+    assert_same_weights(tmp_path / "a", tmp_path / "b")
+    wa, wc = weights(tmp_path / "a"), weights(tmp_path / "c")
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_stop_and_resume_equals_uninterrupted(movie: tuple[Path, Path], tmp_path: Path) -> None:
+    noisy_path, _ = movie
+    train(noisy_path, tmp_path / "full", steps=7, checkpoint_every=2, **QUICK)
+    first = train(noisy_path, tmp_path / "part", steps=7, checkpoint_every=2, stop_after=3, **QUICK)
+    assert first.steps == 3
+    done = train(noisy_path, tmp_path / "part", steps=7, checkpoint_every=2, resume=True, **QUICK)
+    assert done.steps == 7
+    assert_same_weights(tmp_path / "full", tmp_path / "part")
+    full_losses = torch.load(state_path(tmp_path / "full"), weights_only=True)["losses"]
+    part_losses = torch.load(state_path(tmp_path / "part"), weights_only=True)["losses"]
+    assert full_losses == part_losses
+
+
+def test_resume_after_a_crash(
+    movie: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    noisy_path, _ = movie
+    train(noisy_path, tmp_path / "full", steps=6, checkpoint_every=2, **QUICK)
+
+    real_sample = PatchSampler.sample
+    calls = {"n": 0}
+
+    def crash_on_fifth(self: PatchSampler, batch_size: int | None = None) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] == 5:  # steps 1-4 done, state written after step 4
+            raise KeyboardInterrupt
+        return real_sample(self, batch_size)
+
+    monkeypatch.setattr(PatchSampler, "sample", crash_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        train(noisy_path, tmp_path / "crash", steps=6, checkpoint_every=2, **QUICK)
+    monkeypatch.setattr(PatchSampler, "sample", real_sample)
+    assert not (tmp_path / "crash").exists()  # the model is written only at the end
+    assert torch.load(state_path(tmp_path / "crash"), weights_only=True)["trainer"]["step"] == 4
+    train(noisy_path, tmp_path / "crash", steps=6, checkpoint_every=2, resume=True, **QUICK)
+    assert_same_weights(tmp_path / "full", tmp_path / "crash")
+
+
+def test_resume_with_other_options_is_refused(movie: tuple[Path, Path], tmp_path: Path) -> None:
+    noisy_path, _ = movie
+    train(noisy_path, tmp_path / "m", steps=2, **QUICK)
+    with pytest.raises(ConfigError, match="batch_size"):
+        train(noisy_path, tmp_path / "m", steps=4, resume=True, **{**QUICK, "batch_size": 3})
+
+
+def test_existing_model_is_not_replaced(movie: tuple[Path, Path], tmp_path: Path) -> None:
+    noisy_path, _ = movie
+    model = tmp_path / "m"
+    train(noisy_path, model, steps=1, **QUICK)
+    before = model.read_bytes()
+    with pytest.raises(OutputExistsError, match="--resume"):
+        train(noisy_path, model, steps=1, seed=5, **QUICK)
+    assert model.read_bytes() == before
+    train(noisy_path, model, steps=1, seed=5, overwrite=True, **QUICK)
+    assert model.read_bytes() != before
+
+
+def test_nan_is_caught_before_anything_is_written(tmp_path: Path) -> None:
+    data = np.random.default_rng(0).poisson(20, size=(32, 16, 16)).astype(np.float32)
+    data[20, 3, 4] = np.nan
+    image = plain_image(tmp_path / "nan.zarr", data)
+    model = tmp_path / "out" / "m.safetensors"
+    with pytest.raises(DataError, match="NaN or Inf"):
+        train(image, model, steps=2, **QUICK)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"patch": (16, 15, 16)}, "odd"),
+        ({"patch": (32, 16, 16)}, "network's patch_t"),
+        ({"sampling": "both"}, "unknown"),
+    ],
+)
+def test_bad_options(
+    movie: tuple[Path, Path], tmp_path: Path, kwargs: dict[str, object], match: str
+) -> None:
+    with pytest.raises(ConfigError, match=match):
+        train(movie[0], tmp_path / "m", steps=1, **{**QUICK, **kwargs})
+    assert not (tmp_path / "m").exists()
+
+
+def test_temporal_sampling_trains(movie: tuple[Path, Path], tmp_path: Path) -> None:
+    record = train(movie[0], tmp_path / "m", steps=3, sampling="temporal", **QUICK)
+    assert record.sampling == "temporal"
+    assert record.steps == 3
+
+
+def test_auto_sampling_measures_and_says_why(
+    movie: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    record = train(
+        movie[0], tmp_path / "m", steps=1, sampling="auto", **{**QUICK, "progress": True}
+    )
+    printed = capsys.readouterr().out
+    assert "adjacent pixels" in printed and "adjacent frames" in printed
+    assert f"using {record.sampling} sampling" in printed
+    # 0.3 Hz calcium data: frames are nearly independent, so spatial sampling is the choice.
+    assert record.sampling == "spatial"
+
+
+def test_trainer_wrap_hook_is_used_for_the_forward_pass() -> None:
+    torch.manual_seed(0)
+    seen = {"calls": 0}
+
+    class Counting(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.module = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen["calls"] += 1
+            return self.module(x)
+
+    net = build_network(TINY)
+    trainer = Trainer(net, stats=Statistics(10.0, 2.0), steps=3, wrap=Counting)
+    batch = np.random.default_rng(0).normal(10, 2, size=(2, 16, 8, 8)).astype(np.float32)
+    before = [p.detach().clone() for p in net.parameters()]
+    loss = trainer.step(batch)
+    assert np.isfinite(loss)
+    assert seen["calls"] == 1
+    assert trainer.step_count == 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+
+
+def test_learning_rate_schedule() -> None:
+    factors = [lr_factor(step, 100) for step in range(100)]
+    assert factors[0] == pytest.approx(0.2)  # warm-up over 5 steps
+    assert max(factors) == pytest.approx(1.0)
+    assert factors[-1] == pytest.approx(0.1, abs=0.01)
+    assert all(a >= b for a, b in itertools.pairwise(factors[5:]))
