@@ -40,6 +40,8 @@ from srdvol.errors import InputError
 
 __all__ = [
     "SSIM_SIGMA",
+    "as_movie",
+    "cell_traces",
     "evaluate",
     "evaluate_stores",
     "format_metrics",
@@ -88,8 +90,14 @@ def frame_ssim(estimate: np.ndarray, truth: np.ndarray, *, data_range: float) ->
     return float(ssim.mean())
 
 
-def _as_dask(array: Any) -> da.Array:
-    """Dask array of a DataArray / dask / numpy input; a DataArray is put in (t, ..., y, x) order."""
+def as_movie(array: Any) -> da.Array:
+    """Dask array of a DataArray, dask or numpy image; a DataArray is put in (t, ..., y, x) order.
+
+    Parameters
+    ----------
+    array
+        An image with time first and y, x last (any order for a DataArray with named dims).
+    """
     if hasattr(array, "dims") and hasattr(array, "data"):
         dims = list(array.dims)
         if {"t", "y", "x"} <= set(dims):
@@ -140,6 +148,36 @@ def _cell_traces(a: da.Array, masks: np.ndarray, n_labels: int) -> da.Array:
     return sums.sum(axis=tuple(range(1, a.ndim - 2))) if a.ndim > 3 else sums
 
 
+def cell_traces(image: Any, masks: np.ndarray) -> np.ndarray:
+    """Mean trace of every label: array (t, max label + 1), column 0 is the background.
+
+    Parameters
+    ----------
+    image
+        A (t, ..., y, x) DataArray, dask or numpy array.
+    masks
+        Integer labels shaped like one time point of ``image``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Per time point, the mean of each label's pixels (NaN for labels without pixels).
+    """
+    a = as_movie(image)
+    labels = np.asarray(masks)
+    if labels.shape != a.shape[1:] or not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(
+            "masks", f"shape {labels.shape} / dtype {labels.dtype} does not fit {a.shape}",
+            "give integer labels shaped like one time point of the image",
+        )
+    n_labels = int(labels.max()) + 1
+    g = a.rechunk({**{i: "auto" for i in range(a.ndim - 2)}, a.ndim - 2: -1, a.ndim - 1: -1})
+    sums = _cell_traces(g.astype(np.float64), labels, n_labels).compute()
+    counts = np.bincount(labels.ravel(), minlength=n_labels).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums / counts
+
+
 def _pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pearson r of matching columns of two (t, n) arrays; NaN where the truth is constant."""
     a = a - a.mean(axis=0)
@@ -177,7 +215,7 @@ def evaluate(
         If the shapes differ, the arrays have fewer than 3 dimensions, or masks do not fit.
     """
     e_name, g_name = _name(estimate, "estimate"), _name(truth, "truth")
-    e, g = _as_dask(estimate), _as_dask(truth)
+    e, g = as_movie(estimate), as_movie(truth)
     if e.shape != g.shape:
         raise InputError(
             f"{e_name} vs {g_name}",
