@@ -70,6 +70,7 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Output dtype: float32, or input (round and clip).")]
 NgffOpt = Annotated[str, typer.Option("--ngff", help="Output NGFF version: 0.5 (Zarr v3) or 0.4 (Zarr v2).")]
 ModelOpt = Annotated[Path | None, typer.Option("--model", help="A trained srdvol model file.")]
+AutocastOpt = Annotated[str, typer.Option("--autocast", help="bf16 autocast: auto (on for CUDA), on, off.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted training.")]
 
 
@@ -91,7 +92,7 @@ def _read_options(level: int, channel: int | None, axes: str | None) -> dict[str
 def _cluster_options(
     scheduler: str | None, workers: int | None, gpus: str | None, dashboard_address: str
 ) -> dict[str, Any]:
-    from srdvol.config import parse_gpus
+    from srdvol.cluster import parse_gpus
 
     return {
         "scheduler": scheduler,
@@ -199,6 +200,7 @@ def predict(
     window: WindowOpt = Window.tent,
     dtype: DtypeOpt = "float32",
     ngff: NgffOpt = "0.5",
+    autocast: AutocastOpt = "auto",
     overwrite: OverwriteOpt = False,
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
@@ -215,7 +217,7 @@ def predict(
     pipeline.run_predict(
         source, out, model=model, patch=_triple(patch, "--patch"), overlap=overlap,
         block=_triple(block, "--block"), window=window.value, dtype=dtype, ngff=ngff,
-        overwrite=overwrite, cluster=_cluster_options(scheduler, workers, gpus, dashboard_address),
+        autocast=autocast, overwrite=overwrite, cluster=_cluster_options(scheduler, workers, gpus, dashboard_address),
         read=_read_options(level, channel, axes),
     )
 
@@ -236,6 +238,7 @@ def denoise(
     seed: SeedOpt = 0,
     dtype: DtypeOpt = "float32",
     ngff: NgffOpt = "0.5",
+    autocast: AutocastOpt = "auto",
     overwrite: OverwriteOpt = False,
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
@@ -253,7 +256,7 @@ def denoise(
         source, out, model=model, patch=_triple(patch, "--patch"), overlap=overlap,
         block=_triple(block, "--block"), window=window.value, sampling=sampling.value,
         steps=steps, batch_size=batch_size, lr=lr, seed=seed, dtype=dtype, ngff=ngff,
-        overwrite=overwrite, cluster=_cluster_options(scheduler, workers, gpus, dashboard_address),
+        autocast=autocast, overwrite=overwrite, cluster=_cluster_options(scheduler, workers, gpus, dashboard_address),
         read=_read_options(level, channel, axes),
     )
 

@@ -35,7 +35,6 @@ __all__ = [
     "Window",
     "config_defaults",
     "load_config_file",
-    "parse_gpus",
     "parse_triple",
 ]
 
@@ -85,23 +84,6 @@ def parse_triple(value: str | Sequence[int], *, option: str = "--patch") -> tupl
             f"write it as {option} 32,64,64",
         )
     return numbers  # type: ignore[return-value]
-
-
-def parse_gpus(value: str | None) -> list[int] | str | None:
-    """Parse ``--gpus``: ``None`` (auto), ``"all"``, ``"none"`` or a list such as ``"0,2"``."""
-    if value is None:
-        return None
-    text = value.strip().lower()
-    if text in {"all", "auto"}:
-        return "all"
-    if text in {"none", "cpu", ""}:
-        return []
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise ConfigError(
-            "--gpus", f"{value!r} is not a list of GPU numbers", "use --gpus 0,1 or --gpus all"
-        ) from None
 
 
 class ConfigFile(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from srdvol.config import config_defaults, load_config_file, parse_gpus, parse_triple
+from srdvol.config import config_defaults, load_config_file, parse_triple
 from srdvol.errors import ConfigError
 
 
@@ -17,18 +17,6 @@ def test_parse_triple_accepts_text_and_sequences():
 def test_parse_triple_rejects_bad_values_naming_the_option(bad):
     with pytest.raises(ConfigError, match="--block.*--block 32,64,64"):
         parse_triple(bad, option="--block")
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"), [(None, None), ("all", "all"), ("none", []), ("0,2", [0, 2])]
-)
-def test_parse_gpus(text, expected):
-    assert parse_gpus(text) == expected
-
-
-def test_parse_gpus_rejects_words():
-    with pytest.raises(ConfigError, match="--gpus"):
-        parse_gpus("first")
 
 
 def test_toml_flat_keys_and_command_table(tmp_path):
