@@ -142,7 +142,12 @@ def _cell_traces(a: da.Array, masks: np.ndarray, n_labels: int) -> da.Array:
     """Lazy (t, labels) sums of ``a`` over each label's pixels."""
     chunks = (a.chunks[0], *[(1,) * len(c) for c in a.chunks[1:-2]], (n_labels,))
     sums = da.map_blocks(
-        _label_sums, a, masks=masks, n_labels=n_labels, drop_axis=a.ndim - 1, chunks=chunks,
+        _label_sums,
+        a,
+        masks=masks,
+        n_labels=n_labels,
+        drop_axis=a.ndim - 1,
+        chunks=chunks,
         dtype=np.float64,
     )
     return sums.sum(axis=tuple(range(1, a.ndim - 2))) if a.ndim > 3 else sums
@@ -167,7 +172,8 @@ def cell_traces(image: Any, masks: np.ndarray) -> np.ndarray:
     labels = np.asarray(masks)
     if labels.shape != a.shape[1:] or not np.issubdtype(labels.dtype, np.integer):
         raise InputError(
-            "masks", f"shape {labels.shape} / dtype {labels.dtype} does not fit {a.shape}",
+            "masks",
+            f"shape {labels.shape} / dtype {labels.dtype} does not fit {a.shape}",
             "give integer labels shaped like one time point of the image",
         )
     n_labels = int(labels.max()) + 1
@@ -228,16 +234,27 @@ def evaluate(
     diff = e - g
     frame_axes = (g.ndim - 2, g.ndim - 1)
     sig2, err2, gmin, gmax, mse, emean, gmean = dask.compute(
-        ((g - offset) ** 2).sum(axis=frame_axes), (diff**2).sum(axis=frame_axes),
-        g.min(), g.max(), (diff**2).mean(), e.mean(), g.mean(),
+        ((g - offset) ** 2).sum(axis=frame_axes),
+        (diff**2).sum(axis=frame_axes),
+        g.min(),
+        g.max(),
+        (diff**2).mean(),
+        e.mean(),
+        g.mean(),
     )
     data_range = float(gmax - gmin)
     ec, gc = e - emean, g - gmean
     lazy: dict[str, Any] = {
-        "cov": (ec * gc).sum(), "ve": (ec * ec).sum(), "vg": (gc * gc).sum(),
+        "cov": (ec * gc).sum(),
+        "ve": (ec * ec).sum(),
+        "vg": (gc * gc).sum(),
         "ssim": da.map_blocks(
-            _ssim_block, e, g, data_range=data_range if data_range > 0 else 1.0,
-            drop_axis=list(frame_axes), dtype=np.float64,
+            _ssim_block,
+            e,
+            g,
+            data_range=data_range if data_range > 0 else 1.0,
+            drop_axis=list(frame_axes),
+            dtype=np.float64,
         ).mean(),
     }
     labels = None
@@ -245,7 +262,8 @@ def evaluate(
         labels = np.asarray(masks)
         if labels.shape != g.shape[1:] or not np.issubdtype(labels.dtype, np.integer):
             raise InputError(
-                "masks", f"shape {labels.shape} / dtype {labels.dtype} does not fit {g.shape}",
+                "masks",
+                f"shape {labels.shape} / dtype {labels.dtype} does not fit {g.shape}",
                 "give integer labels shaped like one time point of the image",
             )
         n_labels = int(labels.max()) + 1

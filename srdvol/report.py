@@ -95,7 +95,8 @@ def write_report(
     shown = {k: v for k, v in images.items() if v is not None}
     metrics = {
         k: evaluate(v, shown["truth"], masks=masks, offset=offset)
-        for k, v in shown.items() if k != "truth"
+        for k, v in shown.items()
+        if k != "truth"
     }
     planes = {k: _plane(v) for k, v in shown.items()}
     truth_plane, z = planes["truth"]

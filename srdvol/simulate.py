@@ -185,7 +185,7 @@ def _soma_footprints(
             if abs(dz) >= 1.0:
                 continue
             shrink = math.sqrt(1.0 - dz * dz)
-            half = int(math.ceil(radii[k].max() * shrink + 4 * sigma + 2))
+            half = math.ceil(radii[k].max() * shrink + 4 * sigma + 2)
             y0, y1 = max(0, int(cy[k]) - half), min(ny, int(cy[k]) + half + 1)
             x0, x1 = max(0, int(cx[k]) - half), min(nx, int(cx[k]) + half + 1)
             if y0 >= y1 or x0 >= x1:
@@ -253,7 +253,11 @@ def _process_footprints(
 
 
 def _neuropil(
-    rng: np.random.Generator, cfg: SceneConfig, zyx: tuple[int, int, int], px: float, frames: int,
+    rng: np.random.Generator,
+    cfg: SceneConfig,
+    zyx: tuple[int, int, int],
+    px: float,
+    frames: int,
     rate_hz: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Three smooth positive spatial fields per volume and their slow temporal coefficients."""
@@ -300,8 +304,14 @@ def _calcium_traces(
 
 
 def _build_scene(
-    *, frames: int, zyx: tuple[int, int, int], px: float, rate_hz: float, photons: float,
-    seed: int, cfg: SceneConfig,
+    *,
+    frames: int,
+    zyx: tuple[int, int, int],
+    px: float,
+    rate_hz: float,
+    photons: float,
+    seed: int,
+    cfg: SceneConfig,
 ) -> _Scene:
     """Everything that does not depend on the noise: footprints, traces, labels, photon scale."""
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_SCENE_KEY,)))
@@ -316,9 +326,11 @@ def _build_scene(
     dendrite = parents >= 0
     dff[n_cells:][dendrite] = dff[parents[dendrite]]
     traces = np.concatenate(
-        [brightness[:, None] * (1 + dff[:n_cells]),
-         proc_brightness[:, None] * (1 + dff[n_cells:]),
-         slow],
+        [
+            brightness[:, None] * (1 + dff[:n_cells]),
+            proc_brightness[:, None] * (1 + dff[n_cells:]),
+            slow,
+        ],
         axis=0,
     )
     n_src = traces.shape[0]
@@ -358,7 +370,9 @@ def render_frames(scene: _Scene, t0: int, t1: int, z: int) -> np.ndarray:
     return (scene.photon_scale * block.T).reshape(t1 - t0, ny, nx)
 
 
-def _noisy_frame(expected: np.ndarray, *, seed: int, t: int, z: int, cfg: SceneConfig) -> np.ndarray:
+def _noisy_frame(
+    expected: np.ndarray, *, seed: int, t: int, z: int, cfg: SceneConfig
+) -> np.ndarray:
     """One noisy uint16 frame from its expected photons, with its own seeded stream."""
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_NOISE_KEY, t, z)))
     counts = rng.poisson(expected).astype(np.float64)
@@ -384,8 +398,16 @@ def _frame_block(
 
 
 def _like(
-    scene: _Scene, kind: str, *, dims: tuple[str, ...], rate_hz: float, px: float, dz: float,
-    seed: int, cfg: SceneConfig, frames: int,
+    scene: _Scene,
+    kind: str,
+    *,
+    dims: tuple[str, ...],
+    rate_hz: float,
+    px: float,
+    dz: float,
+    seed: int,
+    cfg: SceneConfig,
+    frames: int,
 ) -> Any:
     """A lazy DataArray of the simulated image, one dask chunk per frame (what create_output
     copies: dims, scale, units; it samples one frame for the viewer's contrast window)."""
@@ -397,7 +419,14 @@ def _like(
     chunks = ((1,) * frames, (1,) * nz, (ny,), (nx,)) if planes else ((1,) * frames, (ny,), (nx,))
     dtype = np.uint16 if kind == "noisy" else np.float32
     data = da.map_blocks(
-        _frame_block, scene, kind, seed, cfg, planes=planes, chunks=chunks, dtype=dtype,
+        _frame_block,
+        scene,
+        kind,
+        seed,
+        cfg,
+        planes=planes,
+        chunks=chunks,
+        dtype=dtype,
         meta=np.empty((0,) * len(dims), dtype),
     )
     scale = {"t": 1.0 / rate_hz, "z": dz, "y": px, "x": px}
@@ -413,19 +442,31 @@ def _like(
 
 
 def _create_image(
-    path: str, *, like: Any, dtype: Any, chunks: dict[str, int] | None, provenance: dict[str, Any],
+    path: str,
+    *,
+    like: Any,
+    dtype: Any,
+    chunks: dict[str, int] | None,
+    provenance: dict[str, Any],
     overwrite: bool,
 ) -> Any:
     """Create an OME-Zarr 0.5 image through :func:`srdvol.output.create_output`."""
     from srdvol.output import create_output
 
     return create_output(
-        path, like=like, dtype=dtype, chunks=chunks, ngff="0.5", provenance=provenance,
+        path,
+        like=like,
+        dtype=dtype,
+        chunks=chunks,
+        ngff="0.5",
+        provenance=provenance,
         overwrite=overwrite,
     )
 
 
-def _write_labels(truth: str, labels: np.ndarray, dims: tuple[str, ...], px: float, dz: float) -> None:
+def _write_labels(
+    truth: str, labels: np.ndarray, dims: tuple[str, ...], px: float, dz: float
+) -> None:
     """Write the cell label image as an NGFF 0.5 image-label at ``TRUTH/labels/cells``."""
     import zarr
 
@@ -438,19 +479,27 @@ def _write_labels(truth: str, labels: np.ndarray, dims: tuple[str, ...], px: flo
     scale = [dz if d == "z" else px for d in spatial]
     cells.attrs["ome"] = {
         "version": "0.5",
-        "multiscales": [{
-            "name": "cells",
-            "axes": [{"name": d, "type": "space", "unit": "micrometer"} for d in spatial],
-            "datasets": [{
-                "path": "s0",
-                "coordinateTransformations": [{"type": "scale", "scale": scale}],
-            }],
-        }],
+        "multiscales": [
+            {
+                "name": "cells",
+                "axes": [{"name": d, "type": "space", "unit": "micrometer"} for d in spatial],
+                "datasets": [
+                    {
+                        "path": "s0",
+                        "coordinateTransformations": [{"type": "scale", "scale": scale}],
+                    }
+                ],
+            }
+        ],
         "image-label": {"version": "0.5", "source": {"image": "../../"}},
     }
     arr = cells.create_array(
-        "s0", shape=data.shape, dtype=np.int32, chunks=data.shape,
-        dimension_names=list(spatial), overwrite=True,
+        "s0",
+        shape=data.shape,
+        dtype=np.int32,
+        chunks=data.shape,
+        dimension_names=list(spatial),
+        overwrite=True,
     )
     arr[...] = data
 
@@ -467,7 +516,8 @@ def _check_target(path: str, record: dict[str, Any], *, overwrite: bool) -> None
     existing = (read_provenance(path) or {}).get("simulation")
     if existing != json.loads(json.dumps(record)):
         raise OutputExistsError(
-            path, "already exists and is not the output of this simulation",
+            path,
+            "already exists and is not the output of this simulation",
             "choose another path or pass --overwrite to replace it",
         )
 
@@ -540,9 +590,12 @@ def simulate(
     photons = DEFAULT_PHOTONS if photons is None else float(photons)
     ny, nx = (int(v) for v in size)
     checks = {
-        "--frames": frames >= 1, "--planes": planes is None or planes >= 1,
-        "--size": ny >= 1 and nx >= 1, "--rate-hz": rate_hz > 0 and math.isfinite(rate_hz),
-        "--photons": photons > 0 and math.isfinite(photons), "pixel_size_um": pixel_size_um > 0,
+        "--frames": frames >= 1,
+        "--planes": planes is None or planes >= 1,
+        "--size": ny >= 1 and nx >= 1,
+        "--rate-hz": rate_hz > 0 and math.isfinite(rate_hz),
+        "--photons": photons > 0 and math.isfinite(photons),
+        "pixel_size_um": pixel_size_um > 0,
     }
     for option, ok in checks.items():
         if not ok:
@@ -555,28 +608,52 @@ def simulate(
     shape = (frames, ny, nx) if planes is None else (frames, nz, ny, nx)
     px = float(pixel_size_um)
     built = _build_scene(
-        frames=frames, zyx=(nz, ny, nx), px=px, rate_hz=rate_hz, photons=photons, seed=seed,
+        frames=frames,
+        zyx=(nz, ny, nx),
+        px=px,
+        rate_hz=rate_hz,
+        photons=photons,
+        seed=seed,
         cfg=cfg,
     )
     model = {
-        "dims": list(dims), "shape": list(shape), "photons": photons, "gain": cfg.gain, "offset": cfg.offset, "read_noise": cfg.read_noise,
-        "rate_hz": rate_hz, "pixel_size_um": px, "seed": seed, "n_cells": built.n_cells,
+        "dims": list(dims),
+        "shape": list(shape),
+        "photons": photons,
+        "gain": cfg.gain,
+        "offset": cfg.offset,
+        "read_noise": cfg.read_noise,
+        "rate_hz": rate_hz,
+        "pixel_size_um": px,
+        "seed": seed,
+        "n_cells": built.n_cells,
         "scene": asdict(cfg),
     }
     for path, role in ((out, "noisy"), (truth, "truth")):
         _check_target(os.fspath(path), {**model, "role": role}, overwrite=overwrite)
     common = {
-        "dims": dims, "rate_hz": rate_hz, "px": px, "dz": cfg.plane_spacing_um, "seed": seed,
-        "cfg": cfg, "frames": frames,
+        "dims": dims,
+        "rate_hz": rate_hz,
+        "px": px,
+        "dz": cfg.plane_spacing_um,
+        "seed": seed,
+        "cfg": cfg,
+        "frames": frames,
     }
     noisy_arr = _create_image(
-        os.fspath(out), like=_like(built, "noisy", **common),
-        dtype=np.uint16, chunks=chunks, overwrite=overwrite,
+        os.fspath(out),
+        like=_like(built, "noisy", **common),
+        dtype=np.uint16,
+        chunks=chunks,
+        overwrite=overwrite,
         provenance={"command": "simulate", "simulation": {**model, "role": "noisy"}},
     )
     truth_arr = _create_image(
-        os.fspath(truth), like=_like(built, "truth", **common),
-        dtype=np.float32, chunks=chunks, overwrite=overwrite,
+        os.fspath(truth),
+        like=_like(built, "truth", **common),
+        dtype=np.float32,
+        chunks=chunks,
+        overwrite=overwrite,
         provenance={"command": "simulate", "simulation": {**model, "role": "truth"}},
     )
     _write_labels(os.fspath(truth), built.labels, dims, px, cfg.plane_spacing_um)
@@ -589,7 +666,9 @@ def simulate(
             noisy = np.empty(expected.shape, np.uint16)
             for i in range(t1 - t0):
                 for j in range(z1 - z0):
-                    noisy[i, j] = _noisy_frame(expected[i, j], seed=seed, t=t0 + i, z=z0 + j, cfg=cfg)
+                    noisy[i, j] = _noisy_frame(
+                        expected[i, j], seed=seed, t=t0 + i, z=z0 + j, cfg=cfg
+                    )
             exact = (cfg.offset + cfg.gain * expected).astype(np.float32)
             where = (slice(t0, t1),) if planes is None else (slice(t0, t1), slice(z0, z1))
             if planes is None:
@@ -597,15 +676,25 @@ def simulate(
             noisy_arr[where] = noisy
             truth_arr[where] = exact
     return SimulationInfo(
-        out=os.fspath(out), truth=os.fspath(truth), dims=dims, shape=shape,
-        chunks=tuple(noisy_arr.chunks), n_cells=built.n_cells, photons=photons, gain=cfg.gain,
-        offset=cfg.offset, read_noise=cfg.read_noise, rate_hz=rate_hz, pixel_size_um=px,
-        seed=seed, scene=asdict(cfg),
+        out=os.fspath(out),
+        truth=os.fspath(truth),
+        dims=dims,
+        shape=shape,
+        chunks=tuple(noisy_arr.chunks),
+        n_cells=built.n_cells,
+        photons=photons,
+        gain=cfg.gain,
+        offset=cfg.offset,
+        read_noise=cfg.read_noise,
+        rate_hz=rate_hz,
+        pixel_size_um=px,
+        seed=seed,
+        scene=asdict(cfg),
     )
 
 
 def _write_unit(a: Any, b: Any, *, axis: int) -> int:
-    """Slab length along ``axis`` covering whole write units (shards, else chunks) of both arrays."""
+    """Slab length along ``axis`` covering whole write units (shards, else chunks) of both."""
     units = []
     for arr in (a, b):
         shards = getattr(arr, "shards", None)

@@ -87,8 +87,10 @@ def test_evaluate_matches_numpy_on_oddly_chunked_dask_arrays(shape):
     chunks = (5, *([2] if len(shape) == 4 else []), 7, 11)
     with dask.config.set({"array.chunk-size": "32KiB"}):  # many blocks in every reduction
         got = evaluate(
-            da.from_array(estimate, chunks=chunks), da.from_array(truth, chunks=4),  # unaligned
-            masks=labels, offset=OFFSET,
+            da.from_array(estimate, chunks=chunks),
+            da.from_array(truth, chunks=4),  # unaligned
+            masks=labels,
+            offset=OFFSET,
         )
     for key in ("snr_db", "psnr_db", "ssim", "pearson_r", "trace_r"):
         assert got[key] == pytest.approx(ref[key], rel=1e-9, abs=1e-12), key
@@ -103,7 +105,11 @@ def test_ssim_agrees_with_scikit_image():
     rng_ = float(truth.max() - truth.min())
     ours = frame_ssim(est[0], truth[0], data_range=rng_)
     theirs = metrics.structural_similarity(
-        est[0], truth[0], data_range=rng_, gaussian_weights=True, sigma=1.5,
+        est[0],
+        truth[0],
+        data_range=rng_,
+        gaussian_weights=True,
+        sigma=1.5,
         use_sample_covariance=False,
     )
     assert ours == pytest.approx(theirs, rel=1e-6)

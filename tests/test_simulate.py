@@ -69,8 +69,13 @@ def test_noise_is_poisson_plus_read_noise_around_the_truth(tmp_path):
 
 def test_stores_are_valid_ome_zarr_with_physical_metadata_and_labels(tmp_path):
     info = simulate(
-        tmp_path / "n", truth=tmp_path / "t", frames=16, planes=3, size=(40, 40),
-        rate_hz=0.5, pixel_size_um=0.8,
+        tmp_path / "n",
+        truth=tmp_path / "t",
+        frames=16,
+        planes=3,
+        size=(40, 40),
+        rate_hz=0.5,
+        pixel_size_um=0.8,
     )
     assert info.shape == (16, 3, 40, 40) and info.dims == ("t", "z", "y", "x")
     for name in ("n", "t"):
@@ -151,8 +156,14 @@ _CHILD = textwrap.dedent(
 @pytest.mark.slow
 def test_memory_stays_flat_when_the_store_grows(tmp_path):
     def run(frames: int) -> dict[str, int]:
-        args = [sys.executable, "-c", _CHILD, str(tmp_path / f"n{frames}"),
-                str(tmp_path / f"t{frames}"), str(frames)]
+        args = [
+            sys.executable,
+            "-c",
+            _CHILD,
+            str(tmp_path / f"n{frames}"),
+            str(tmp_path / f"t{frames}"),
+            str(frames),
+        ]
         done = subprocess.run(args, capture_output=True, text=True, check=True, timeout=240)
         return json.loads(done.stdout.strip().splitlines()[-1])
 
