@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from srdvol.errors import ConfigError
 from srdvol.metrics import as_movie, cell_traces, evaluate, read_masks, simulation_record
 
 __all__ = ["DPI", "FIGURE_SIZE", "write_report"]
@@ -51,12 +52,14 @@ def _label(name: str, m: dict[str, float] | None) -> str:
 def write_report(
     path_png: str | os.PathLike[str],
     *,
-    noisy: Any,
+    noisy: Any = None,
     denoised: Any = None,
     truth: Any,
     masks: np.ndarray | None = None,
     frame: int | None = None,
     offset: float | None = None,
+    estimate: Any = None,
+    metrics: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Write a PNG comparing noisy, denoised and ground-truth data.
 
@@ -66,7 +69,7 @@ def write_report(
         Where to write the figure (a PNG of :data:`FIGURE_SIZE` x :data:`DPI` pixels).
     noisy, denoised, truth
         Images as store paths (opened with :func:`srdvol.io.open_image`) or (t, ..., y, x)
-        arrays / DataArrays of one shape. ``denoised`` is optional.
+        arrays / DataArrays of one shape. At least one of ``noisy`` and ``denoised`` is needed.
     masks
         Cell labels (one time point's shape); read from the truth store's ``labels/`` when the
         truth is a path and ``masks`` is not given. Without labels no traces are drawn.
@@ -75,16 +78,32 @@ def write_report(
         With z (or c) axes the middle plane is shown.
     offset
         Detector baseline for the SNR; default: the truth store's simulation record, else 0.
+    estimate
+        Another name for ``denoised`` (the one :func:`srdvol.metrics.evaluate_stores` uses).
+    metrics
+        Metrics already computed, as :func:`srdvol.metrics.evaluate_stores` returns them
+        (``{"estimate": ..., "noisy": ...}``) or keyed ``denoised`` / ``noisy``; only missing
+        ones are computed.
 
     Returns
     -------
     dict
-        The metrics shown: ``{"noisy": {...}, "denoised": {...}}`` (see
+        The metrics shown: ``{"noisy": {...}, "denoised": {...}}`` for the images given (see
         :func:`srdvol.metrics.evaluate`).
+
+    Raises
+    ------
+    ConfigError
+        If both ``denoised`` and ``estimate`` are given, or neither of ``noisy`` and ``denoised``.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    if estimate is not None and denoised is not None:
+        raise ConfigError("estimate", "given together with denoised", "pass only one of them")
+    denoised = estimate if denoised is None else denoised
+    if noisy is None and denoised is None:
+        raise ConfigError("write_report", "has no image to show", "pass noisy and/or denoised")
     if isinstance(truth, str | os.PathLike):
         if masks is None:
             masks = read_masks(truth)
@@ -93,8 +112,13 @@ def write_report(
     offset = 0.0 if offset is None else offset
     images = {"noisy": _open(noisy), "denoised": _open(denoised), "truth": _open(truth)}
     shown = {k: v for k, v in images.items() if v is not None}
-    metrics = {
-        k: evaluate(v, shown["truth"], masks=masks, offset=offset)
+    known = dict(metrics or {})
+    if "estimate" in known:
+        known.setdefault("denoised", known["estimate"])
+    scores = {
+        k: known[k]
+        if isinstance(known.get(k), dict)
+        else evaluate(v, shown["truth"], masks=masks, offset=offset)
         for k, v in shown.items()
         if k != "truth"
     }
@@ -111,7 +135,7 @@ def write_report(
     for i, (name, image) in enumerate(frames.items()):
         ax = fig.add_subplot(grid[0, i])
         ax.imshow(image, cmap="gray", vmin=low, vmax=high, interpolation="nearest")
-        ax.set_title(_label(name, metrics.get(name)), fontsize=9)
+        ax.set_title(_label(name, scores.get(name)), fontsize=9)
         ax.set_axis_off()
     where = f"frame t={frame}" + (f", plane z={z}" if z is not None else "")
     fig.suptitle(f"srdvol evaluation ({where}; same contrast in every panel)", fontsize=11)
@@ -122,7 +146,7 @@ def write_report(
         ax.text(0.5, 0.5, "no cell labels: traces not shown", ha="center", va="center")
         ax.set_axis_off()
     fig.savefig(os.fspath(path_png), format="png", dpi=DPI)
-    return metrics
+    return scores
 
 
 def _draw_traces(ax: Any, shown: dict[str, Any], masks: np.ndarray) -> None:

@@ -61,3 +61,23 @@ def test_report_traces_differ_from_a_blank_trace_panel(stores, tmp_path):
     a, b = imread(with_traces)[lower, :, :3], imread(without)[lower, :, :3]
     coloured = lambda im: (im.max(axis=-1) - im.min(axis=-1) > 0.2).mean()  # noqa: E731
     assert coloured(a) > 0.001 and coloured(b) < coloured(a) / 10
+
+
+def test_pipeline_call_style_with_estimate_and_precomputed_metrics(stores, tmp_path):
+    from srdvol.errors import ConfigError
+    from srdvol.metrics import evaluate_stores
+
+    result = evaluate_stores(stores / "noisy", truth=stores / "truth", noisy=stores / "noisy")
+    result["estimate"] = {**result["estimate"], "snr_db": 99.0}  # shown as given, not recomputed
+    png = tmp_path / "p.png"
+    shown = write_report(
+        png, estimate=stores / "noisy", truth=stores / "truth", noisy=None, metrics=result
+    )
+    assert shown["denoised"]["snr_db"] == 99.0 and "noisy" not in shown
+    assert imread(png).shape[:2] == (HEIGHT, WIDTH)
+    with pytest.raises(ConfigError, match="estimate"):
+        write_report(
+            png, estimate=stores / "noisy", denoised=stores / "noisy", truth=stores / "truth"
+        )
+    with pytest.raises(ConfigError, match="no image"):
+        write_report(png, truth=stores / "truth")
