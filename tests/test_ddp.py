@@ -137,3 +137,96 @@ def test_error_in_training_code_reaches_the_caller_unchanged(cluster):
     with pytest.raises(DataError, match="NaN values") as info:
         run_distributed(cluster, _fails_on_rank_1, timeout=30)
     assert info.value.subject == "movie.zarr"
+
+
+# ------------------------------------------------------------------------------ srdvol training
+
+TINY = {"patch": (16, 16, 16), "batch_size": 1, "progress": False, "axes": "tyx", "seed": 3}
+
+
+def _tiny_network():
+    from srdvol.model.network import NetworkConfig
+
+    return NetworkConfig.tiny(16)
+
+
+def _faulty_rank(ctx: DDPContext, *, die_at: int, **plan):
+    """srdvol's rank function, except that rank 1's process dies drawing batch ``die_at``."""
+    import itertools
+
+    from srdvol.ddp import train_rank
+    from srdvol.patches import PatchSampler
+
+    if ctx.rank == 1:
+        original = PatchSampler.sample
+        calls = itertools.count(1)
+
+        def sample(self, *args, **kwargs):
+            if next(calls) == die_at:
+                time.sleep(1.0)  # let rank 0's last reports reach the client first
+                os._exit(1)
+            return original(self, *args, **kwargs)
+
+        PatchSampler.sample = sample
+    return train_rank(ctx, **plan)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from srdvol.model.checkpoint import load_model
+
+    return load_model(path)[0].state_dict()
+
+
+def test_train_distributed_writes_model_and_resumes_exactly_after_a_lost_worker(
+    cluster, tmp_path, make_plain_array
+):
+    from srdvol.ddp import plan_training, train_distributed
+    from srdvol.model.checkpoint import read_record
+    from srdvol.train import state_path
+
+    source, _ = make_plain_array("movie.zarr", shape=(32, 24, 24), dtype="uint16")
+    options = {**TINY, "network": _tiny_network(), "steps": 8, "checkpoint_every": 2}
+
+    # uninterrupted reference run
+    reference = tmp_path / "reference.srdvol"
+    seen: list[Progress] = []
+    record = train_distributed(cluster, source, reference, on_progress=seen.append, **options)
+    assert record.steps == 8
+    assert read_record(reference).steps == 8
+    assert [p.step for p in seen] == list(range(1, 9))
+    assert all(p.samples_per_s > 0 for p in seen)
+    saved = torch.load(state_path(reference), weights_only=True)
+    assert len(saved["ranks"]) == 2
+    assert saved["options"]["world_size"] == 2
+    # the two ranks drew different patches (their streams differ)
+    assert (
+        saved["ranks"][0]["sampler"]["bit_generator"]
+        != saved["ranks"][1]["sampler"]["bit_generator"]
+    )
+
+    # the same run, with rank 1's worker dying while it draws the batch of step 5
+    model = tmp_path / "model.srdvol"
+    plan = plan_training(
+        cluster, source, model, **{k: v for k, v in options.items() if k != "progress"}
+    )
+    workers = plan.pop("workers")
+    with pytest.raises(TrainingInterruptedError) as info:
+        run_distributed(cluster, _faulty_rank, die_at=5, workers=workers, timeout=30, **plan)
+    message = str(info.value)
+    assert "rank 1" in message
+    assert "at step 4 of 8" in message
+    assert f"the last checkpoint is {state_path(model)} (step 4)" in message
+    assert not model.exists()  # only the training state was written
+
+    # the nanny restarts the worker; resuming from rank 0's state ends with the same weights
+    cluster.wait_for_workers(2, timeout=60)
+    after: list[Progress] = []
+    resumed = train_distributed(
+        cluster, source, model, resume=True, on_progress=after.append, **options
+    )
+    assert resumed.steps == 8
+    assert [p.step for p in after] == [5, 6, 7, 8]  # it continued, it did not start again
+    expected, got = _weights(reference), _weights(model)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
