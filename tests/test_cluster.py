@@ -18,7 +18,7 @@ from srdvol.cluster import (
     parse_gpus,
     visible_gpus,
 )
-from srdvol.errors import ClusterError, ConfigError, GPUUnavailableError
+from srdvol.errors import ClusterError, ConfigError, GPUUnavailableError, StoreNotFoundError
 
 
 def _worker_env() -> tuple[str | None, str | None]:
@@ -196,3 +196,60 @@ def test_attach_to_missing_scheduler_file(tmp_path):
     path = tmp_path / "scheduler.json"
     with pytest.raises(ClusterError, match="does not exist"), open_cluster(scheduler=str(path)):
         pytest.fail("connected to nothing")
+
+
+# ------------------------------------------------------------------------------ ModelPlugin
+
+
+def _cached_models() -> list[str]:
+    from srdvol import predict
+
+    return sorted(str(key[0]) for key in predict._CACHE)
+
+
+def _predict_with(model_path: str):
+    import numpy as np
+
+    from srdvol import predict
+
+    before = len(predict._CACHE)
+    patches = np.full((1, 16, 8, 8), 100.0, dtype=np.float32)
+    out = predict.ModelPredictor(model_path, device="cpu")(patches)
+    return before, len(predict._CACHE), out.shape
+
+
+def test_model_plugin_loads_the_model_once_per_worker(monkeypatch, tmp_path):
+    import torch
+
+    from srdvol.cluster import ModelPlugin
+    from srdvol.model.checkpoint import ModelRecord, Normalization, save_model
+    from srdvol.model.network import NetworkConfig, build_network
+
+    config = NetworkConfig.tiny(16)
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.srdvol"
+    record = ModelRecord(
+        network=config,
+        patch=(16, 8, 8),
+        sampling="spatial",
+        normalization=Normalization(mean=100.0, std=10.0),
+    )
+    save_model(path, build_network(config), record)
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with open_cluster(workers=2, threads_per_worker=1, dashboard_address=None) as client:
+        client.wait_for_workers(2, timeout=60)
+        assert list(client.run(_cached_models).values()) == [[], []]
+        client.register_plugin(ModelPlugin(path, device="cpu", threads=1))
+        # loaded on every worker before any task asked for it
+        expected = [str(path.resolve())]
+        assert list(client.run(_cached_models).values()) == [expected, expected]
+        # a task finds it in the cache and adds nothing
+        assert client.submit(_predict_with, str(path), pure=False).result(timeout=120) == (
+            1,
+            1,
+            (1, 16, 8, 8),
+        )
+        # a missing file fails at registration, with srdvol's message, not in the first task
+        with pytest.raises(StoreNotFoundError, match="does not exist"):
+            client.register_plugin(ModelPlugin(tmp_path / "missing.srdvol", device="cpu"))
