@@ -34,6 +34,7 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
+from dask.utils import parse_bytes
 from scipy import ndimage
 
 from srdvol.errors import InputError
@@ -55,6 +56,7 @@ SSIM_SIGMA = 1.5
 _SSIM_TRUNCATE = 3.5
 _SSIM_BORDER = 5
 _K1, _K2 = 0.01, 0.03
+_BLOCK_BYTES = "16MiB"
 
 
 def frame_ssim(estimate: np.ndarray, truth: np.ndarray, *, data_range: float) -> float:
@@ -114,11 +116,19 @@ def _name(array: Any, default: str) -> str:
 
 def _frame_blocks(estimate: da.Array, truth: da.Array) -> tuple[da.Array, da.Array]:
     """Rechunk both arrays identically into blocks of whole (y, x) frames."""
-    nd = truth.ndim
+    truth = _whole_frames(truth)
+    return estimate.rechunk(truth.chunks), truth
+
+
+def _whole_frames(a: da.Array) -> da.Array:
+    """Rechunk into blocks of whole (y, x) frames of at most ~16 MiB (or dask's chunk-size)."""
+    nd = a.ndim
     spec: dict[int, Any] = {nd - 2: -1, nd - 1: -1}
     spec.update({i: "auto" for i in range(nd - 2)})
-    truth = truth.rechunk(spec)
-    return estimate.rechunk(truth.chunks), truth
+    # Small blocks: a reduction holds several float64 temporaries per block and thread.
+    limit = min(parse_bytes(_BLOCK_BYTES), parse_bytes(dask.config.get("array.chunk-size")))
+    with dask.config.set({"array.chunk-size": limit}):
+        return a.rechunk(spec)
 
 
 def _ssim_block(e: np.ndarray, g: np.ndarray, *, data_range: float) -> np.ndarray:
@@ -177,8 +187,8 @@ def cell_traces(image: Any, masks: np.ndarray) -> np.ndarray:
             "give integer labels shaped like one time point of the image",
         )
     n_labels = int(labels.max()) + 1
-    g = a.rechunk({**{i: "auto" for i in range(a.ndim - 2)}, a.ndim - 2: -1, a.ndim - 1: -1})
-    sums = _cell_traces(g.astype(np.float64), labels, n_labels).compute()
+    g = _whole_frames(a.astype(np.float64))
+    sums = _cell_traces(g, labels, n_labels).compute()
     counts = np.bincount(labels.ravel(), minlength=n_labels).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         return sums / counts
