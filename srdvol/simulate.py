@@ -39,7 +39,7 @@ from scipy import ndimage, signal, sparse
 
 from srdvol.errors import ConfigError
 
-__all__ = ["DEFAULT_PHOTONS", "SceneConfig", "SimulationInfo", "render_frames", "simulate"]
+__all__ = ["DEFAULT_PHOTONS", "SceneConfig", "SimulationInfo", "simulate"]
 
 #: Default photon budget: mean photons per pixel and frame at rest (noisy SNR about 2 dB).
 DEFAULT_PHOTONS = 1.0
@@ -128,6 +128,8 @@ class SimulationInfo:
         Noise model (see the module docstring).
     rate_hz, pixel_size_um, seed
         Acquisition rate, pixel size and seed.
+    scene
+        The :class:`SceneConfig` values used, as a dict.
     """
 
     out: str
@@ -363,7 +365,7 @@ def _build_scene(
     return _Scene(zyx, footprints, traces, labels, n_cells, photons / mean_rest)
 
 
-def render_frames(scene: _Scene, t0: int, t1: int, z: int) -> np.ndarray:
+def _render_frames(scene: _Scene, t0: int, t1: int, z: int) -> np.ndarray:
     """Expected photons of frames ``t0:t1`` of plane ``z``, shape (t1 - t0, y, x), float64."""
     _, ny, nx = scene.shape_zyx
     block = scene.footprints[z] @ scene.traces[:, t0:t1]
@@ -389,7 +391,7 @@ def _frame_block(
     """One (1, [1,] y, x) block of the lazy noisy or truth image (used for metadata samples)."""
     loc = block_info[None]["array-location"]
     t, z = loc[0][0], (loc[1][0] if planes else 0)
-    expected = render_frames(scene, t, t + 1, z)[0]
+    expected = _render_frames(scene, t, t + 1, z)[0]
     if kind == "noisy":
         frame: np.ndarray = _noisy_frame(expected, seed=seed, t=t, z=z, cfg=cfg)
     else:
@@ -662,7 +664,7 @@ def simulate(
     step_z = 1 if planes is None else _write_unit(noisy_arr, truth_arr, axis=1)
     for t0, t1 in _slabs(frames, step_t):
         for z0, z1 in _slabs(nz, step_z):
-            expected = np.stack([render_frames(built, t0, t1, z) for z in range(z0, z1)], axis=1)
+            expected = np.stack([_render_frames(built, t0, t1, z) for z in range(z0, z1)], axis=1)
             noisy = np.empty(expected.shape, np.uint16)
             for i in range(t1 - t0):
                 for j in range(z1 - z0):
