@@ -7,6 +7,7 @@ Heavy modules are imported inside the commands so ``srdvol --help`` stays fast.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -280,6 +281,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``srdvol`` console script."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    # Dask's INFO logs (worker start/stop, plugins) would bury srdvol's own output; worker
+    # processes read this from the environment. An explicit user setting wins.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if debug else "warning")
     try:
         app(args=args, prog_name="srdvol", standalone_mode=False)
     except SrdvolError as exc:

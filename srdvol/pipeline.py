@@ -215,7 +215,9 @@ def run_train(
 
 
 def _ledger_path(out: str | os.PathLike[str]) -> str:
-    return os.fspath(out).rstrip("/") + "/srdvol-ledger.json"
+    """The resume ledger lives inside the level-0 array's folder: a Zarr group listing would
+    warn about a foreign file at the group level, and ``--overwrite`` removes it with the data."""
+    return os.fspath(out).rstrip("/") + "/s0/.srdvol-ledger.json"
 
 
 def _check_output_free(out: str | os.PathLike[str], *, run_id: str, overwrite: bool) -> None:
@@ -292,7 +294,7 @@ def run_predict(
     )
     with open_cluster(**dict(cluster or {})) as client:
         _say(f"dashboard: {dashboard_link(client)}")
-        client.register_plugin(ModelPlugin(os.fspath(model), autocast=_autocast(autocast)))
+        client.register_plugin(ModelPlugin(os.fspath(model)))
         with rich_progress() as bar:
             report = write(
                 lazy, target, ledger=_ledger_path(out), run_id=run_id, client=client, progress=bar
