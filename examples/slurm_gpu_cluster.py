@@ -1,0 +1,48 @@
+"""Denoise on a SLURM cluster with dask-jobqueue: one GPU per job, one Dask worker per GPU.
+
+Not run in CI (it needs SLURM); install with ``pip install "srdvol[jobqueue]"``. Each job asks
+SLURM for one GPU (``--gres=gpu:1``); SLURM sets ``CUDA_VISIBLE_DEVICES`` inside the job, and the
+worker advertises the resource ``GPU=1`` so srdvol places exactly one training rank or prediction
+task on each GPU. The model file and the stores must be on a file system every node sees.
+
+    python examples/slurm_gpu_cluster.py /shared/in.zarr /shared/out.zarr --jobs 8
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from srdvol.cli import main as srdvol
+
+
+def main() -> None:
+    """Start the SLURM cluster, then run ``srdvol denoise`` against its scheduler."""
+    from dask_jobqueue import SLURMCluster
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("input")
+    parser.add_argument("output")
+    parser.add_argument("--jobs", type=int, default=4, help="GPU jobs (= Dask workers)")
+    parser.add_argument("--partition", default="gpu")
+    parser.add_argument("--walltime", default="04:00:00")
+    args = parser.parse_args()
+
+    cluster = SLURMCluster(
+        queue=args.partition,
+        cores=8,  # CPU cores per job: decompression and data loading for one GPU
+        processes=1,  # one worker process per job, so one worker per GPU
+        memory="64GB",
+        walltime=args.walltime,
+        job_extra_directives=["--gres=gpu:1"],
+        worker_extra_args=["--resources", "GPU=1", "--nthreads", "1"],
+    )
+    cluster.scale(jobs=args.jobs)
+    print(f"dashboard: {cluster.dashboard_link}")
+    try:
+        srdvol(["denoise", args.input, args.output, "--scheduler", cluster.scheduler_address])
+    finally:
+        cluster.close()
+
+
+if __name__ == "__main__":
+    main()
