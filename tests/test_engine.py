@@ -275,3 +275,26 @@ def test_nan_block_error_travels_back_from_worker(tmp_path, client):
                    patch=(16, 4, 4), chunks=out.chunks, block=(16, 8, 8))
     with pytest.raises(BlockDataError, match=r"block \(0, 0, 1\) \(t=0:16, y=0:8, x=8:16\)"):
         write(lazy, out, client=client, ledger=tmp_path / "l.json")
+
+
+# --- with the real reader and output writer ---------------------------------------------------
+
+def test_open_image_denoise_write_roundtrip(tmp_path, make_image):
+    from ome_zarr_models import v05
+
+    from srdvol.io import open_image
+    from srdvol.output import create_output
+
+    path, data = make_image(axes="tzyx", shape=(20, 2, 24, 20), dtype="uint16",
+                            chunks=(4, 1, 8, 10))
+    image = open_image(path)
+    out_path = tmp_path / "out.zarr"
+    out = create_output(out_path, like=image, provenance={"patch": [16, 8, 8]},
+                        chunks={"t": 4, "y": 8, "x": 10})
+    lazy = denoise(image, AffineModel(2, 1), patch=(16, 8, 8), chunks=out.chunks)
+    assert lazy.dims == image.dims
+    report = write(lazy, out, ledger=out_path / "srdvol_ledger.json", run_id="r1")
+    assert report.computed == int(np.prod(lazy.data.numblocks))
+    np.testing.assert_allclose(out[...], 2 * data.astype(np.float32) + 1, rtol=2e-6)
+    v05.Image.from_zarr(zarr.open_group(str(out_path), mode="r"))  # ledger file is harmless
+    np.testing.assert_allclose(open_image(out_path).values, out[...])

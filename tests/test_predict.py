@@ -164,3 +164,29 @@ def test_model_predictor_patch_mismatch(fake_checkpoint):
 def test_model_predictor_missing_file(fake_checkpoint, tmp_path):
     with pytest.raises(StoreNotFoundError, match="does not exist"):
         ModelPredictor(tmp_path / "nope", device="cpu")(np.zeros((1, 16, 4, 4), np.float32))
+
+
+def test_model_predictor_with_a_real_model_file(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from srdvol.model.checkpoint import ModelRecord, Normalization, save_model
+    from srdvol.model.network import NetworkConfig, build_network
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    monkeypatch.setattr(predict, "_CACHE", {})
+    record = ModelRecord(network=NetworkConfig.tiny(patch_t=16), patch=(16, 16, 16),
+                         sampling="spatial", normalization=Normalization(mean=100.0, std=10.0))
+    network = build_network(record.network).eval()
+    path = tmp_path / "tiny.srdvol"
+    save_model(path, network, record)
+    x = np.random.default_rng(0).normal(100, 10, size=(2, 16, 16, 16)).astype(np.float32)
+    with torch.inference_mode():
+        want = network(torch.from_numpy((x - 100) / 10)[:, None])[:, 0].numpy() * 10 + 100
+    got = ModelPredictor(path, device="cpu")(x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+    assert ModelPredictor(path, device="cpu").patch == {"t": 16, "y": 16, "x": 16}
+    # Through the whole-array path: finite, same shape, in input units.
+    movie = np.random.default_rng(1).normal(100, 10, size=(16, 20, 20)).astype(np.float32)
+    out = predict_array(movie, ModelPredictor(path, device="cpu"), patch=(16, 16, 16))
+    assert out.shape == movie.shape and np.isfinite(out).all()
+    assert abs(float(out.mean()) - 100) < 50
