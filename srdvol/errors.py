@@ -21,6 +21,7 @@ __all__ = [
     "OutputPathError",
     "SrdvolError",
     "StoreNotFoundError",
+    "TrainingInterruptedError",
     "UnsupportedDtypeError",
 ]
 
