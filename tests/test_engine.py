@@ -34,17 +34,17 @@ def noisy(shape, seed=0):
 
 
 @given(
-    t=st.integers(16, 36), y=st.integers(2, 24), x=st.integers(2, 24),
+    t=st.integers(16, 36), z=st.integers(1, 2), y=st.integers(2, 24), x=st.integers(2, 24),
     ct=st.integers(2, 12), cy=st.integers(1, 10), cx=st.integers(1, 10),
     pt=st.integers(1, 20), py=st.integers(1, 12), px=st.integers(1, 12),
     bt=st.integers(1, 30), by=st.integers(1, 20), bx=st.integers(1, 20),
     overlap=st.floats(0, 0.8), kind=st.sampled_from(["tent", "cos2"]),
 )
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_affine_known_answer_any_blocks(t, y, x, ct, cy, cx, pt, py, px, bt, by, bx, overlap,
+def test_affine_known_answer_any_blocks(t, z, y, x, ct, cy, cx, pt, py, px, bt, by, bx, overlap,
                                         kind):
-    arr = noisy((t, y, x), seed=t + y + x)
-    lazy = denoise(da.from_array(arr, chunks=(ct, cy, cx)), AffineModel(2, 1), dims="tyx",
+    arr = noisy((t, z, y, x), seed=t + y + x)
+    lazy = denoise(da.from_array(arr, chunks=(ct, 1, cy, cx)), AffineModel(2, 1), dims="tzyx",
                    patch=(pt, py, px), overlap=overlap, block=(bt, by, bx), window=kind)
     out = lazy.compute(scheduler="sync")
     assert out.dtype == np.float32
@@ -147,6 +147,20 @@ def test_writer_threads_resume_and_wave(tmp_path):
     assert (again.computed, again.skipped) == (0, total)
     with pytest.raises(OutputExistsError, match="other parameters"):
         write(lazy, out, ledger=ledger, run_id="another run")
+
+
+def test_rich_progress_bar_reports_blocks(tmp_path, capsys):
+    from srdvol.engine import rich_progress
+
+    arr = noisy((16, 8, 16))
+    out = make_output(tmp_path / "o.zarr", arr.shape, (16, 8, 8))
+    lazy = denoise(arr, AffineModel(), dims="tyx", patch=(16, 4, 4), chunks=(16, 8, 8),
+                   block=(16, 8, 8))
+    with rich_progress("testing") as bar:
+        report = write(lazy, out, progress=bar)
+    assert report.computed == 2
+    text = capsys.readouterr().out
+    assert "testing" in text and "2/2 blocks" in text and "Mvox/s" in text
 
 
 def test_writer_refuses_unaligned_blocks(tmp_path):
