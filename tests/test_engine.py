@@ -173,6 +173,20 @@ def test_writer_refuses_unaligned_blocks(tmp_path):
     assert not np.any(out[...])  # nothing was written
 
 
+def test_writer_aligns_to_shards(tmp_path):
+    arr = noisy((32, 16, 16))
+    out = zarr.create_array(str(tmp_path / "s.zarr"), shape=arr.shape, chunks=(8, 4, 4),
+                            shards=(16, 8, 8), dtype="float32")
+    chunk_aligned = denoise(arr, AffineModel(2, 1), dims="tyx", patch=(16, 4, 4),
+                            chunks=out.chunks, block=(8, 4, 4))
+    with pytest.raises(ConfigError, match="chunks/shards"):
+        write(chunk_aligned, out)
+    lazy = denoise(arr, AffineModel(2, 1), dims="tyx", patch=(16, 4, 4), chunks=out.shards,
+                   block=(8, 4, 4))
+    assert write(lazy, out, threads=2, wave=4).computed == 8
+    np.testing.assert_allclose(out[...], 2 * arr + 1, rtol=2e-6)
+
+
 def test_writer_integer_output_rounds_and_clips(tmp_path):
     arr = np.linspace(0, 200, 16 * 4 * 4, dtype=np.float32).reshape(16, 4, 4)
     out = make_output(tmp_path / "o.zarr", arr.shape, (16, 4, 4), dtype="uint8")
