@@ -388,6 +388,9 @@ def train(
     axes: str | None = None,
     channel: int | None = None,
     stop_after: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
 ) -> Any:
     """Train an SRDTrans model on a noisy image without clean data and write the model file.
 
@@ -426,6 +429,12 @@ def train(
         Passed to :func:`srdvol.io.open_image` when ``source`` is a path.
     stop_after
         Stop after this many steps in total (checkpointed, resumable), e.g. to fit a time slot.
+    rank, world_size, wrap
+        For distributed training (:mod:`srdvol.ddp`): call ``train`` on every rank after
+        ``torch.distributed.init_process_group``, with ``wrap`` returning the
+        ``DistributedDataParallel`` module. Every rank draws its own patches and pairs; at each
+        checkpoint the ranks' random-stream states are gathered (``all_gather_object``) and only
+        rank 0 writes the state and the model. Single process: leave the defaults.
 
     Returns
     -------
@@ -441,7 +450,9 @@ def train(
     OutputExistsError
         The model (or its state) exists and neither ``resume`` nor ``overwrite`` is set.
     """
-    patch = tuple(int(v) for v in (patch or DEFAULT_PATCH))  # type: ignore[assignment]
+    if patch is None:
+        patch = DEFAULT_PATCH if network is None else (network.patch_t, *DEFAULT_PATCH[1:])
+    patch = tuple(int(v) for v in patch)  # type: ignore[assignment]
     steps = int(steps or DEFAULT_STEPS)
     batch_size = int(batch_size or DEFAULT_BATCH_SIZE)
     lr = float(lr or DEFAULT_LR)
@@ -481,11 +492,14 @@ def train(
         "batch_size": batch_size,
         "lr": lr,
         "seed": seed,
+        "world_size": world_size,
         "network": config.model_dump(mode="json"),
     }
     if saved is not None:
         _check_resume(saved["options"], options, state_file)
         stats = Statistics.from_dict(saved["stats"])
+    elif rank == 0 and state_file.exists():
+        state_file.unlink()  # --overwrite: never resume a replaced run's state later
 
     torch_device = resolve_device(device)
     with _reproducible(seed, torch_device):
@@ -498,26 +512,33 @@ def train(
             steps=steps,
             seed=seed,
             device=torch_device,
+            rank=rank,
+            world_size=world_size,
+            wrap=wrap,
         )
-        sampler = PatchSampler(image, patch=read, seed=seed, batch_size=batch_size)
+        sampler = PatchSampler(
+            image, patch=read, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size
+        )
         losses: list[float] = []
         if saved is not None:
             trainer.load_state_dict(saved["trainer"])
-            sampler.load_state_dict(saved["sampler"])
+            _load_streams(saved["ranks"][rank], trainer, sampler)
             losses = list(saved["losses"])
-            log.info("resuming %s at step %d of %d", model_file, trainer.step_count, steps)
+            if rank == 0:
+                log.info("resuming %s at step %d of %d", model_file, trainer.step_count, steps)
 
         def checkpoint(step: int) -> None:
-            _save_state(
-                state_file,
-                {
-                    "options": options,
-                    "stats": stats.to_dict(),
-                    "trainer": trainer.state_dict(),
-                    "sampler": sampler.state_dict(),
-                    "losses": losses,
-                },
-            )
+            streams = _gather(_streams(trainer, sampler), world_size)
+            if rank != 0:
+                return
+            state = {
+                "options": options,
+                "stats": stats.to_dict(),
+                "trainer": trainer.state_dict(),
+                "ranks": streams,
+                "losses": losses,
+            }
+            _save_state(state_file, state)
 
         run_loop(
             trainer,
@@ -526,12 +547,39 @@ def train(
             checkpoint_every=checkpoint_every,
             on_checkpoint=checkpoint,
             stop_after=stop_after,
-            progress=progress,
+            progress=progress and rank == 0,
             losses=losses,
         )
     record = _record(config, patch, sampling, stats, image, trainer, seed, losses, options)
-    _write_model(model_file, trainer.network, record)
+    if rank == 0:
+        _write_model(model_file, trainer.network, record)
     return record
+
+
+def _streams(trainer: Trainer, sampler: PatchSampler) -> dict[str, Any]:
+    """This rank's random streams: patch positions, pairs/augmentation, torch's global RNG."""
+    return {
+        "sampler": sampler.state_dict(),
+        "generator": trainer.generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
+def _load_streams(streams: dict[str, Any], trainer: Trainer, sampler: PatchSampler) -> None:
+    sampler.load_state_dict(streams["sampler"])
+    trainer.generator.set_state(streams["generator"])
+    torch.set_rng_state(streams["torch_rng"])
+
+
+def _gather(streams: dict[str, Any], world_size: int) -> list[dict[str, Any]]:
+    """Collect every rank's streams (a collective call in a distributed run)."""
+    if world_size == 1:
+        return [streams]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, streams)
+    return gathered
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:

@@ -259,3 +259,47 @@ def test_learning_rate_schedule() -> None:
     assert max(factors) == pytest.approx(1.0)
     assert factors[-1] == pytest.approx(0.1, abs=0.01)
     assert all(a >= b for a, b in itertools.pairwise(factors[5:]))
+
+
+def _ddp_worker(rank: int, root: str, noisy: str, name: str, extra: dict[str, Any]) -> None:
+    """One rank of a 2-process gloo run that trains through the DDP hook of train()."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{root}/rendezvous-{name}", rank=rank, world_size=2
+    )
+    try:
+        train(
+            noisy,
+            Path(root) / name,
+            steps=4,
+            checkpoint_every=2,
+            rank=rank,
+            world_size=2,
+            wrap=DistributedDataParallel,
+            device="cpu",
+            **{**QUICK, **extra},
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_distributed_hook_trains_and_resumes_exactly(
+    movie: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import torch.multiprocessing as mp
+
+    noisy = str(movie[0])
+    root = str(tmp_path)
+    mp.spawn(_ddp_worker, args=(root, noisy, "full", {}), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(root, noisy, "part", {"stop_after": 2}), nprocs=2, join=True)
+    state = torch.load(state_path(tmp_path / "part"), weights_only=True)
+    assert state["trainer"]["step"] == 2
+    assert len(state["ranks"]) == 2
+    assert state["ranks"][0]["sampler"] != state["ranks"][1]["sampler"]
+    mp.spawn(_ddp_worker, args=(root, noisy, "part", {"resume": True}), nprocs=2, join=True)
+    assert_same_weights(tmp_path / "full", tmp_path / "part")
+    assert read_record(tmp_path / "full").steps == 4
