@@ -508,6 +508,9 @@ def _attach(scheduler: str, *, timeout: float) -> Iterator[Client]:
             "to start a local cluster",
         ) from exc
     try:
-        yield client
+        # Not the process-wide default (the caller may have its own), but current inside this
+        # context, so dask/distributed helpers that look for "the" client find this one.
+        with client.as_current():
+            yield client
     finally:
         client.close()

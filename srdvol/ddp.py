@@ -306,7 +306,8 @@ def _supervise(
         failed = [r for r, f in enumerate(futures) if f.status in ("error", "cancelled")]
         if lost or failed:
             _fail(client, futures, ranks, events, watch, on_progress, lost)
-        with contextlib.suppress(TimeoutError):
+        # ``wait`` looks for a default client; an attached client is deliberately not one.
+        with contextlib.suppress(TimeoutError), client.as_current():
             wait(futures, timeout=_POLL, return_when="FIRST_COMPLETED")
             time.sleep(_POLL)  # some ranks may be done: do not spin on them
 

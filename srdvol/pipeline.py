@@ -290,7 +290,7 @@ def run_predict(
     predictor = ModelPredictor(model, patch=patch, autocast=_autocast(autocast))
     lazy = denoise(
         image, predictor, patch=patch, overlap=overlap, block=block, window=window,
-        chunks=target.chunks,
+        chunks=getattr(target, "shards", None) or target.chunks,
     )
     with open_cluster(**dict(cluster or {})) as client:
         _say(f"dashboard: {dashboard_link(client)}")
