@@ -29,12 +29,24 @@ def run(workdir: Path, *, steps: int = 30) -> None:
     noisy, truth = workdir / "noisy.zarr", workdir / "truth.zarr"
     model, out = workdir / "model.safetensors", workdir / "denoised.zarr"
     srdvol(["simulate", str(noisy), "--truth", str(truth), "--frames", "32", "--size", "64", "64"])
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster:
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster:
         address = cluster.scheduler_address
         print(f"scheduler running at {address}")
-        srdvol(["train", str(noisy), str(model), "--patch", "16,32,32", "--steps", str(steps),
-                "--scheduler", address])
+        srdvol(
+            [
+                "train",
+                str(noisy),
+                str(model),
+                "--patch",
+                "16,32,32",
+                "--steps",
+                str(steps),
+                "--scheduler",
+                address,
+            ]
+        )
         srdvol(["predict", str(noisy), str(out), "--model", str(model), "--scheduler", address])
     srdvol(["evaluate", str(out), "--truth", str(truth), "--noisy", str(noisy)])
 

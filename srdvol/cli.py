@@ -31,13 +31,18 @@ app = typer.Typer(
 console = Console(stderr=True, highlight=False)
 
 
-def _load_config(ctx: typer.Context, _param: typer.CallbackParam, value: Path | None) -> Path | None:
+def _load_config(
+    ctx: typer.Context, _param: typer.CallbackParam, value: Path | None
+) -> Path | None:
     """Eager ``--config`` callback: the file's values become this command's defaults."""
     if value is not None:
         options = load_config_file(value, command=ctx.info_name or "")
         defaults = config_defaults(options)
         known = {p.name for p in ctx.command.params}
-        ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in defaults.items() if k in known}}
+        ctx.default_map = {
+            **(ctx.default_map or {}),
+            **{k: v for k, v in defaults.items() if k in known},
+        }
     return value
 
 
@@ -51,27 +56,56 @@ ConfigOpt = Annotated[
         callback=_load_config,
     ),
 ]
-PatchOpt = Annotated[str | None, typer.Option("--patch", help="Patch size T,Y,X (T a multiple of 16).")]
-OverlapOpt = Annotated[float, typer.Option("--overlap", min=0.0, max=0.95, help="Patch overlap fraction.")]
-BlockOpt = Annotated[str | None, typer.Option("--block", help="Processing block T,Y,X (default: from chunks and memory).")]
-WindowOpt = Annotated[Window, typer.Option("--window", help="Blending window of overlapping patches.")]
-SamplingOpt = Annotated[Sampling, typer.Option("--sampling", help="Training pairs: spatial, temporal or auto.")]
+PatchOpt = Annotated[
+    str | None, typer.Option("--patch", help="Patch size T,Y,X (T a multiple of 16).")
+]
+OverlapOpt = Annotated[
+    float, typer.Option("--overlap", min=0.0, max=0.95, help="Patch overlap fraction.")
+]
+BlockOpt = Annotated[
+    str | None,
+    typer.Option("--block", help="Processing block T,Y,X (default: from chunks and memory)."),
+]
+WindowOpt = Annotated[
+    Window, typer.Option("--window", help="Blending window of overlapping patches.")
+]
+SamplingOpt = Annotated[
+    Sampling, typer.Option("--sampling", help="Training pairs: spatial, temporal or auto.")
+]
 StepsOpt = Annotated[int | None, typer.Option("--steps", min=1, help="Training steps.")]
-BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1, help="Patches per step (per worker).")]
+BatchOpt = Annotated[
+    int | None, typer.Option("--batch-size", min=1, help="Patches per step (per worker).")
+]
 LrOpt = Annotated[float | None, typer.Option("--lr", help="Learning rate.")]
-SchedulerOpt = Annotated[str | None, typer.Option("--scheduler", help="Address of a running Dask scheduler.")]
-WorkersOpt = Annotated[int | None, typer.Option("--workers", min=1, help="Local CPU worker processes.")]
-GpusOpt = Annotated[str | None, typer.Option("--gpus", help="GPUs: all (default when present), none, or 0,1.")]
+SchedulerOpt = Annotated[
+    str | None, typer.Option("--scheduler", help="Address of a running Dask scheduler.")
+]
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", min=1, help="Local CPU worker processes.")
+]
+GpusOpt = Annotated[
+    str | None, typer.Option("--gpus", help="GPUs: all (default when present), none, or 0,1.")
+]
 DashboardOpt = Annotated[str, typer.Option("--dashboard-address", help="Dask dashboard address.")]
 LevelOpt = Annotated[int, typer.Option("--level", min=0, help="Multiscale level to read.")]
 ChannelOpt = Annotated[int | None, typer.Option("--channel", min=0, help="Only this channel.")]
-AxesOpt = Annotated[str | None, typer.Option("--axes", help="Axes of a plain Zarr array, e.g. tzyx.")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an output of another run.")]
+AxesOpt = Annotated[
+    str | None, typer.Option("--axes", help="Axes of a plain Zarr array, e.g. tzyx.")
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an output of another run.")
+]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="Output dtype: float32, or input (round and clip).")]
-NgffOpt = Annotated[str, typer.Option("--ngff", help="Output NGFF version: 0.5 (Zarr v3) or 0.4 (Zarr v2).")]
+DtypeOpt = Annotated[
+    str, typer.Option("--dtype", help="Output dtype: float32, or input (round and clip).")
+]
+NgffOpt = Annotated[
+    str, typer.Option("--ngff", help="Output NGFF version: 0.5 (Zarr v3) or 0.4 (Zarr v2).")
+]
 ModelOpt = Annotated[Path | None, typer.Option("--model", help="A trained srdvol model file.")]
-AutocastOpt = Annotated[str, typer.Option("--autocast", help="bf16 autocast: auto (on for CUDA), on, off.")]
+AutocastOpt = Annotated[
+    str, typer.Option("--autocast", help="bf16 autocast: auto (on for CUDA), on, off.")
+]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted training.")]
 
 
@@ -117,7 +151,9 @@ def info(
     from srdvol import pipeline
 
     text = pipeline.info_text(
-        source, patch=_triple(patch, "--patch"), block=_triple(block, "--block"),
+        source,
+        patch=_triple(patch, "--patch"),
+        block=_triple(block, "--block"),
         **_read_options(level, channel, axes),
     )
     typer.echo(text)
@@ -128,10 +164,14 @@ def simulate(
     out: Annotated[str, typer.Argument(metavar="OUT", help="Noisy OME-Zarr to write.")],
     truth: Annotated[str, typer.Option("--truth", help="Ground-truth OME-Zarr to write.")],
     frames: Annotated[int, typer.Option("--frames", min=16, help="Frames (time points).")] = 128,
-    planes: Annotated[int | None, typer.Option("--planes", min=1, help="z planes (omit for T,Y,X).")] = None,
+    planes: Annotated[
+        int | None, typer.Option("--planes", min=1, help="z planes (omit for T,Y,X).")
+    ] = None,
     size: Annotated[tuple[int, int], typer.Option("--size", help="Frame size Y X.")] = (128, 128),
     rate_hz: Annotated[float, typer.Option("--rate-hz", help="Volume rate in Hz.")] = 0.3,
-    photons: Annotated[float | None, typer.Option("--photons", help="Photon budget (see docs).")] = None,
+    photons: Annotated[
+        float | None, typer.Option("--photons", help="Photon budget (see docs).")
+    ] = None,
     seed: SeedOpt = 0,
     overwrite: OverwriteOpt = False,
     config: ConfigOpt = None,
@@ -140,8 +180,15 @@ def simulate(
     from srdvol import pipeline
 
     pipeline.run_simulate(
-        out, truth=truth, frames=frames, planes=planes, size=size, rate_hz=rate_hz,
-        photons=photons, seed=seed, overwrite=overwrite,
+        out,
+        truth=truth,
+        frames=frames,
+        planes=planes,
+        size=size,
+        rate_hz=rate_hz,
+        photons=photons,
+        seed=seed,
+        overwrite=overwrite,
     )
 
 
@@ -149,8 +196,12 @@ def simulate(
 def evaluate(
     out: Annotated[str, typer.Argument(metavar="OUT", help="Denoised (or any) OME-Zarr image.")],
     truth: Annotated[str, typer.Option("--truth", help="Ground-truth OME-Zarr image.")],
-    noisy: Annotated[str | None, typer.Option("--noisy", help="Noisy input, for the report.")] = None,
-    report: Annotated[Path | None, typer.Option("--report", help="Write a PNG figure here.")] = None,
+    noisy: Annotated[
+        str | None, typer.Option("--noisy", help="Noisy input, for the report.")
+    ] = None,
+    report: Annotated[
+        Path | None, typer.Option("--report", help="Write a PNG figure here.")
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """SNR, PSNR, SSIM and correlations of OUT against the ground truth."""
@@ -183,8 +234,15 @@ def train(
     from srdvol import pipeline
 
     pipeline.run_train(
-        source, model, patch=_triple(patch, "--patch"), sampling=sampling.value, steps=steps,
-        batch_size=batch_size, lr=lr, seed=seed, resume=resume,
+        source,
+        model,
+        patch=_triple(patch, "--patch"),
+        sampling=sampling.value,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        resume=resume,
         cluster=_cluster_options(scheduler, workers, gpus, dashboard_address),
         read=_read_options(level, channel, axes),
     )
@@ -198,7 +256,7 @@ def predict(
     patch: PatchOpt = None,
     overlap: OverlapOpt = 0.25,
     block: BlockOpt = None,
-    window: WindowOpt = Window.tent,
+    window: WindowOpt = Window.TENT,
     dtype: DtypeOpt = "float32",
     ngff: NgffOpt = "0.5",
     autocast: AutocastOpt = "auto",
@@ -216,9 +274,18 @@ def predict(
     from srdvol import pipeline
 
     pipeline.run_predict(
-        source, out, model=model, patch=_triple(patch, "--patch"), overlap=overlap,
-        block=_triple(block, "--block"), window=window.value, dtype=dtype, ngff=ngff,
-        autocast=autocast, overwrite=overwrite, cluster=_cluster_options(scheduler, workers, gpus, dashboard_address),
+        source,
+        out,
+        model=model,
+        patch=_triple(patch, "--patch"),
+        overlap=overlap,
+        block=_triple(block, "--block"),
+        window=window.value,
+        dtype=dtype,
+        ngff=ngff,
+        autocast=autocast,
+        overwrite=overwrite,
+        cluster=_cluster_options(scheduler, workers, gpus, dashboard_address),
         read=_read_options(level, channel, axes),
     )
 
@@ -231,7 +298,7 @@ def denoise(
     patch: PatchOpt = None,
     overlap: OverlapOpt = 0.25,
     block: BlockOpt = None,
-    window: WindowOpt = Window.tent,
+    window: WindowOpt = Window.TENT,
     sampling: SamplingOpt = Sampling.spatial,
     steps: StepsOpt = None,
     batch_size: BatchOpt = None,
@@ -254,19 +321,32 @@ def denoise(
     from srdvol import pipeline
 
     pipeline.run_denoise(
-        source, out, model=model, patch=_triple(patch, "--patch"), overlap=overlap,
-        block=_triple(block, "--block"), window=window.value, sampling=sampling.value,
-        steps=steps, batch_size=batch_size, lr=lr, seed=seed, dtype=dtype, ngff=ngff,
-        autocast=autocast, overwrite=overwrite, cluster=_cluster_options(scheduler, workers, gpus, dashboard_address),
+        source,
+        out,
+        model=model,
+        patch=_triple(patch, "--patch"),
+        overlap=overlap,
+        block=_triple(block, "--block"),
+        window=window.value,
+        sampling=sampling.value,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        dtype=dtype,
+        ngff=ngff,
+        autocast=autocast,
+        overwrite=overwrite,
+        cluster=_cluster_options(scheduler, workers, gpus, dashboard_address),
         read=_read_options(level, channel, axes),
     )
 
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option("--workdir", help="Folder for the demo's stores.")] = Path(
-        "demo-output"
-    ),
+    workdir: Annotated[
+        Path, typer.Option("--workdir", help="Folder for the demo's stores.")
+    ] = Path("demo-output"),
     steps: StepsOpt = None,
     workers: WorkersOpt = None,
     config: ConfigOpt = None,

@@ -36,6 +36,7 @@ __all__ = [
     "gpu_worker_spec",
     "open_cluster",
     "parse_gpus",
+    "resolve_gpus",
     "visible_gpus",
 ]
 
@@ -122,8 +123,14 @@ def parse_gpus(text: str | None) -> GPUChoice:
     return ids
 
 
-def _resolve_gpus(gpus: GPUChoice) -> list[int]:
-    """Turn a ``gpus=`` choice into the device ids to start workers on (``[]`` for CPU)."""
+def resolve_gpus(gpus: GPUChoice) -> list[int]:
+    """Turn a ``gpus=`` choice into the device ids to start workers on (``[]`` for CPU).
+
+    Raises
+    ------
+    GPUUnavailableError
+        If GPUs are asked for that this machine does not show.
+    """
     present = visible_gpus()
     if gpus is None or gpus == "auto":
         return present
@@ -469,7 +476,7 @@ def _local_spec(
 ) -> dict[str, dict[str, Any]]:
     if workers is not None and workers < 1:
         raise ConfigError("--workers", f"{workers} workers is not possible", "give 1 or more")
-    ids = _resolve_gpus(gpus)
+    ids = resolve_gpus(gpus)
     if ids:
         if workers is not None:
             if workers > len(ids):

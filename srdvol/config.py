@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from srdvol.errors import ConfigError
+from srdvol.tiling import Window
 
 __all__ = [
     "COMMANDS",
@@ -42,19 +43,12 @@ __all__ = [
 COMMANDS = ("denoise", "train", "predict", "simulate", "evaluate", "info", "demo")
 
 
-class Sampling(str, enum.Enum):
+class Sampling(enum.StrEnum):
     """How training pairs are drawn from noisy data."""
 
     spatial = "spatial"
     temporal = "temporal"
     auto = "auto"
-
-
-class Window(str, enum.Enum):
-    """Blending window of overlapping patches."""
-
-    tent = "tent"
-    cos2 = "cos2"
 
 
 def parse_triple(value: str | Sequence[int], *, option: str = "--patch") -> tuple[int, int, int]:

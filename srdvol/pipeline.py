@@ -119,7 +119,9 @@ def info_text(
         f"  train      patch {tuple(sizes.values())} (t, y, x), spatial-redundancy sampling",
         f"  predict    blocks {plan.block_shape} on lattice stride {tuple(plan.stride.values())}, "
         f"halo {plan.depth}: {math.prod(plan.nblocks)} blocks",
-        f"  workers    {len(gpus)} GPU worker(s) {gpus}" if gpus else "  workers    CPU workers (no GPU visible)",
+        f"  workers    {len(gpus)} GPU worker(s) {gpus}"
+        if gpus
+        else "  workers    CPU workers (no GPU visible)",
         f"  write      float32 OME-Zarr {_bytes(4 * math.prod(shape))} at level 0, plus a pyramid",
     ]
     return "\n".join(lines)
@@ -129,7 +131,9 @@ def _format_axes(values: Mapping[str, Any] | None, units: Mapping[str, Any] | No
     if not values:
         return "-"
     units = units or {}
-    return ", ".join(f"{a}={v:g}{' ' + units[a] if units.get(a) else ''}" for a, v in values.items())
+    return ", ".join(
+        f"{a}={v:g}{' ' + units[a] if units.get(a) else ''}" for a, v in values.items()
+    )
 
 
 def _bytes(n: float) -> str:
@@ -274,26 +278,46 @@ def run_predict(
     patch = patch or tuple(record.patch)
     sample_statistics(image)  # NaN/Inf in the data stop the run before anything is written
     params = {
-        "patch": list(patch), "overlap": overlap, "block": list(block) if block else None,
-        "window": window, "dtype": dtype, "ngff": ngff, **read,
+        "patch": list(patch),
+        "overlap": overlap,
+        "block": list(block) if block else None,
+        "window": window,
+        "dtype": dtype,
+        "ngff": ngff,
+        **read,
     }
     record_of_run = {
-        "command": "predict", "input": os.fspath(source), "parameters": params,
-        "model": os.path.abspath(os.fspath(model)), "model_sha256": model_checksum(model),
+        "command": "predict",
+        "input": os.fspath(source),
+        "parameters": params,
+        "model": os.path.abspath(os.fspath(model)),
+        "model_sha256": model_checksum(model),
         **dict(provenance or {}),
     }
     out_dtype = str(image.dtype) if dtype == "input" else dtype
-    target = create_output(
-        out, like=image, dtype=out_dtype, ngff=ngff, provenance=record_of_run, overwrite=overwrite
-    )
-    run_id = str(target.attrs.get("srdvol", {}).get("run_id", "")) or _run_id_of(out)
-    predictor = ModelPredictor(model, patch=patch, autocast=_autocast(autocast))
-    lazy = denoise(
-        image, predictor, patch=patch, overlap=overlap, block=block, window=window,
-        chunks=getattr(target, "shards", None) or target.chunks,
-    )
+    # The cluster starts (or is reached) before the output is created, so an unreachable
+    # scheduler or a missing GPU leaves nothing behind.
     with open_cluster(**dict(cluster or {})) as client:
         _say(f"dashboard: {dashboard_link(client)}")
+        target = create_output(
+            out,
+            like=image,
+            dtype=out_dtype,
+            ngff=ngff,
+            provenance=record_of_run,
+            overwrite=overwrite,
+        )
+        run_id = str(target.attrs.get("srdvol", {}).get("run_id", ""))
+        predictor = ModelPredictor(model, patch=patch, autocast=_autocast(autocast))
+        lazy = denoise(
+            image,
+            predictor,
+            patch=patch,
+            overlap=overlap,
+            block=block,
+            window=window,
+            chunks=getattr(target, "shards", None) or target.chunks,
+        )
         client.register_plugin(ModelPlugin(os.fspath(model)))
         with rich_progress() as bar:
             report = write(
@@ -305,12 +329,6 @@ def run_predict(
         f"{report.seconds:.1f} s"
     )
     return report
-
-
-def _run_id_of(out: str | os.PathLike[str]) -> str:
-    from srdvol.output import read_provenance
-
-    return str((read_provenance(out) or {}).get("run_id", ""))
 
 
 def _autocast(value: str | bool) -> str | bool:
@@ -344,22 +362,63 @@ def run_denoise(
     read = dict(read or {})
     image = _open_input(source, read)
     check_output_path(out, source)
-    training = {"sampling": sampling, "steps": steps, "batch_size": batch_size, "lr": lr,
-                "seed": seed, "patch": list(patch) if patch else None}
+    _check_cluster_options(cluster or {})
+    training = {
+        "sampling": sampling,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "patch": list(patch) if patch else None,
+    }
     provenance: dict[str, Any] = {"command": "denoise", "training": training}
     if model is None:
         model = default_model_path(out)
-        run_id = make_run_id({"input": os.fspath(source), "read": read, **provenance,
-                              "predict": {k: str(v) for k, v in predict_options.items()}})
+        run_id = make_run_id(
+            {
+                "input": os.fspath(source),
+                "read": read,
+                **provenance,
+                "predict": {k: str(v) for k, v in predict_options.items()},
+            }
+        )
         _check_output_free(out, run_id=run_id, overwrite=overwrite)
         provenance["run_id"] = run_id
         resume = Path(model).exists() or _state_exists(model)
-        run_train(source, model, cluster=cluster, read=read, patch=patch, sampling=sampling,
-                  steps=steps, batch_size=batch_size, lr=lr, seed=seed, resume=resume,
-                  overwrite=resume)
-    return run_predict(source, out, model=model, patch=patch, overwrite=overwrite,
-                       cluster=cluster, read=read, provenance=provenance, image=image,
-                       **predict_options)
+        run_train(
+            source,
+            model,
+            cluster=cluster,
+            read=read,
+            patch=patch,
+            sampling=sampling,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            resume=resume,
+            overwrite=resume,
+        )
+    return run_predict(
+        source,
+        out,
+        model=model,
+        patch=patch,
+        overwrite=overwrite,
+        cluster=cluster,
+        read=read,
+        provenance=provenance,
+        image=image,
+        **predict_options,
+    )
+
+
+def _check_cluster_options(cluster: Mapping[str, Any]) -> None:
+    """Fail on GPUs that are not there before hours of training, not after."""
+    from srdvol.cluster import resolve_gpus
+
+    if not cluster.get("scheduler"):
+        resolve_gpus(cluster.get("gpus"))
 
 
 def _state_exists(model: str | os.PathLike[str]) -> bool:
@@ -383,12 +442,23 @@ def run_demo(
     noisy, truth = folder / "noisy.zarr", folder / "truth.zarr"
     denoised, report = folder / "denoised.zarr", folder / "report.png"
     if not (noisy.exists() and truth.exists()):
-        run_simulate(os.fspath(noisy), truth=os.fspath(truth), frames=DEMO["frames"],
-                     size=DEMO["size"], rate_hz=0.3, seed=0)
+        run_simulate(
+            os.fspath(noisy),
+            truth=os.fspath(truth),
+            frames=DEMO["frames"],
+            size=DEMO["size"],
+            rate_hz=0.3,
+            seed=0,
+        )
     _say(info_text(noisy, patch=DEMO["patch"]))
     run_denoise(
-        noisy, denoised, patch=DEMO["patch"], steps=steps or DEMO["steps"],
-        batch_size=DEMO["batch_size"], lr=DEMO["lr"], seed=0,
+        noisy,
+        denoised,
+        patch=DEMO["patch"],
+        steps=steps or DEMO["steps"],
+        batch_size=DEMO["batch_size"],
+        lr=DEMO["lr"],
+        seed=0,
         cluster={"workers": workers or 1, "gpus": "none", "dashboard_address": ":0"},
         read={},
     )
@@ -398,6 +468,8 @@ def run_demo(
     write_report(report, estimate=denoised, truth=truth, noisy=noisy, metrics=result)
     gain = result["estimate"]["snr_db"] - result["noisy"]["snr_db"]
     _say(format_metrics(result))
-    _say(f"SNR gain: {gain:+.1f} dB (noisy {result['noisy']['snr_db']:.1f} dB -> denoised "
-         f"{result['estimate']['snr_db']:.1f} dB); report: {report}")
+    _say(
+        f"SNR gain: {gain:+.1f} dB (noisy {result['noisy']['snr_db']:.1f} dB -> denoised "
+        f"{result['estimate']['snr_db']:.1f} dB); report: {report}"
+    )
     return result

@@ -10,7 +10,11 @@ from srdvol.errors import InputError
 
 @pytest.mark.parametrize(
     ("spec", "expected"),
-    [("tzyx", ("t", "z", "y", "x")), ("T,Y,X", ("t", "y", "x")), (["time", "c", "y", "x"], ("t", "c", "y", "x"))],
+    [
+        ("tzyx", ("t", "z", "y", "x")),
+        ("T,Y,X", ("t", "y", "x")),
+        (["time", "c", "y", "x"], ("t", "c", "y", "x")),
+    ],
 )
 def test_parse_axes(spec, expected):
     assert parse_axes(spec) == expected

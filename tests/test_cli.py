@@ -39,7 +39,7 @@ def test_unknown_option_is_a_usage_error(capsys):
 def test_bad_config_file_is_one_line_error(tmp_path, capsys):
     config = tmp_path / "run.toml"
     config.write_text("overlap = 2\n")
-    code, out, err = run_cli(capsys, "info", "x.zarr", "--config", str(config))
+    code, _, err = run_cli(capsys, "info", "x.zarr", "--config", str(config))
     assert code == 2
     assert err.count("\n") == 1
     assert "run.toml" in err and "'overlap'" in err

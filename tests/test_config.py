@@ -15,13 +15,13 @@ def test_parse_triple_accepts_text_and_sequences():
 
 @pytest.mark.parametrize("bad", ["16,64", "a,b,c", "0,64,64", "16,64,64,64", ""])
 def test_parse_triple_rejects_bad_values_naming_the_option(bad):
-    with pytest.raises(ConfigError, match="--block.*--block 32,64,64"):
+    with pytest.raises(ConfigError, match=r"--block.*--block 32,64,64"):
         parse_triple(bad, option="--block")
 
 
 def test_toml_flat_keys_and_command_table(tmp_path):
     file = tmp_path / "run.toml"
-    file.write_text('patch = [32, 64, 64]\nsteps = 10\n[train]\nsteps = 99\nbatch-size = 2\n')
+    file.write_text("patch = [32, 64, 64]\nsteps = 10\n[train]\nsteps = 99\nbatch-size = 2\n")
     train = load_config_file(file, command="train")
     predict = load_config_file(file, command="predict")
     assert train == {"patch": (32, 64, 64), "steps": 99, "batch_size": 2}

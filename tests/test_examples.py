@@ -22,11 +22,20 @@ def _env() -> dict[str, str]:
 
 @pytest.mark.slow
 def test_neural_volume_example_denoises_a_tzyx_recording(tmp_path):
-    env = _env() | {"FRAMES": "32", "PLANES": "2", "SIZE": "48 48", "STEPS": "4",
-                    "PATCH": "16,32,32", "WORKERS": "1"}
+    env = _env() | {
+        "FRAMES": "32",
+        "PLANES": "2",
+        "SIZE": "48 48",
+        "STEPS": "4",
+        "PATCH": "16,32,32",
+        "WORKERS": "1",
+    }
     result = subprocess.run(
         ["bash", str(EXAMPLES / "neural_volume_0p3hz.sh"), str(tmp_path / "run")],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     import srdvol
@@ -43,7 +52,10 @@ def test_neural_volume_example_denoises_a_tzyx_recording(tmp_path):
 def test_attach_scheduler_example(tmp_path):
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / "attach_scheduler.py"), str(tmp_path / "run")],
-        env=_env(), capture_output=True, text=True, timeout=600,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "scheduler running at tcp://" in result.stdout
