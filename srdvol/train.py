@@ -15,13 +15,14 @@ lr 1e-3 with upstream's betas, a linear warm-up over the first 5 % of the steps 
 to 10 % at the last step, and batch 4; in short budgets this trains much faster than lr 1e-4
 constant (see ``benchmarks/quality.py``).
 
-Distributed training (``srdvol.ddp``) reuses this module:
-
-- build the network, then ``Trainer(network, ..., rank=r, world_size=n, wrap=lambda m:
-  DistributedDataParallel(m))``: the optimiser holds the bare network's parameters, the forward
-  pass goes through the wrapper, so gradients are averaged across ranks in ``backward``;
-- give each rank its own ``PatchSampler(..., rank=r, world_size=n)`` (different patches) and call
-  :func:`run_loop` with ``on_checkpoint`` set only on rank 0 (rank 0 writes the files).
+Distributed training (``srdvol.ddp``) reuses this module. The simple route: on every rank, after
+``torch.distributed.init_process_group``, call ``train(..., rank=r, world_size=n,
+wrap=DistributedDataParallel)``; each rank samples its own patches, gradients are averaged in
+``backward``, the ranks' random streams are gathered at each checkpoint, and only rank 0 writes
+the state and the model (resume is exact across ranks too). For a custom loop the pieces are
+public: ``Trainer(network, ..., rank=r, world_size=n, wrap=...)`` (the optimiser holds the bare
+network, the forward pass goes through the wrapper), ``PatchSampler(..., rank=r, world_size=n)``
+and :func:`run_loop` with an ``on_checkpoint`` that only rank 0 lets write.
 """
 
 from __future__ import annotations
@@ -252,6 +253,13 @@ def run_loop(
         started, done = time.perf_counter(), 0
         while trainer.step_count < end:
             loss = trainer.step(sampler.sample())
+            if not math.isfinite(loss):
+                lr = trainer.optimizer.param_groups[0]["lr"]
+                raise ConfigError(
+                    "--lr",
+                    f"the training loss became {loss} at step {trainer.step_count} (lr {lr:.2g})",
+                    "train again with a lower learning rate, for example a third of it",
+                )
             history.append(loss)
             done += 1
             step = trainer.step_count
@@ -475,12 +483,12 @@ def train(
 
     image = _open(source, level=level, axes=axes, channel=channel)
     stats = sample_statistics(image, seed=seed)  # validates the data before anything is written
-    if saved is not None:
-        sampling = saved["options"]["sampling"]
+    if saved is not None and sampling == "auto":
+        sampling = saved["options"]["sampling"]  # measured when the run started
     elif sampling == "auto":
         sampling, estimate = choose_sampling(image, patch=patch, seed=seed)
         log.info("sampling auto: %s", estimate.reason)
-        if progress:
+        if progress and rank == 0:
             print(f"sampling auto: {estimate.reason}")
         _check_patch(patch, sampling, config)
     from srdvol.sampling import training_read_shape
@@ -604,8 +612,6 @@ def _load_state(path: Path) -> dict[str, Any]:
 
 def _check_resume(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     for key, value in current.items():
-        if key == "sampling":
-            continue
         if saved.get(key) != value:
             raise ConfigError(
                 path,

@@ -21,7 +21,7 @@ from srdvol.model.network import NetworkConfig, build_network
 from srdvol.normalize import Statistics
 from srdvol.patches import PatchSampler
 from srdvol.simulate import simulate
-from srdvol.train import Trainer, lr_factor, state_path, train
+from srdvol.train import Trainer, lr_factor, run_loop, state_path, train
 
 #: Small enough for a 2-core machine, big enough to learn something in a hundred steps.
 SMALL = NetworkConfig(channels=(4, 4, 8, 8), embed_dim=16, heads=2, patch_t=16)
@@ -170,6 +170,12 @@ def test_resume_with_other_options_is_refused(movie: tuple[Path, Path], tmp_path
     train(noisy_path, tmp_path / "m", steps=2, **QUICK)
     with pytest.raises(ConfigError, match="batch_size"):
         train(noisy_path, tmp_path / "m", steps=4, resume=True, **{**QUICK, "batch_size": 3})
+    with pytest.raises(ConfigError, match="sampling"):
+        train(noisy_path, tmp_path / "m", steps=4, resume=True, sampling="temporal", **QUICK)
+    # auto keeps what the run measured when it started
+    record = train(noisy_path, tmp_path / "m", steps=3, resume=True, sampling="auto", **QUICK)
+    assert record.sampling == "spatial"
+    assert record.steps == 3
 
 
 def test_existing_model_is_not_replaced(movie: tuple[Path, Path], tmp_path: Path) -> None:
@@ -303,3 +309,14 @@ def test_distributed_hook_trains_and_resumes_exactly(
     mp.spawn(_ddp_worker, args=(root, noisy, "part", {"resume": True}), nprocs=2, join=True)
     assert_same_weights(tmp_path / "full", tmp_path / "part")
     assert read_record(tmp_path / "full").steps == 4
+
+
+def test_diverging_loss_stops_with_advice() -> None:
+    class NanSampler:
+        def sample(self) -> np.ndarray:
+            return np.full((1, 16, 8, 8), np.nan, dtype=np.float32)
+
+    trainer = Trainer(build_network(TINY), stats=Statistics(0.0, 1.0), steps=5)
+    with pytest.raises(ConfigError, match="lower learning rate"):
+        run_loop(trainer, NanSampler(), steps=5)  # type: ignore[arg-type]
+    assert trainer.step_count == 1
