@@ -27,7 +27,8 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,6 +43,7 @@ from srdvol.errors import ConfigError, InputError, OutputExistsError, OutputPath
 __all__ = [
     "CHUNK_BYTES",
     "NGFF_VERSIONS",
+    "check_output",
     "check_output_path",
     "create_output",
     "make_run_id",
@@ -264,6 +266,90 @@ def create_output(
     ConfigError
         Unknown NGFF version, unsupported dtype, bad chunks.
     """
+    plan = _plan_output(
+        path,
+        like=like,
+        dtype=dtype,
+        chunks=chunks,
+        ngff=ngff,
+        provenance=provenance,
+        overwrite=overwrite,
+    )
+    if plan.action == "resume":
+        return open_output_array(plan.target)
+    if plan.action == "replace":
+        _remove(plan.target)
+    _write_new(
+        plan.target,
+        like=like,
+        axes=plan.axes,
+        shape=plan.shape,
+        chunks=plan.chunks,
+        dtype=plan.dtype,
+        ngff=ngff,
+        record=plan.record,
+    )
+    return open_output_array(plan.target)
+
+
+def check_output(
+    path: str | os.PathLike[str],
+    *,
+    like: xr.DataArray,
+    dtype: Any = "float32",
+    chunks: Mapping[str, int] | Sequence[int] | None = None,
+    ngff: str = "0.5",
+    provenance: Mapping[str, Any],
+    overwrite: bool = False,
+) -> str:
+    """Run every check :func:`create_output` runs, and write nothing.
+
+    Callers use it to refuse a bad output before slow work (training, starting a cluster).
+
+    Returns
+    -------
+    str
+        ``"create"`` (nothing there yet), ``"resume"`` (an output of this run exists) or
+        ``"replace"`` (another output exists and ``overwrite`` is set).
+
+    Raises
+    ------
+    OutputPathError, OutputExistsError, ConfigError
+        As :func:`create_output` would.
+    """
+    return _plan_output(
+        path,
+        like=like,
+        dtype=dtype,
+        chunks=chunks,
+        ngff=ngff,
+        provenance=provenance,
+        overwrite=overwrite,
+    ).action
+
+
+@dataclass(frozen=True)
+class _OutputPlan:
+    target: str
+    axes: tuple[str, ...]
+    shape: dict[str, int]
+    chunks: dict[str, int]
+    dtype: np.dtype
+    record: dict[str, Any]
+    action: str
+
+
+def _plan_output(
+    path: str | os.PathLike[str],
+    *,
+    like: xr.DataArray,
+    dtype: Any,
+    chunks: Mapping[str, int] | Sequence[int] | None,
+    ngff: str,
+    provenance: Mapping[str, Any],
+    overwrite: bool,
+) -> _OutputPlan:
+    """Validate an output request against the input and what exists; decide what to do."""
     target = os.fspath(path)
     source = like.attrs.get("source")
     if source:
@@ -284,6 +370,7 @@ def create_output(
     chunk_map = output_chunks(shape, dtype=out_dtype, chunks=chunks)
     record = _provenance(provenance, like=like, ngff=ngff, dtype=out_dtype)
 
+    action = "create"
     if _exists(target):
         existing = read_provenance(target)
         if existing is not None and existing.get("run_id") == record["run_id"] and not overwrite:
@@ -295,8 +382,8 @@ def create_output(
                     f"{array.dtype}, not {tuple(shape.values())} and {out_dtype}",
                     "pass --overwrite to replace it",
                 )
-            return array
-        if not overwrite:
+            action = "resume"
+        elif not overwrite:
             owner = (
                 f"from another srdvol run (run_id {existing.get('run_id')})"
                 if existing is not None
@@ -307,19 +394,9 @@ def create_output(
                 f"the output already exists {owner}",
                 "choose another output path or pass --overwrite to replace it",
             )
-        _remove(target)
-
-    _write_new(
-        target,
-        like=like,
-        axes=axes,
-        shape=shape,
-        chunks=chunk_map,
-        dtype=out_dtype,
-        ngff=ngff,
-        record=record,
-    )
-    return open_output_array(target)
+        else:
+            action = "replace"
+    return _OutputPlan(target, tuple(axes), shape, chunk_map, out_dtype, record, action)
 
 
 def _provenance(

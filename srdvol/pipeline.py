@@ -16,8 +16,6 @@ from typing import Any
 
 from rich.console import Console
 
-from srdvol.errors import OutputExistsError
-
 __all__ = [
     "DEFAULT_OVERLAP",
     "default_model_path",
@@ -224,23 +222,6 @@ def _ledger_path(out: str | os.PathLike[str]) -> str:
     return os.fspath(out).rstrip("/") + "/s0/.srdvol-ledger.json"
 
 
-def _check_output_free(out: str | os.PathLike[str], *, run_id: str, overwrite: bool) -> None:
-    """Refuse early (before training) when OUT holds another run's output."""
-    from srdvol.output import read_provenance
-
-    if overwrite or not os.path.exists(os.fspath(out)):
-        return
-    existing = read_provenance(out)
-    if existing is None or existing.get("run_id") != run_id:
-        raise OutputExistsError(
-            out,
-            "exists and holds the output of another run"
-            if existing is not None
-            else "exists and is not an srdvol output",
-            "choose another output path, or pass --overwrite to replace it",
-        )
-
-
 def run_predict(
     source: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -267,14 +248,14 @@ def run_predict(
     from srdvol.engine import denoise, rich_progress, write
     from srdvol.model.checkpoint import check_compatible, model_checksum, read_record
     from srdvol.normalize import sample_statistics
-    from srdvol.output import check_output_path, create_output, write_pyramid
+    from srdvol.output import check_output, check_output_path, create_output, write_pyramid
     from srdvol.predict import ModelPredictor
 
     read = dict(read or {})
     image = image if image is not None else _open_input(source, read)
     check_output_path(out, source)
     record = read_record(model)
-    check_compatible(record, patch=patch)
+    check_compatible(record, patch=patch, subject=os.fspath(model))
     patch = patch or tuple(record.patch)
     sample_statistics(image)  # NaN/Inf in the data stop the run before anything is written
     params = {
@@ -295,6 +276,9 @@ def run_predict(
         **dict(provenance or {}),
     }
     out_dtype = str(image.dtype) if dtype == "input" else dtype
+    check_output(
+        out, like=image, dtype=out_dtype, ngff=ngff, provenance=record_of_run, overwrite=overwrite
+    )
     # The cluster starts (or is reached) before the output is created, so an unreachable
     # scheduler or a missing GPU leaves nothing behind.
     with open_cluster(**dict(cluster or {})) as client:
@@ -357,7 +341,7 @@ def run_denoise(
     The trained model is kept beside OUT (:func:`default_model_path`); a rerun of the same
     command resumes training and then the output where they stopped.
     """
-    from srdvol.output import check_output_path, make_run_id
+    from srdvol.output import check_output, check_output_path, make_run_id
 
     read = dict(read or {})
     image = _open_input(source, read)
@@ -382,7 +366,15 @@ def run_denoise(
                 "predict": {k: str(v) for k, v in predict_options.items()},
             }
         )
-        _check_output_free(out, run_id=run_id, overwrite=overwrite)
+        dtype = predict_options.get("dtype", "float32")
+        check_output(
+            out,
+            like=image,
+            dtype=str(image.dtype) if dtype == "input" else dtype,
+            ngff=predict_options.get("ngff", "0.5"),
+            provenance={"run_id": run_id},
+            overwrite=overwrite,
+        )
         provenance["run_id"] = run_id
         resume = Path(model).exists() or _state_exists(model)
         run_train(

@@ -65,3 +65,163 @@ def test_debug_shows_traceback(tmp_path, capsys, debug):
     else:
         code, _, _ = run_cli(capsys, *args)
         assert code == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# DESIGN section 6: every bad input is one sentence (file, problem, fix), exit code 2, nothing
+# written, input unchanged.
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """A small simulated recording, a tiny trained model, and one store per kind of bad input."""
+    import numpy as np
+    import zarr
+
+    from srdvol.model.network import NetworkConfig
+    from srdvol.simulate import simulate
+    from srdvol.train import train
+
+    root = tmp_path_factory.mktemp("bad-inputs")
+    simulate(root / "in.zarr", truth=root / "truth.zarr", frames=32, size=(32, 32), seed=0)
+    train(
+        root / "in.zarr",
+        root / "m16.safetensors",
+        patch=(16, 16, 16),
+        steps=1,
+        batch_size=1,
+        network=NetworkConfig.tiny(patch_t=16),
+        progress=False,
+    )
+
+    def plain(name, shape, dtype, data=None):
+        array = zarr.create_array(root / name, shape=shape, dtype=dtype, chunks=(16, 32, 32))
+        array[...] = 1 if data is None else data
+
+    plain("zyx.zarr", (16, 32, 32), "uint16")
+    plain("short.zarr", (8, 32, 32), "uint16")
+    plain("complex.zarr", (16, 32, 32), "complex64")
+    plain("bool.zarr", (16, 32, 32), "bool")
+    values = np.random.default_rng(0).normal(100, 10, (32, 32, 32)).astype("float32")
+    values[20, 5, 5] = np.nan
+    plain("nan.zarr", values.shape, "float32", values)
+    (root / "notes.txt").write_text("not a store")
+    return root
+
+
+MODEL = ["--model", "m16.safetensors"]
+BAD_INPUTS = [
+    # (case, argv, subject named in the message, words of the problem or fix)
+    ("not a Zarr store", ["predict", "notes.txt", "out.zarr", *MODEL], "notes.txt", "not a Zarr"),
+    (
+        "missing input",
+        ["predict", "nowhere.zarr", "out.zarr", *MODEL],
+        "nowhere.zarr",
+        "no such file",
+    ),
+    (
+        "no time axis",
+        ["predict", "zyx.zarr", "out.zarr", "--axes", "zyx", *MODEL],
+        "zyx.zarr",
+        "no time axis",
+    ),
+    (
+        "fewer than 16 frames",
+        ["predict", "short.zarr", "out.zarr", "--axes", "tyx", *MODEL],
+        "short.zarr",
+        "16",
+    ),
+    (
+        "complex dtype",
+        ["predict", "complex.zarr", "out.zarr", "--axes", "tyx", *MODEL],
+        "complex.zarr",
+        "complex",
+    ),
+    (
+        "bool dtype",
+        ["predict", "bool.zarr", "out.zarr", "--axes", "tyx", *MODEL],
+        "bool.zarr",
+        "bool",
+    ),
+    (
+        "patch_t not a multiple of 16",
+        ["train", "in.zarr", "out.safetensors", "--patch", "20,16,16"],
+        "--patch",
+        "multiple of 16",
+    ),
+    (
+        "NaN in the data",
+        ["predict", "nan.zarr", "out.zarr", "--axes", "tyx", *MODEL],
+        "nan.zarr",
+        "NaN",
+    ),
+    (
+        "output inside the input",
+        ["predict", "in.zarr", "in.zarr/out.zarr", *MODEL],
+        "in.zarr/out.zarr",
+        "inside the input",
+    ),
+    (
+        "output of another run",
+        ["predict", "in.zarr", "truth.zarr", *MODEL],
+        "truth.zarr",
+        "another srdvol run",
+    ),
+    (
+        "unreachable scheduler",
+        ["predict", "in.zarr", "out.zarr", "--scheduler", "tcp://127.0.0.1:9", *MODEL],
+        "tcp://127.0.0.1:9",
+        "scheduler",
+    ),
+    (
+        "GPU requested but absent",
+        ["predict", "in.zarr", "out.zarr", "--gpus", "0", *MODEL],
+        "--gpus",
+        "not visible",
+    ),
+    (
+        "GPU absent, before training",
+        ["denoise", "in.zarr", "out.zarr", "--gpus", "0"],
+        "--gpus",
+        "not visible",
+    ),
+    (
+        "model trained with another patch",
+        ["predict", "in.zarr", "out.zarr", "--patch", "32,16,16", *MODEL],
+        "m16.safetensors",
+        "--patch 16,16,16",
+    ),
+    (
+        "missing model",
+        ["predict", "in.zarr", "out.zarr", "--model", "none.safetensors"],
+        "none.safetensors",
+        "does not exist",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "subject", "words"), [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS]
+)
+def test_bad_input_is_one_clear_sentence_and_writes_nothing(
+    bad_inputs, monkeypatch, capsys, store_digest, argv, subject, words
+):
+    monkeypatch.chdir(bad_inputs)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    before = {p.name: store_digest(p) for p in bad_inputs.iterdir() if p.is_dir()}
+    files_before = sorted(p.name for p in bad_inputs.iterdir())
+
+    code, out, err = (
+        run_cli(capsys, *argv, "--dashboard-address", ":0")
+        if argv[0] in {"predict", "denoise"}
+        else run_cli(capsys, *argv)
+    )
+
+    assert code == 2
+    message = err.strip()
+    assert message.count("\n") == 0, message
+    assert message.startswith(f"srdvol: error: {subject}")
+    assert words in message
+    assert "Traceback" not in err + out
+    assert sorted(p.name for p in bad_inputs.iterdir()) == files_before  # nothing written
+    assert {p.name: store_digest(p) for p in bad_inputs.iterdir() if p.is_dir()} == before

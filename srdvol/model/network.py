@@ -99,9 +99,13 @@ class NetworkConfig(BaseModel):
             return cls(**options)
         except ValidationError as exc:
             first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "network"
+            subject = ".".join(str(part) for part in first["loc"]) or "network"
+            message = first["msg"].removeprefix("Value error, ")
+            if message.startswith("--") and ": " in message:  # the validator names the option
+                subject, message = message.split(": ", 1)
+            problem, _, fix = message.partition("; ")
             raise ConfigError(
-                where, first["msg"].removeprefix("Value error, "), "see NetworkConfig"
+                subject, problem, fix or "see NetworkConfig for the allowed values"
             ) from None
 
 
