@@ -558,6 +558,7 @@ def train(
                 "options": options,
                 "stats": stats.to_dict(),
                 "trainer": trainer.state_dict(),
+                "sampler": streams[0]["sampler"],
                 "ranks": streams,
                 "losses": losses,
             }
@@ -580,18 +581,17 @@ def train(
 
 
 def _streams(trainer: Trainer, sampler: PatchSampler) -> dict[str, Any]:
-    """This rank's random streams: patch positions, pairs/augmentation, torch's global RNG."""
+    """This rank's random streams (the layout :mod:`srdvol.ddp` writes too)."""
     return {
+        "trainer": {"generator": trainer.generator.get_state(), "torch_rng": torch.get_rng_state()},
         "sampler": sampler.state_dict(),
-        "generator": trainer.generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
     }
 
 
 def _load_streams(streams: dict[str, Any], trainer: Trainer, sampler: PatchSampler) -> None:
     sampler.load_state_dict(streams["sampler"])
-    trainer.generator.set_state(streams["generator"])
-    torch.set_rng_state(streams["torch_rng"])
+    trainer.generator.set_state(streams["trainer"]["generator"])
+    torch.set_rng_state(streams["trainer"]["torch_rng"])
 
 
 def _gather(streams: dict[str, Any], world_size: int) -> list[dict[str, Any]]:

@@ -306,6 +306,7 @@ def test_distributed_hook_trains_and_resumes_exactly(
     assert state["trainer"]["step"] == 2
     assert len(state["ranks"]) == 2
     assert state["ranks"][0]["sampler"] != state["ranks"][1]["sampler"]
+    assert state["sampler"] == state["ranks"][0]["sampler"]
     mp.spawn(_ddp_worker, args=(root, noisy, "part", {"resume": True}), nprocs=2, join=True)
     assert_same_weights(tmp_path / "full", tmp_path / "part")
     assert read_record(tmp_path / "full").steps == 4
