@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,22 @@ def run_evaluate(
 # train, predict, denoise
 
 
+@contextmanager
+def _cluster(cluster: Mapping[str, Any] | None, client: Any = None) -> Iterator[Any]:
+    """Yield ``client`` if given, else open the cluster the options ask for and print the
+    dashboard link first thing, so users can watch from the start."""
+    if client is not None:
+        yield client
+        return
+    from srdvol.cluster import dashboard_link, open_cluster
+
+    with open_cluster(**dict(cluster or {})) as opened:
+        link = dashboard_link(opened)
+        if link:
+            _say(f"dashboard: {link}")
+        yield opened
+
+
 def _wants_cluster_training(cluster: Mapping[str, Any]) -> bool:
     """Distributed training when a scheduler, several workers or several GPUs are asked for."""
     from srdvol.cluster import visible_gpus
@@ -195,19 +212,19 @@ def run_train(
     *,
     cluster: Mapping[str, Any] | None = None,
     read: Mapping[str, Any] | None = None,
+    client: Any = None,
     **options: Any,
 ) -> Any:
-    """``srdvol train``: one process, or one rank per Dask worker when a cluster is asked for."""
+    """``srdvol train``: in this process, or one rank per Dask worker when a cluster is asked
+    for (``--scheduler``, ``--workers`` > 1, several GPUs) or ``client`` is given."""
     read = dict(read or {})
     cluster = dict(cluster or {})
-    if _wants_cluster_training(cluster):
-        from srdvol.cluster import dashboard_link, open_cluster
+    if client is not None or _wants_cluster_training(cluster):
         from srdvol.ddp import train_distributed
 
         _open_input(source, read)  # validate before a cluster is started
-        with open_cluster(**cluster) as client:
-            _say(f"dashboard: {dashboard_link(client)}")
-            record = train_distributed(client, source, model, **read, **options)
+        with _cluster(cluster, client) as active:
+            record = train_distributed(active, source, model, **read, **options)
     else:
         from srdvol.train import train
 
@@ -239,12 +256,14 @@ def run_predict(
     read: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
     image: Any = None,
+    client: Any = None,
 ) -> Any:
-    """``srdvol predict``: denoise IN into OUT with a model, resumably, on a Dask cluster.
+    """``srdvol predict``: denoise IN into OUT with a model, resumably, on a Dask cluster
+    (``client``, or the one the ``cluster`` options describe).
 
     Returns the writer's :class:`~srdvol.engine.WriteReport`.
     """
-    from srdvol.cluster import ModelPlugin, dashboard_link, open_cluster
+    from srdvol.cluster import ModelPlugin
     from srdvol.engine import denoise, rich_progress, write
     from srdvol.model.checkpoint import check_compatible, model_checksum, read_record
     from srdvol.normalize import sample_statistics
@@ -281,8 +300,7 @@ def run_predict(
     )
     # The cluster starts (or is reached) before the output is created, so an unreachable
     # scheduler or a missing GPU leaves nothing behind.
-    with open_cluster(**dict(cluster or {})) as client:
-        _say(f"dashboard: {dashboard_link(client)}")
+    with _cluster(cluster, client) as client:
         target = create_output(
             out,
             like=image,
@@ -356,6 +374,7 @@ def run_denoise(
         "patch": list(patch) if patch else None,
     }
     provenance: dict[str, Any] = {"command": "denoise", "training": training}
+    trained = model is not None
     if model is None:
         model = default_model_path(out)
         run_id = make_run_id(
@@ -376,33 +395,35 @@ def run_denoise(
             overwrite=overwrite,
         )
         provenance["run_id"] = run_id
-        resume = Path(model).exists() or _state_exists(model)
-        run_train(
+    with _cluster(cluster) as client:  # one cluster, started first, trains and predicts
+        if not trained:
+            resume = Path(model).exists() or _state_exists(model)
+            run_train(
+                source,
+                model,
+                client=client,
+                read=read,
+                patch=patch,
+                sampling=sampling,
+                steps=steps,
+                batch_size=batch_size,
+                lr=lr,
+                seed=seed,
+                resume=resume,
+                overwrite=resume,
+            )
+        return run_predict(
             source,
-            model,
-            cluster=cluster,
-            read=read,
+            out,
+            model=model,
             patch=patch,
-            sampling=sampling,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            resume=resume,
-            overwrite=resume,
+            overwrite=overwrite,
+            read=read,
+            provenance=provenance,
+            image=image,
+            client=client,
+            **predict_options,
         )
-    return run_predict(
-        source,
-        out,
-        model=model,
-        patch=patch,
-        overwrite=overwrite,
-        cluster=cluster,
-        read=read,
-        provenance=provenance,
-        image=image,
-        **predict_options,
-    )
 
 
 def _check_cluster_options(cluster: Mapping[str, Any]) -> None:
