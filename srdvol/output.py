@@ -225,6 +225,7 @@ def create_output(
     ngff: str = "0.5",
     provenance: Mapping[str, Any],
     overwrite: bool = False,
+    name: str = "denoised",
 ) -> zarr.Array:
     """Create (or reopen for resume) the output image and return its writable level-0 array.
 
@@ -250,6 +251,10 @@ def create_output(
         time are added.
     overwrite
         Replace an existing output that belongs to another run (or is not a srdvol output).
+
+    name
+        Image name in the multiscales metadata, also the omero channel label
+        (``"<name> channel <i>"``).
 
     Returns
     -------
@@ -288,6 +293,7 @@ def create_output(
         dtype=plan.dtype,
         ngff=ngff,
         record=plan.record,
+        name=name,
     )
     return open_output_array(plan.target)
 
@@ -449,6 +455,7 @@ def _write_new(
     dtype: np.dtype[Any],
     ngff: str,
     record: dict[str, Any],
+    name: str = "denoised",
 ) -> None:
     """Create group, ``s0`` and metadata; provenance goes last so it marks a complete creation."""
     zarr_format = 3 if ngff == "0.5" else 2
@@ -468,10 +475,10 @@ def _write_new(
         "axes": _axes_metadata(axes, units),
         "scale": scale,
         "translation": translation,
-        "name": "denoised",
+        "name": name,
     }
     _write_multiscales(group, meta, levels=1, ngff=ngff)
-    _set_ome_attr(group, "omero", _omero(like, axes, dtype), ngff=ngff)
+    _set_ome_attr(group, "omero", _omero(like, axes, dtype, name=name), ngff=ngff)
     group.attrs[_PROVENANCE_KEY] = record
 
 
@@ -526,14 +533,16 @@ def _set_ome_attr(group: zarr.Group, key: str, value: Any, *, ngff: str) -> None
         group.attrs[key] = value
 
 
-def _omero(like: xr.DataArray, axes: tuple[str, ...], dtype: np.dtype[Any]) -> dict[str, Any]:
+def _omero(
+    like: xr.DataArray, axes: tuple[str, ...], dtype: np.dtype[Any], *, name: str = "denoised"
+) -> dict[str, Any]:
     """Rendering hints: one grey channel per output channel, window from a cheap sample."""
     low, high, lo_range, hi_range = _window(like, dtype)
     n_channels = int(like.sizes.get("c", 1))
     first = like.attrs.get("channel") or 0
     channels = [
         {
-            "label": f"denoised channel {first + i}",
+            "label": f"{name} channel {first + i}",
             "color": "FFFFFF",
             "active": True,
             "window": {"start": low, "end": high, "min": lo_range, "max": hi_range},

@@ -463,6 +463,7 @@ def _create_image(
         ngff="0.5",
         provenance=provenance,
         overwrite=overwrite,
+        name=str(like.name),  # "noisy" or "truth", also the viewer's channel label
     )
 
 
