@@ -709,8 +709,9 @@ def train_distributed(
     Options mean what they mean for :func:`srdvol.train.train`, except ``batch_size``, which
     is per rank: the global batch is ``batch_size * ranks`` patches, whose gradients DDP
     averages. The learning rate is not scaled with the number of ranks: averaging keeps the
-    gradient's size, only its noise falls, and with Adam at these small batches linear lr scaling
-    overshoots; pass a larger ``lr`` yourself when running many ranks. Each rank
+    gradient's size and only lowers its noise, and Adam already divides each step by the
+    gradient's running RMS; with many ranks a larger ``lr`` (e.g. times sqrt(ranks)) may pay,
+    which is left to the user. Each rank
     samples its own patches lazily from the store; rank 0 writes ``MODEL.state`` every
     ``checkpoint_every`` steps and the model file at the end. ``source`` and ``model_path``
     must be reachable under the same names from every worker (a shared file system or a URL).
