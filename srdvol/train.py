@@ -46,6 +46,7 @@ import xarray as xr
 from torch import nn
 
 from srdvol.errors import ConfigError, OutputExistsError, StoreNotFoundError
+from srdvol.model.checkpoint import ModelRecord, Normalization, save_model
 from srdvol.model.network import NetworkConfig, build_network
 from srdvol.normalize import Statistics, normalize, sample_statistics
 from srdvol.patches import PatchSampler
@@ -414,7 +415,7 @@ def train(
     rank: int = 0,
     world_size: int = 1,
     wrap: Callable[[nn.Module], nn.Module] | None = None,
-) -> Any:
+) -> ModelRecord:
     """Train an SRDTrans model on a noisy image without clean data and write the model file.
 
     Parameters
@@ -645,9 +646,7 @@ def _record(
     seed: int,
     losses: list[float],
     options: dict[str, Any],
-) -> Any:
-    from srdvol.model.checkpoint import ModelRecord, Normalization
-
+) -> ModelRecord:
     tail = losses[-max(1, len(losses) // 20) :] if losses else []
     data = {
         "source": str(image.attrs.get("source", image.name or "")),
@@ -671,8 +670,6 @@ def _record(
     )
 
 
-def _write_model(path: Path, network: nn.Module, record: Any) -> None:
-    from srdvol.model.checkpoint import save_model
-
+def _write_model(path: Path, network: nn.Module, record: ModelRecord) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_model(path, network, record)
