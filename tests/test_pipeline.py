@@ -73,3 +73,30 @@ def test_denoise_serves_the_dashboard_while_running_and_a_rerun_resumes(tmp_path
     assert again.returncode == 0, again.stderr
     assert "0 block(s) computed" in again.stderr
     np.testing.assert_array_equal(np.asarray(zarr.open_group(out, mode="r")["s0"]), first)
+
+
+def test_public_api_open_train_denoise(tmp_path):
+    import srdvol
+    from srdvol.model.network import NetworkConfig
+
+    noisy, truth = tmp_path / "noisy.zarr", tmp_path / "truth.zarr"
+    simulate(noisy, truth=truth, frames=32, size=(32, 32), seed=1)
+    image = srdvol.open(noisy)
+    assert image.dims == ("t", "y", "x") and image.chunks is not None  # lazy, labelled
+    record = srdvol.train(
+        noisy,
+        tmp_path / "m.safetensors",
+        patch=(16, 16, 16),
+        steps=2,
+        batch_size=1,
+        network=NetworkConfig.tiny(patch_t=16),
+        progress=False,
+    )
+    assert tuple(record.patch) == (16, 16, 16)
+    denoised = srdvol.denoise(image, tmp_path / "m.safetensors")
+    assert denoised.dims == image.dims and denoised.dtype == np.float32
+    assert denoised.data.dask is not None  # still lazy
+    values = denoised.compute().values
+    assert values.shape == image.shape and np.isfinite(values).all()
+    assert not np.allclose(values, image.values)  # the model changed the data
+    assert set(srdvol.__all__) == {"__version__", "open", "train", "denoise"}
