@@ -57,6 +57,8 @@ __all__ = [
     "DEFAULT_PATCH",
     "DEFAULT_STEPS",
     "Trainer",
+    "choose_sampling",
+    "lr_factor",
     "resolve_device",
     "run_loop",
     "state_path",
