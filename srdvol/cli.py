@@ -349,12 +349,13 @@ def demo(
     ] = Path("demo-output"),
     steps: StepsOpt = None,
     workers: WorkersOpt = None,
+    overwrite: OverwriteOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Simulate -> denoise -> evaluate on a small default, in minutes on a laptop CPU."""
     from srdvol import pipeline
 
-    pipeline.run_demo(workdir, steps=steps, workers=workers)
+    pipeline.run_demo(workdir, steps=steps, workers=workers, overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,14 +32,16 @@ __all__ = [
 console = Console(stderr=True, highlight=False)
 
 DEFAULT_OVERLAP = 0.25
-#: The demo: a small 0.3 Hz recording that trains and denoises in minutes on a laptop CPU.
-DEMO = {
-    "frames": 128,
-    "size": (128, 128),
-    "patch": (32, 64, 64),
+#: The demo: a small 0.3 Hz recording that trains and denoises in minutes on a laptop CPU. These
+#: are the settings of benchmarks/quality.py (photons 2: noisy about 5 dB, the best Gaussian
+#: filter about 15.6 dB, srdvol about 16.9 dB after 300 steps; see benchmarks/RESULTS.md).
+DEMO: dict[str, Any] = {
+    "frames": 96,
+    "size": (96, 96),
+    "photons": 2.0,
+    "patch": (16, 64, 64),
     "steps": 300,
-    "batch_size": 2,
-    "lr": 1e-3,
+    "batch_size": 4,
 }
 
 
@@ -445,9 +447,17 @@ def _state_exists(model: str | os.PathLike[str]) -> bool:
 
 
 def run_demo(
-    workdir: str | os.PathLike[str], *, steps: int | None = None, workers: int | None = None
+    workdir: str | os.PathLike[str],
+    *,
+    steps: int | None = None,
+    workers: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """``srdvol demo``: simulate a small 0.3 Hz recording, denoise it, evaluate it."""
+    """``srdvol demo``: simulate a small 0.3 Hz recording, denoise it, evaluate it.
+
+    Uses the GPU when one is visible, else one CPU worker. Running it again resumes (or, after
+    a finished run, only evaluates again); ``overwrite`` starts the denoising afresh.
+    """
     from srdvol.metrics import evaluate_stores, format_metrics
 
     folder = Path(workdir)
@@ -460,6 +470,7 @@ def run_demo(
             truth=os.fspath(truth),
             frames=DEMO["frames"],
             size=DEMO["size"],
+            photons=DEMO["photons"],
             rate_hz=0.3,
             seed=0,
         )
@@ -470,9 +481,9 @@ def run_demo(
         patch=DEMO["patch"],
         steps=steps or DEMO["steps"],
         batch_size=DEMO["batch_size"],
-        lr=DEMO["lr"],
         seed=0,
-        cluster={"workers": workers or 1, "gpus": "none", "dashboard_address": ":0"},
+        overwrite=overwrite,
+        cluster={"workers": workers, "dashboard_address": ":0"},
         read={},
     )
     result = evaluate_stores(denoised, truth=truth, noisy=noisy)
