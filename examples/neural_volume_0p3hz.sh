@@ -4,20 +4,22 @@
 #
 #   bash examples/neural_volume_0p3hz.sh [WORKDIR]
 #
-# Sizes can be set from the environment; the defaults take a few minutes on a laptop CPU and
-# seconds per step on a GPU. On a GPU machine, raise STEPS (e.g. 2000) and the sizes.
+# Sizes can be set from the environment; the defaults (the settings of benchmarks/quality.py)
+# take several minutes on a laptop CPU. On a GPU, raise STEPS (e.g. 2000) and the sizes;
+# WORKERS=2 trains on two CPU worker processes joined by torch.distributed (gloo).
 set -euo pipefail
 WORKDIR=${1:-neural-volume}
-FRAMES=${FRAMES:-64}
+FRAMES=${FRAMES:-96}
 PLANES=${PLANES:-3}
 SIZE=${SIZE:-"96 96"}
-STEPS=${STEPS:-150}
-PATCH=${PATCH:-32,64,64}
-WORKERS=${WORKERS:-2}
+PHOTONS=${PHOTONS:-2}
+STEPS=${STEPS:-300}
+PATCH=${PATCH:-16,64,64}
+WORKERS=${WORKERS:-1}
 
 mkdir -p "$WORKDIR"
 srdvol simulate "$WORKDIR/noisy.zarr" --truth "$WORKDIR/truth.zarr" \
-    --frames "$FRAMES" --planes "$PLANES" --size $SIZE --rate-hz 0.3 --seed 1
+    --frames "$FRAMES" --planes "$PLANES" --size $SIZE --rate-hz 0.3 --photons "$PHOTONS" --seed 1
 srdvol info "$WORKDIR/noisy.zarr" --patch "$PATCH"
 # Each z plane is an independent (t, y, x) movie: one model learns from all of them.
 srdvol denoise "$WORKDIR/noisy.zarr" "$WORKDIR/denoised.zarr" \
