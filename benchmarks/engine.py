@@ -95,8 +95,15 @@ def run_copy(src: zarr.Array, dst_path: Path, client: object) -> dict[str, float
 
 def run_engine(src: zarr.Array, dst_path: Path, client: object, wave: int) -> dict[str, float]:
     dst = zarr.create_array(str(dst_path), shape=src.shape, chunks=src.chunks, dtype="float32")
-    lazy = denoise(da.from_zarr(src), AffineModel(), dims="tzyx", patch=PATCH, overlap=0.25,
-                   chunks=dst.chunks, block=BLOCK)
+    lazy = denoise(
+        da.from_zarr(src),
+        AffineModel(),
+        dims="tzyx",
+        patch=PATCH,
+        overlap=0.25,
+        chunks=dst.chunks,
+        block=BLOCK,
+    )
     tasks = len(dict(lazy.__dask_graph__())) + math.prod(lazy.numblocks)  # + one store per block
     with PeakRSS() as rss:
         start = time.perf_counter()
@@ -136,16 +143,29 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--wave", type=int, default=4)
-    parser.add_argument("--graph-sides", type=int, nargs="*", default=[1024, 4096],
-                        help="y/x sizes for the graph-cost table (64x64 blocks)")
+    parser.add_argument(
+        "--graph-sides",
+        type=int,
+        nargs="*",
+        default=[1024, 4096],
+        help="y/x sizes for the graph-cost table (64x64 blocks)",
+    )
     args = parser.parse_args()
 
     from distributed import Client, LocalCluster
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rows = []
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None, host="127.0.0.1") as cluster, Client(cluster) as c:
+    with (
+        LocalCluster(
+            n_workers=args.workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            host="127.0.0.1",
+        ) as cluster,
+        Client(cluster) as c,
+    ):
         warm = Path(tempfile.mkdtemp(prefix="srdvol-bench-"))
         try:  # first tasks pay for imports in the workers; keep that out of the timings
             tiny = make_input(warm / "in.zarr", (32, 1, 256, 256))
@@ -169,19 +189,25 @@ def main() -> None:
                     )
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\nworkers: {args.workers} processes x 1 thread, chunks {CHUNKS}, patch {PATCH}, "
-          f"overlap 0.25, block {BLOCK}, wave {args.wave}\n")
+    print(
+        f"\nworkers: {args.workers} processes x 1 thread, chunks {CHUNKS}, patch {PATCH}, "
+        f"overlap 0.25, block {BLOCK}, wave {args.wave}\n"
+    )
     print("| input (uint16) | pipeline | seconds | input MB/s | tasks per GB | peak RSS MiB |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
     if args.graph_sides:
-        print("\n| blocks | first cull (s, once) | per block: cull (ms) | per block: "
-              "`lazy.blocks[i]` (ms) |")
+        print(
+            "\n| blocks | first cull (s, once) | per block: cull (ms) | per block: "
+            "`lazy.blocks[i]` (ms) |"
+        )
         print("|---|---|---|---|")
         for side in args.graph_sides:
             g = graph_cost(side)
-            print(f"| {g['blocks']:,} | {g['first']:.1f} | {g['cull'] * 1e3:.1f} | "
-                  f"{g['slice'] * 1e3:.0f} |")
+            print(
+                f"| {g['blocks']:,} | {g['first']:.1f} | {g['cull'] * 1e3:.1f} | "
+                f"{g['slice'] * 1e3:.0f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -115,18 +115,25 @@ def denoise(
         data = array.data
     else:
         if dims is None:
-            raise InputError("dims", "a dask or numpy array has no axis names",
-                             "pass dims, for example dims='tzyx'")
+            raise InputError(
+                "dims",
+                "a dask or numpy array has no axis names",
+                "pass dims, for example dims='tzyx'",
+            )
         names = parse_axes(dims, subject="dims")
         data = array
     if not isinstance(data, da.Array):
         data = da.from_array(np.asarray(data), chunks=-1)
     if len(names) != data.ndim:
-        raise InputError("dims", f"{len(names)} axis names for a {data.ndim}-D array",
-                         "give one name per axis")
+        raise InputError(
+            "dims", f"{len(names)} axis names for a {data.ndim}-D array", "give one name per axis"
+        )
     if data.dtype.kind not in "iuf":
-        raise UnsupportedDtypeError("array", f"dtype {data.dtype} cannot be denoised",
-                                    "convert it to an integer or real floating-point type")
+        raise UnsupportedDtypeError(
+            "array",
+            f"dtype {data.dtype} cannot be denoised",
+            "convert it to an integer or real floating-point type",
+        )
     check_frames(data.shape[names.index("t")], subject="array")
     predictor: Predictor = (
         ModelPredictor(model, patch=patch) if isinstance(model, str | os.PathLike) else model
@@ -134,22 +141,35 @@ def denoise(
     if patch is None:
         patch = getattr(predictor, "patch", None)
         if patch is None:
-            raise ConfigError("--patch", f"{predictor!r} has no patch size",
-                              "pass patch=(T, Y, X)")
+            raise ConfigError("--patch", f"{predictor!r} has no patch size", "pass patch=(T, Y, X)")
     sizes = as_patch(patch)
     if chunks is None and labelled and "store_chunks" in array.attrs:
         chunks = dict(array.attrs["store_chunks"])
     out_chunks = _per_axis(chunks, names) if chunks is not None else data.chunksize
     wanted = _per_axis(block, names, movie_only=True) if block is not None else None
-    plan = plan_blocks(data.shape, dims=names, patch=sizes, overlap=overlap, chunks=out_chunks,
-                       block=wanted, memory=memory)
-    result = _lazy(data, plan, predictor=predictor, window_kind=Window(window),
-                   overlap=overlap, batch_size=batch_size)
+    plan = plan_blocks(
+        data.shape,
+        dims=names,
+        patch=sizes,
+        overlap=overlap,
+        chunks=out_chunks,
+        block=wanted,
+        memory=memory,
+    )
+    result = _lazy(
+        data,
+        plan,
+        predictor=predictor,
+        window_kind=Window(window),
+        overlap=overlap,
+        batch_size=batch_size,
+    )
     if labelled:
         import xarray as xr
 
-        return xr.DataArray(result, dims=array.dims, coords=array.coords, attrs=dict(array.attrs),
-                            name=array.name)
+        return xr.DataArray(
+            result, dims=array.dims, coords=array.coords, attrs=dict(array.attrs), name=array.name
+        )
     return result
 
 
@@ -161,14 +181,20 @@ def _per_axis(
     value: Sequence[int] | Mapping[str, int], names: tuple[str, ...], *, movie_only: bool = False
 ) -> Any:
     if isinstance(value, Mapping):
-        return {a: int(v) for a, v in value.items()} if movie_only else tuple(
-            int(value[a]) for a in names)
+        return (
+            {a: int(v) for a, v in value.items()}
+            if movie_only
+            else tuple(int(value[a]) for a in names)
+        )
     values = tuple(int(v) for v in value)
     expected = MOVIE_AXES if movie_only else names
     if len(values) != len(expected):
         what = "--block" if movie_only else "--chunks"
-        raise ConfigError(what, f"{values} does not give one size per axis {''.join(expected)}",
-                          f"give {len(expected)} sizes")
+        raise ConfigError(
+            what,
+            f"{values} does not give one size per axis {''.join(expected)}",
+            f"give {len(expected)} sizes",
+        )
     return dict(zip(expected, values, strict=True)) if movie_only else values
 
 
@@ -232,9 +258,11 @@ def _denoise_block(
         lefts.append(left)
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         where = ", ".join(f"{a}={s}:{e}" for a, s, e in zip(plan.dims, starts, stops, strict=True))
-        raise BlockDataError(f"block {tuple(location)} ({where})",
-                             "the input holds NaN or Inf values",
-                             "replace them (e.g. with the local median) and run again")
+        raise BlockDataError(
+            f"block {tuple(location)} ({where})",
+            "the input holds NaN or Inf values",
+            "replace them (e.g. with the local median) and run again",
+        )
     movie = [plan.dims.index(a) for a in MOVIE_AXES]
     moved = np.moveaxis(x, movie, (-3, -2, -1))
     core = [(starts[a], stops[a]) for a in movie]
@@ -328,8 +356,14 @@ class Ledger:
         if not self._dirty and self._last:
             return
         bits = base64.b64encode(zlib.compress(np.packbits(self._done).tobytes())).decode()
-        payload = json.dumps({"version": 1, "grid": list(self.nblocks),
-                              "fingerprint": self.fingerprint, "done": bits})
+        payload = json.dumps(
+            {
+                "version": 1,
+                "grid": list(self.nblocks),
+                "fingerprint": self.fingerprint,
+                "done": bits,
+            }
+        )
         _write_text(self.path, payload)
         self._dirty = False
         self._last = time.monotonic()
@@ -411,8 +445,11 @@ class WriteReport:
 
 
 def _store_block(block: np.ndarray, target: Any, region: tuple[slice, ...]) -> int:
-    target[region] = block.astype(target.dtype, copy=False) if target.dtype.kind == "f" else (
-        _to_int(block, target.dtype))
+    target[region] = (
+        block.astype(target.dtype, copy=False)
+        if target.dtype.kind == "f"
+        else (_to_int(block, target.dtype))
+    )
     return int(block.size)
 
 
@@ -423,8 +460,11 @@ def _to_int(block: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 def _check_alignment(lazy: da.Array, target: Any) -> None:
     if tuple(target.shape) != tuple(lazy.shape):
-        raise ConfigError("output", f"output shape {tuple(target.shape)} differs from the image "
-                          f"shape {tuple(lazy.shape)}", "create the output like the input")
+        raise ConfigError(
+            "output",
+            f"output shape {tuple(target.shape)} differs from the image shape {tuple(lazy.shape)}",
+            "create the output like the input",
+        )
     grid = getattr(target, "shards", None) or target.chunks
     for a, (sizes, c) in enumerate(zip(lazy.chunks, grid, strict=True)):
         edges = np.cumsum(sizes)[:-1]
@@ -485,9 +525,16 @@ def write(
     total = math.prod(grid)
     book = None
     if ledger is not None:
-        book = Ledger(ledger, nblocks=grid, fingerprint={
-            "shape": list(data.shape), "chunks": [list(c) for c in data.chunks], "run_id": run_id,
-        }, interval=ledger_interval)
+        book = Ledger(
+            ledger,
+            nblocks=grid,
+            fingerprint={
+                "shape": list(data.shape),
+                "chunks": [list(c) for c in data.chunks],
+                "run_id": run_id,
+            },
+            interval=ledger_interval,
+        )
         book.flush()
     todo = [i for i in range(total) if book is None or not book.is_done(i)]
     skipped = total - len(todo)
@@ -504,33 +551,47 @@ def write(
         if book is not None:
             book.mark(flat)
         if progress is not None:
-            progress(Progress(done=skipped + computed, total=total, computed=computed,
-                              skipped=skipped, voxels=voxels,
-                              elapsed=time.monotonic() - started))
+            progress(
+                Progress(
+                    done=skipped + computed,
+                    total=total,
+                    computed=computed,
+                    skipped=skipped,
+                    voxels=voxels,
+                    elapsed=time.monotonic() - started,
+                )
+            )
 
     subgraph = _block_graphs(data)
 
     def task(flat: int) -> Any:
         index = tuple(int(i) for i in np.unravel_index(flat, grid))
         region = tuple(
-            slice(int(sum(c[:i])), int(sum(c[: i + 1]))) for c, i in zip(data.chunks, index,
-                                                                           strict=True)
+            slice(int(sum(c[:i])), int(sum(c[: i + 1])))
+            for c, i in zip(data.chunks, index, strict=True)
         )
         key = (data.name, *index)
         block = Delayed(key, subgraph(key))
         return dask.delayed(_store_block, pure=False)(block, target, region)
 
     if progress is not None:
-        progress(Progress(done=skipped, total=total, computed=0, skipped=skipped, voxels=0,
-                          elapsed=0.0))
+        progress(
+            Progress(done=skipped, total=total, computed=0, skipped=skipped, voxels=0, elapsed=0.0)
+        )
     runner = _run_distributed if client is not None else _run_threads
     try:
         peak = runner(todo, task, finished, wave=wave, client=client, threads=threads)
     finally:
         if book is not None:
             book.flush()
-    return WriteReport(total=total, computed=computed, skipped=skipped, voxels=voxels,
-                       seconds=time.monotonic() - started, max_in_flight=peak)
+    return WriteReport(
+        total=total,
+        computed=computed,
+        skipped=skipped,
+        voxels=voxels,
+        seconds=time.monotonic() - started,
+        max_in_flight=peak,
+    )
 
 
 def _block_graphs(data: da.Array) -> Callable[[tuple[Any, ...]], dict[Any, Any]]:
@@ -546,8 +607,11 @@ def _block_graphs(data: da.Array) -> Callable[[tuple[Any, ...]], dict[Any, Any]]
 
 
 def _client_threads(client: Any) -> int:
-    workers = client.scheduler_info(n_workers=-1)["workers"] if _accepts_n_workers(client) else (
-        client.scheduler_info()["workers"])
+    workers = (
+        client.scheduler_info(n_workers=-1)["workers"]
+        if _accepts_n_workers(client)
+        else (client.scheduler_info()["workers"])
+    )
     return max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
 
 
@@ -660,7 +724,12 @@ def rich_progress(description: str = "denoising") -> Iterator[Callable[[Progress
         def update(p: Progress) -> None:
             eta = "-" if p.eta is None else time.strftime("%H:%M:%S", time.gmtime(p.eta))
             with lock:
-                bar.update(task_id, completed=p.done, total=p.total,
-                           rate=f"{p.voxels_per_s / 1e6:.2f} Mvox/s", eta=eta)
+                bar.update(
+                    task_id,
+                    completed=p.done,
+                    total=p.total,
+                    rate=f"{p.voxels_per_s / 1e6:.2f} Mvox/s",
+                    eta=eta,
+                )
 
         yield update

@@ -106,8 +106,11 @@ def as_patch(patch: Sequence[int] | Mapping[str, int]) -> dict[str, int]:
     else:
         values = tuple(int(v) for v in patch)
         if len(values) != 3:
-            raise ConfigError("--patch", f"patch {values} does not have 3 sizes (t, y, x)",
-                              "give it as T,Y,X, for example --patch 32,64,64")
+            raise ConfigError(
+                "--patch",
+                f"patch {values} does not have 3 sizes (t, y, x)",
+                "give it as T,Y,X, for example --patch 32,64,64",
+            )
         out = dict(zip(MOVIE_AXES, values, strict=True))
     return out
 
@@ -172,8 +175,10 @@ def predict_block(
         if length < p:
             # A short axis is reflect-padded to one patch; the block must hold the whole axis.
             if start0 != 0 or region.shape[a] != length:
-                raise RuntimeError(f"axis {MOVIE_AXES[a]} is shorter than the patch but the block "
-                                   f"does not hold all of it")
+                raise RuntimeError(
+                    f"axis {MOVIE_AXES[a]} is shorter than the patch but the block "
+                    f"does not hold all of it"
+                )
             pads.append((0, p - length))
             starts = np.zeros(1, dtype=np.int64)
         else:
@@ -198,15 +203,17 @@ def predict_block(
     for i in range(0, len(corners), batch):
         group = corners[i : i + batch]
         patches = np.stack(
-            [region[tuple(slice(c, c + p) for c, p in zip(cr, psize, strict=True))]
-             for cr in group]
+            [region[tuple(slice(c, c + p) for c, p in zip(cr, psize, strict=True))] for cr in group]
         )
         preds = np.asarray(predictor(patches), dtype=np.float32)
         if preds.shape != patches.shape:
             raise RuntimeError(f"predictor returned shape {preds.shape} for {patches.shape}")
         for cr, pred in zip(group, preds, strict=True):
-            acc.add(pred, weight, tuple(
-                slice(c - b, c - b + p) for c, b, p in zip(cr, box0, psize, strict=True)))
+            acc.add(
+                pred,
+                weight,
+                tuple(slice(c - b, c - b + p) for c, b, p in zip(cr, box0, psize, strict=True)),
+            )
     keep = tuple(
         slice(int(c[0]) - int(o) - b, int(c[1]) - int(o) - b)
         for c, o, b in zip(core, origin, box0, strict=True)
@@ -244,12 +251,14 @@ def predict_array(
     """
     array = np.asarray(array)
     if dims is None and array.ndim != 3:
-        raise InputError("dims", f"a {array.ndim}-D array needs axis names",
-                         "pass dims, for example dims='tzyx'")
+        raise InputError(
+            "dims", f"a {array.ndim}-D array needs axis names", "pass dims, for example dims='tzyx'"
+        )
     names = parse_axes(dims if dims is not None else "tyx", subject="dims")
     if len(names) != array.ndim:
-        raise InputError("dims", f"{len(names)} axis names for a {array.ndim}-D array",
-                         "give one name per axis")
+        raise InputError(
+            "dims", f"{len(names)} axis names for a {array.ndim}-D array", "give one name per axis"
+        )
     movie_pos = [names.index(a) for a in MOVIE_AXES]
     moved = np.moveaxis(array, movie_pos, (-3, -2, -1))
     check_frames(moved.shape[-3])
@@ -257,8 +266,14 @@ def predict_array(
     shape = moved.shape[-3:]
     for idx in np.ndindex(moved.shape[:-3]):
         out[idx] = predict_block(
-            moved[idx], predictor=predictor, patch=patch, overlap=overlap, origin=(0, 0, 0),
-            shape=shape, core=[(0, n) for n in shape], window_kind=window_kind,
+            moved[idx],
+            predictor=predictor,
+            patch=patch,
+            overlap=overlap,
+            origin=(0, 0, 0),
+            shape=shape,
+            core=[(0, n) for n in shape],
+            window_kind=window_kind,
             batch_size=batch_size,
         )
     return np.moveaxis(out, (-3, -2, -1), movie_pos)
@@ -275,8 +290,11 @@ def _file_key(path: str) -> tuple[Any, ...]:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise StoreNotFoundError(path, "the model file does not exist",
-                                 "give the path of a model written by srdvol train") from None
+        raise StoreNotFoundError(
+            path,
+            "the model file does not exist",
+            "give the path of a model written by srdvol train",
+        ) from None
     except (OSError, ValueError):  # fsspec URLs: key by name only
         return (path,)
     return (str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
@@ -371,7 +389,8 @@ class ModelPredictor:
         network, record = load_cached(self.model_path, device=self.device)
         if patches.shape[1] != int(record.patch[0]):
             raise ModelMismatchError(
-                "--patch", f"patches have {patches.shape[1]} frames but the model was trained "
+                "--patch",
+                f"patches have {patches.shape[1]} frames but the model was trained "
                 f"with patch_t {record.patch[0]} ({self.model_path})",
                 f"use --patch {record.patch[0]},Y,X",
             )
@@ -380,8 +399,9 @@ class ModelPredictor:
         device = next(network.parameters()).device
         use_amp = device.type == "cuda" if self.autocast == "auto" else bool(self.autocast)
         x = torch.from_numpy(np.ascontiguousarray((patches - mean) / std, dtype=np.float32))
-        with torch.inference_mode(), torch.autocast(
-            device_type=device.type, dtype=torch.bfloat16, enabled=use_amp
+        with (
+            torch.inference_mode(),
+            torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp),
         ):
             y = network(x[:, None].to(device))[:, 0]
         return (y.float().cpu().numpy() * std + mean).astype(np.float32)

@@ -218,8 +218,11 @@ def plan_blocks(
     """
     dims = tuple(dims)
     if len(shape) != len(dims) or len(chunks) != len(dims):
-        raise ConfigError("--chunks", f"chunks {tuple(chunks)} do not match dims {dims}",
-                          "give one chunk size per axis")
+        raise ConfigError(
+            "--chunks",
+            f"chunks {tuple(chunks)} do not match dims {dims}",
+            "give one chunk size per axis",
+        )
     steps = {a: stride(int(patch[a]), overlap) for a in ("t", "y", "x")}
     depth = []
     for a, n in zip(dims, shape, strict=True):

@@ -30,8 +30,7 @@ def test_weighted_average_matches_numpy_reference():
 def test_full_coverage_finalize_and_constant_prediction():
     acc = Accumulator((4, 4))
     for region in [(slice(0, 3), slice(0, 4)), (slice(1, 4), slice(0, 4))]:
-        acc.add(np.full((3, 4), 7.5, np.float32), np.linspace(0.1, 1, 4, dtype=np.float32),
-                region)
+        acc.add(np.full((3, 4), 7.5, np.float32), np.linspace(0.1, 1, 4, dtype=np.float32), region)
     out = acc.finalize()
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, 7.5)
@@ -40,5 +39,6 @@ def test_full_coverage_finalize_and_constant_prediction():
 def test_shape_mismatch_is_refused():
     acc = Accumulator((4, 4))
     with pytest.raises(ValueError, match="does not match"):
-        acc.add(np.zeros((2, 2), np.float32), np.ones((2, 2), np.float32),
-                (slice(0, 3), slice(0, 3)))
+        acc.add(
+            np.zeros((2, 2), np.float32), np.ones((2, 2), np.float32), (slice(0, 3), slice(0, 3))
+        )

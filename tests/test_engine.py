@@ -34,18 +34,36 @@ def noisy(shape, seed=0):
 
 
 @given(
-    t=st.integers(16, 36), z=st.integers(1, 2), y=st.integers(2, 24), x=st.integers(2, 24),
-    ct=st.integers(2, 12), cy=st.integers(1, 10), cx=st.integers(1, 10),
-    pt=st.integers(1, 20), py=st.integers(1, 12), px=st.integers(1, 12),
-    bt=st.integers(1, 30), by=st.integers(1, 20), bx=st.integers(1, 20),
-    overlap=st.floats(0, 0.8), kind=st.sampled_from(["tent", "cos2"]),
+    t=st.integers(16, 36),
+    z=st.integers(1, 2),
+    y=st.integers(2, 24),
+    x=st.integers(2, 24),
+    ct=st.integers(2, 12),
+    cy=st.integers(1, 10),
+    cx=st.integers(1, 10),
+    pt=st.integers(1, 20),
+    py=st.integers(1, 12),
+    px=st.integers(1, 12),
+    bt=st.integers(1, 30),
+    by=st.integers(1, 20),
+    bx=st.integers(1, 20),
+    overlap=st.floats(0, 0.8),
+    kind=st.sampled_from(["tent", "cos2"]),
 )
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_affine_known_answer_any_blocks(t, z, y, x, ct, cy, cx, pt, py, px, bt, by, bx, overlap,
-                                        kind):
+def test_affine_known_answer_any_blocks(
+    t, z, y, x, ct, cy, cx, pt, py, px, bt, by, bx, overlap, kind
+):
     arr = noisy((t, z, y, x), seed=t + y + x)
-    lazy = denoise(da.from_array(arr, chunks=(ct, 1, cy, cx)), AffineModel(2, 1), dims="tzyx",
-                   patch=(pt, py, px), overlap=overlap, block=(bt, by, bx), window=kind)
+    lazy = denoise(
+        da.from_array(arr, chunks=(ct, 1, cy, cx)),
+        AffineModel(2, 1),
+        dims="tzyx",
+        patch=(pt, py, px),
+        overlap=overlap,
+        block=(bt, by, bx),
+        window=kind,
+    )
     out = lazy.compute(scheduler="sync")
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, 2 * arr + 1, rtol=2e-6, atol=2e-5)
@@ -57,8 +75,7 @@ def test_seamless_and_block_size_invariant():
     ref = predict_array(arr, PatchMeanModel(), patch=kw["patch"], overlap=0.3, dims="tzyx")
     results = []
     for block in [(16, 10, 10), (20, 15, 20), (40, 37, 33)]:
-        lazy = denoise(da.from_array(arr, chunks=(8, 1, 5, 5)), PatchMeanModel(), block=block,
-                       **kw)
+        lazy = denoise(da.from_array(arr, chunks=(8, 1, 5, 5)), PatchMeanModel(), block=block, **kw)
         assert lazy.numblocks[1] == 2  # each z plane is its own block
         results.append(lazy.compute(scheduler="sync"))
     assert len({r.tobytes() for r in results}) == 1  # identical for every block size
@@ -69,9 +86,13 @@ def test_seamless_and_block_size_invariant():
 
 def test_xarray_in_xarray_out():
     arr = noisy((16, 12, 10))
-    image = xr.DataArray(da.from_array(arr, chunks=(8, 6, 5)), dims=("t", "y", "x"),
-                         coords={"t": np.arange(16) * 0.5}, attrs={"source": "x.zarr"},
-                         name="img")
+    image = xr.DataArray(
+        da.from_array(arr, chunks=(8, 6, 5)),
+        dims=("t", "y", "x"),
+        coords={"t": np.arange(16) * 0.5},
+        attrs={"source": "x.zarr"},
+        name="img",
+    )
     out = denoise(image, AffineModel(2, 1), patch=(16, 6, 6), block=(16, 6, 5))
     assert isinstance(out, xr.DataArray)
     assert out.dims == image.dims and out.attrs == image.attrs and out.name == "img"
@@ -93,13 +114,22 @@ def test_map_overlap_graph_stays_small():
     [
         ({"array": np.zeros((16, 4, 4), np.float32)}, InputError, "dims"),
         ({"array": np.zeros((15, 4, 4), np.float32), "dims": "tyx"}, DataError, "15 frames"),
-        ({"array": np.zeros((16, 4, 4), np.complex64), "dims": "tyx"}, UnsupportedDtypeError,
-         "complex"),
-        ({"array": np.zeros((16, 4, 4), np.float32), "dims": "tyx", "patch": None}, ConfigError,
-         "patch"),
+        (
+            {"array": np.zeros((16, 4, 4), np.complex64), "dims": "tyx"},
+            UnsupportedDtypeError,
+            "complex",
+        ),
+        (
+            {"array": np.zeros((16, 4, 4), np.float32), "dims": "tyx", "patch": None},
+            ConfigError,
+            "patch",
+        ),
         ({"array": np.zeros((16, 4, 4), np.float32), "dims": "tzyx"}, InputError, "4-D|3-D"),
-        ({"array": np.zeros((16, 4, 4), np.float32), "dims": "tyx", "block": (4, 4)},
-         ConfigError, "block"),
+        (
+            {"array": np.zeros((16, 4, 4), np.float32), "dims": "tyx", "block": (4, 4)},
+            ConfigError,
+            "block",
+        ),
     ],
 )
 def test_denoise_argument_errors(kwargs, error, match):
@@ -112,13 +142,15 @@ def test_denoise_argument_errors(kwargs, error, match):
 def test_nan_block_is_named():
     arr = noisy((16, 8, 8))
     arr[3, 6, 7] = np.nan
-    lazy = denoise(arr, AffineModel(), dims="tyx", patch=(16, 4, 4), chunks=(16, 4, 4),
-                   block=(16, 4, 4))
+    lazy = denoise(
+        arr, AffineModel(), dims="tyx", patch=(16, 4, 4), chunks=(16, 4, 4), block=(16, 4, 4)
+    )
     with pytest.raises(BlockDataError, match=r"block \(0, 1, 1\).*NaN"):
         lazy.compute(scheduler="sync")
 
 
 # --- writer -----------------------------------------------------------------------------------
+
 
 def make_output(path, shape, chunks, dtype="float32"):
     return zarr.create_array(str(path), shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
@@ -127,12 +159,19 @@ def make_output(path, shape, chunks, dtype="float32"):
 def test_writer_threads_resume_and_wave(tmp_path):
     arr = noisy((32, 2, 24, 20), seed=2)
     out = make_output(tmp_path / "out.zarr", arr.shape, (8, 1, 8, 10))
-    lazy = denoise(da.from_array(arr, chunks=(8, 1, 8, 10)), PatchMeanModel(), dims="tzyx",
-                   patch=(16, 6, 6), chunks=out.chunks, block=(16, 8, 10))
+    lazy = denoise(
+        da.from_array(arr, chunks=(8, 1, 8, 10)),
+        PatchMeanModel(),
+        dims="tzyx",
+        patch=(16, 6, 6),
+        chunks=out.chunks,
+        block=(16, 8, 10),
+    )
     ledger = tmp_path / "out.zarr" / "srdvol_ledger.json"
     seen = []
-    report = write(lazy, out, ledger=ledger, wave=3, threads=2, progress=seen.append,
-                   ledger_interval=0)
+    report = write(
+        lazy, out, ledger=ledger, wave=3, threads=2, progress=seen.append, ledger_interval=0
+    )
     total = int(np.prod(lazy.numblocks))
     assert (report.total, report.computed, report.skipped) == (total, total, 0)
     assert report.voxels == arr.size
@@ -141,8 +180,14 @@ def test_writer_threads_resume_and_wave(tmp_path):
     assert [p.done for p in seen] == list(range(total + 1))
     ref = predict_array(arr, PatchMeanModel(), patch=(16, 6, 6), overlap=0.25, dims="tzyx")
     np.testing.assert_allclose(out[...], ref, rtol=1e-5)
-    assert Ledger(ledger, nblocks=lazy.numblocks, fingerprint=json.loads(ledger.read_text())[
-        "fingerprint"]).count == total
+    assert (
+        Ledger(
+            ledger,
+            nblocks=lazy.numblocks,
+            fingerprint=json.loads(ledger.read_text())["fingerprint"],
+        ).count
+        == total
+    )
     again = write(lazy, out, ledger=ledger, wave=3)
     assert (again.computed, again.skipped) == (0, total)
     with pytest.raises(OutputExistsError, match="other parameters"):
@@ -154,8 +199,9 @@ def test_rich_progress_bar_reports_blocks(tmp_path, capsys):
 
     arr = noisy((16, 8, 16))
     out = make_output(tmp_path / "o.zarr", arr.shape, (16, 8, 8))
-    lazy = denoise(arr, AffineModel(), dims="tyx", patch=(16, 4, 4), chunks=(16, 8, 8),
-                   block=(16, 8, 8))
+    lazy = denoise(
+        arr, AffineModel(), dims="tyx", patch=(16, 4, 4), chunks=(16, 8, 8), block=(16, 8, 8)
+    )
     with rich_progress("testing") as bar:
         report = write(lazy, out, progress=bar)
     assert report.computed == 2
@@ -166,8 +212,9 @@ def test_rich_progress_bar_reports_blocks(tmp_path, capsys):
 def test_writer_refuses_unaligned_blocks(tmp_path):
     arr = noisy((32, 20, 20))
     out = make_output(tmp_path / "o.zarr", arr.shape, (32, 20, 20))
-    lazy = denoise(arr, AffineModel(), dims="tyx", patch=(16, 4, 4), chunks=(16, 10, 10),
-                   block=(16, 10, 10))
+    lazy = denoise(
+        arr, AffineModel(), dims="tyx", patch=(16, 4, 4), chunks=(16, 10, 10), block=(16, 10, 10)
+    )
     with pytest.raises(ConfigError, match="not multiples of the output chunks"):
         write(lazy, out)
     assert not np.any(out[...])  # nothing was written
@@ -175,14 +222,21 @@ def test_writer_refuses_unaligned_blocks(tmp_path):
 
 def test_writer_aligns_to_shards(tmp_path):
     arr = noisy((32, 16, 16))
-    out = zarr.create_array(str(tmp_path / "s.zarr"), shape=arr.shape, chunks=(8, 4, 4),
-                            shards=(16, 8, 8), dtype="float32")
-    chunk_aligned = denoise(arr, AffineModel(2, 1), dims="tyx", patch=(16, 4, 4),
-                            chunks=out.chunks, block=(8, 4, 4))
+    out = zarr.create_array(
+        str(tmp_path / "s.zarr"),
+        shape=arr.shape,
+        chunks=(8, 4, 4),
+        shards=(16, 8, 8),
+        dtype="float32",
+    )
+    chunk_aligned = denoise(
+        arr, AffineModel(2, 1), dims="tyx", patch=(16, 4, 4), chunks=out.chunks, block=(8, 4, 4)
+    )
     with pytest.raises(ConfigError, match="chunks/shards"):
         write(chunk_aligned, out)
-    lazy = denoise(arr, AffineModel(2, 1), dims="tyx", patch=(16, 4, 4), chunks=out.shards,
-                   block=(8, 4, 4))
+    lazy = denoise(
+        arr, AffineModel(2, 1), dims="tyx", patch=(16, 4, 4), chunks=out.shards, block=(8, 4, 4)
+    )
     assert write(lazy, out, threads=2, wave=4).computed == 8
     np.testing.assert_allclose(out[...], 2 * arr + 1, rtol=2e-6)
 
@@ -229,8 +283,9 @@ def test_resume_after_sigkill(tmp_path):
     script.write_text(RESUME_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     total = 2 * 3 * 3
-    proc = subprocess.Popen([sys.executable, str(script), str(src), str(dst), str(ledger), "0.3"],
-                            env=env)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(src), str(dst), str(ledger), "0.3"], env=env
+    )
     try:
         deadline = time.monotonic() + 200
         done = 0
@@ -246,27 +301,48 @@ def test_resume_after_sigkill(tmp_path):
     recorded = recorded_blocks(ledger)
     assert 4 <= recorded < total
     # Rerun to the end (fast model: same values) and count what it computed.
-    rerun = subprocess.run([sys.executable, str(script), str(src), str(dst), str(ledger), "0"],
-                           env=env, capture_output=True, text=True, check=True)
+    rerun = subprocess.run(
+        [sys.executable, str(script), str(src), str(dst), str(ledger), "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     computed, skipped = map(int, rerun.stdout.split())
     assert (computed, skipped) == (total - recorded, recorded)
     # Identical to an uninterrupted run.
     fresh = make_output(tmp_path / "fresh.zarr", arr.shape, (16, 8, 8))
-    write(denoise(arr, AffineModel(2, 1), dims="tyx", patch=(16, 8, 8), chunks=(16, 8, 8),
-                  block=(16, 8, 8)), fresh)
+    write(
+        denoise(
+            arr,
+            AffineModel(2, 1),
+            dims="tyx",
+            patch=(16, 8, 8),
+            chunks=(16, 8, 8),
+            block=(16, 8, 8),
+        ),
+        fresh,
+    )
     np.testing.assert_array_equal(zarr.open_array(str(dst))[...], fresh[...])
     np.testing.assert_allclose(fresh[...], 2 * arr + 1, rtol=2e-6)
 
 
 # --- distributed ------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def client():
     distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-        host="127.0.0.1",
-    ) as cluster, distributed.Client(cluster) as c:
+    with (
+        distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            host="127.0.0.1",
+        ) as cluster,
+        distributed.Client(cluster) as c,
+    ):
         yield c
 
 
@@ -276,16 +352,28 @@ def test_writer_on_local_cluster(tmp_path, client):
     src = tmp_path / "in.zarr"
     zarr.create_array(str(src), data=arr, chunks=(16, 1, 8, 8))
     out = make_output(tmp_path / "out.zarr", arr.shape, (16, 1, 8, 8))
-    lazy = denoise(da.from_zarr(zarr.open_array(str(src), mode="r")), PatchMeanModel(),
-                   dims="tzyx", patch=(16, 6, 6), chunks=out.chunks, block=(16, 8, 8))
+    lazy = denoise(
+        da.from_zarr(zarr.open_array(str(src), mode="r")),
+        PatchMeanModel(),
+        dims="tzyx",
+        patch=(16, 6, 6),
+        chunks=out.chunks,
+        block=(16, 8, 8),
+    )
     total = int(np.prod(lazy.numblocks))
     in_flight = []
 
     def watch(p):
         in_flight.append(len(client.futures))  # every future this client holds
 
-    report = write(lazy, out, client=client, wave=3, progress=watch,
-                   ledger=tmp_path / "out.zarr" / "ledger.json")
+    report = write(
+        lazy,
+        out,
+        client=client,
+        wave=3,
+        progress=watch,
+        ledger=tmp_path / "out.zarr" / "ledger.json",
+    )
     assert total == 24 and report.computed == total
     assert max(in_flight) <= 3 and report.max_in_flight <= 3
     ref = predict_array(arr, PatchMeanModel(), patch=(16, 6, 6), overlap=0.25, dims="tzyx")
@@ -299,13 +387,20 @@ def test_nan_block_error_travels_back_from_worker(tmp_path, client):
     arr = noisy((16, 8, 16))
     arr[2, 1, 12] = np.inf
     out = make_output(tmp_path / "out.zarr", arr.shape, (16, 8, 8))
-    lazy = denoise(da.from_array(arr, chunks=(16, 8, 8)), AffineModel(), dims="tyx",
-                   patch=(16, 4, 4), chunks=out.chunks, block=(16, 8, 8))
+    lazy = denoise(
+        da.from_array(arr, chunks=(16, 8, 8)),
+        AffineModel(),
+        dims="tyx",
+        patch=(16, 4, 4),
+        chunks=out.chunks,
+        block=(16, 8, 8),
+    )
     with pytest.raises(BlockDataError, match=r"block \(0, 0, 1\) \(t=0:16, y=0:8, x=8:16\)"):
         write(lazy, out, client=client, ledger=tmp_path / "l.json")
 
 
 # --- with the real reader and output writer ---------------------------------------------------
+
 
 def test_open_image_denoise_write_roundtrip(tmp_path, make_image):
     from ome_zarr_models import v05
@@ -313,12 +408,14 @@ def test_open_image_denoise_write_roundtrip(tmp_path, make_image):
     from srdvol.io import open_image
     from srdvol.output import create_output
 
-    path, data = make_image(axes="tzyx", shape=(20, 2, 24, 20), dtype="uint16",
-                            chunks=(4, 1, 8, 10))
+    path, data = make_image(
+        axes="tzyx", shape=(20, 2, 24, 20), dtype="uint16", chunks=(4, 1, 8, 10)
+    )
     image = open_image(path)
     out_path = tmp_path / "out.zarr"
-    out = create_output(out_path, like=image, provenance={"patch": [16, 8, 8]},
-                        chunks={"t": 4, "y": 8, "x": 10})
+    out = create_output(
+        out_path, like=image, provenance={"patch": [16, 8, 8]}, chunks={"t": 4, "y": 8, "x": 10}
+    )
     lazy = denoise(image, AffineModel(2, 1), patch=(16, 8, 8), chunks=out.chunks)
     assert lazy.dims == image.dims
     report = write(lazy, out, ledger=out_path / "srdvol_ledger.json", run_id="r1")

@@ -21,8 +21,9 @@ from srdvol.tiling import lattice, stride, window
 def reference_pass(movie, model, patch, overlap, kind="tent"):
     """Independent global sliding window: pad short axes, loop over the lattice, weighted mean."""
     shape = movie.shape
-    padded = np.pad(movie, [(0, max(0, p - n)) for n, p in zip(shape, patch, strict=True)],
-                    mode="reflect").astype(np.float64)
+    padded = np.pad(
+        movie, [(0, max(0, p - n)) for n, p in zip(shape, patch, strict=True)], mode="reflect"
+    ).astype(np.float64)
     num = np.zeros(padded.shape)
     den = np.zeros(padded.shape)
     w = window(patch, kind).astype(np.float64)
@@ -38,16 +39,22 @@ def reference_pass(movie, model, patch, overlap, kind="tent"):
 
 
 @given(
-    t=st.integers(16, 30), y=st.integers(1, 14), x=st.integers(1, 14),
-    pt=st.integers(1, 20), py=st.integers(1, 9), px=st.integers(1, 9),
-    overlap=st.floats(0, 0.9), kind=st.sampled_from(["tent", "cos2"]),
+    t=st.integers(16, 30),
+    y=st.integers(1, 14),
+    x=st.integers(1, 14),
+    pt=st.integers(1, 20),
+    py=st.integers(1, 9),
+    px=st.integers(1, 9),
+    overlap=st.floats(0, 0.9),
+    kind=st.sampled_from(["tent", "cos2"]),
 )
 @settings(max_examples=40, deadline=None)
 def test_affine_known_answer_whole_array(t, y, x, pt, py, px, overlap, kind):
     rng = np.random.default_rng(t * 1000 + y * 10 + x)
     movie = rng.normal(50, 20, size=(t, y, x)).astype(np.float32)
-    out = predict_array(movie, AffineModel(2, 1), patch=(pt, py, px), overlap=overlap,
-                        window_kind=kind)
+    out = predict_array(
+        movie, AffineModel(2, 1), patch=(pt, py, px), overlap=overlap, window_kind=kind
+    )
     assert out.dtype == np.float32 and out.shape == movie.shape
     np.testing.assert_allclose(out, 2 * movie + 1, rtol=2e-6, atol=2e-5)
 
@@ -76,16 +83,29 @@ def test_predict_block_pieces_equal_whole_pass():
             hi = (min(40, t1 + 15), min(17, y1 + 5), 19)
             region = movie[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
             pieces[t0:t1, y0:y1] = predict_block(
-                region, predictor=PatchMeanModel(), patch=patch, overlap=overlap, origin=lo,
-                shape=movie.shape, core=[(t0, t1), (y0, y1), (0, 19)])
+                region,
+                predictor=PatchMeanModel(),
+                patch=patch,
+                overlap=overlap,
+                origin=lo,
+                shape=movie.shape,
+                core=[(t0, t1), (y0, y1), (0, 19)],
+            )
     np.testing.assert_array_equal(pieces, whole)
 
 
 def test_predict_block_refuses_region_without_halo():
     movie = np.ones((32, 10, 10), np.float32)
     with pytest.raises(RuntimeError, match="does not contain"):
-        predict_block(movie[10:20], predictor=AffineModel(), patch=(16, 4, 4), overlap=0.25,
-                      origin=(10, 0, 0), shape=movie.shape, core=[(10, 20), (0, 10), (0, 10)])
+        predict_block(
+            movie[10:20],
+            predictor=AffineModel(),
+            patch=(16, 4, 4),
+            overlap=0.25,
+            origin=(10, 0, 0),
+            shape=movie.shape,
+            core=[(10, 20), (0, 10), (0, 10)],
+        )
 
 
 def test_multi_axis_array_treats_each_plane_as_a_movie():
@@ -95,8 +115,9 @@ def test_multi_axis_array_treats_each_plane_as_a_movie():
     for c in range(2):
         for z in range(3):
             np.testing.assert_array_equal(
-                out[c, :, z], predict_array(arr[c, :, z], PatchMeanModel(), patch=(16, 4, 4),
-                                            overlap=0.25))
+                out[c, :, z],
+                predict_array(arr[c, :, z], PatchMeanModel(), patch=(16, 4, 4), overlap=0.25),
+            )
 
 
 def test_errors_short_movie_and_missing_dims():
@@ -116,6 +137,7 @@ def test_stand_ins_pickle():
 
 # --- ModelPredictor, with a fake checkpoint module standing in for srdvol.model.checkpoint ---
 
+
 @pytest.fixture
 def fake_checkpoint(monkeypatch, tmp_path):
     torch = pytest.importorskip("torch")
@@ -128,8 +150,9 @@ def fake_checkpoint(monkeypatch, tmp_path):
         with torch.no_grad():
             net.weight.fill_(2.0)
             net.bias.zero_()
-        record = SimpleNamespace(patch=(16, 4, 4),
-                                 normalization=SimpleNamespace(mean=10.0, std=4.0))
+        record = SimpleNamespace(
+            patch=(16, 4, 4), normalization=SimpleNamespace(mean=10.0, std=4.0)
+        )
         return net, record
 
     module = types.ModuleType("srdvol.model.checkpoint")
@@ -174,8 +197,12 @@ def test_model_predictor_with_a_real_model_file(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     monkeypatch.setattr(predict, "_CACHE", {})
-    record = ModelRecord(network=NetworkConfig.tiny(patch_t=16), patch=(16, 16, 16),
-                         sampling="spatial", normalization=Normalization(mean=100.0, std=10.0))
+    record = ModelRecord(
+        network=NetworkConfig.tiny(patch_t=16),
+        patch=(16, 16, 16),
+        sampling="spatial",
+        normalization=Normalization(mean=100.0, std=10.0),
+    )
     network = build_network(record.network).eval()
     path = tmp_path / "tiny.srdvol"
     save_model(path, network, record)

@@ -67,8 +67,12 @@ def test_tent_known_values():
     np.testing.assert_allclose(window_1d(4, "tent"), [0.25, 0.75, 0.75, 0.25])
 
 
-@given(length=st.integers(1, 200), chunk=st.integers(1, 40), mult=st.integers(1, 4),
-       depth=st.integers(0, 30))
+@given(
+    length=st.integers(1, 200),
+    chunk=st.integers(1, 40),
+    mult=st.integers(1, 4),
+    depth=st.integers(0, 30),
+)
 @settings(max_examples=200, deadline=None)
 def test_axis_blocks_partition_and_alignment(length, chunk, mult, depth):
     block = max(chunk * mult, -(-depth // chunk) * chunk)
@@ -82,11 +86,22 @@ def test_axis_blocks_partition_and_alignment(length, chunk, mult, depth):
 
 
 @given(
-    t=st.integers(16, 80), z=st.integers(1, 3), y=st.integers(3, 90), x=st.integers(3, 90),
-    pt=st.integers(2, 24), py=st.integers(2, 24), px=st.integers(2, 24),
-    ct=st.integers(1, 20), cz=st.integers(1, 2), cy=st.integers(1, 30), cx=st.integers(1, 30),
-    overlap=st.floats(0, 0.8), budget=st.integers(10_000, 5_000_000),
-    given_block=st.booleans(), bt=st.integers(1, 40), bxy=st.integers(1, 40),
+    t=st.integers(16, 80),
+    z=st.integers(1, 3),
+    y=st.integers(3, 90),
+    x=st.integers(3, 90),
+    pt=st.integers(2, 24),
+    py=st.integers(2, 24),
+    px=st.integers(2, 24),
+    ct=st.integers(1, 20),
+    cz=st.integers(1, 2),
+    cy=st.integers(1, 30),
+    cx=st.integers(1, 30),
+    overlap=st.floats(0, 0.8),
+    budget=st.integers(10_000, 5_000_000),
+    given_block=st.booleans(),
+    bt=st.integers(1, 40),
+    bxy=st.integers(1, 40),
 )
 @settings(max_examples=150, deadline=None)
 def test_plan_blocks_partition_align_and_halo(
@@ -94,8 +109,15 @@ def test_plan_blocks_partition_align_and_halo(
 ):
     shape, dims, chunks = (t, z, y, x), "tzyx", (ct, cz, cy, cx)
     block = {"t": bt, "y": bxy, "x": bxy} if given_block else None
-    plan = plan_blocks(shape, dims=dims, patch={"t": pt, "y": py, "x": px}, overlap=overlap,
-                       chunks=chunks, block=block, memory=budget)
+    plan = plan_blocks(
+        shape,
+        dims=dims,
+        patch={"t": pt, "y": py, "x": px},
+        overlap=overlap,
+        chunks=chunks,
+        block=block,
+        memory=budget,
+    )
     for a, (n, c, sizes) in enumerate(zip(shape, chunks, plan.chunks, strict=True)):
         assert sum(sizes) == n  # cores partition the axis
         assert np.all(np.cumsum(sizes)[:-1] % c == 0)  # aligned to output chunks
@@ -116,8 +138,14 @@ def test_plan_blocks_partition_align_and_halo(
 
 
 def test_plan_grows_blocks_within_memory_budget():
-    plan = plan_blocks((64, 512, 512), dims="tyx", patch={"t": 16, "y": 32, "x": 32},
-                       overlap=0.25, chunks=(8, 64, 64), memory=64 * 2**20)
+    plan = plan_blocks(
+        (64, 512, 512),
+        dims="tyx",
+        patch={"t": 16, "y": 32, "x": 32},
+        overlap=0.25,
+        chunks=(8, 64, 64),
+        memory=64 * 2**20,
+    )
     region = np.prod([b + 2 * d for b, d in zip(plan.block_shape, plan.depth, strict=True)])
     assert region * 16 <= 64 * 2**20
     assert np.prod(plan.block_shape) > 8 * 64 * 64 * 8  # grew well beyond one chunk
@@ -126,5 +154,6 @@ def test_plan_grows_blocks_within_memory_budget():
 
 def test_plan_rejects_mismatched_chunks():
     with pytest.raises(ConfigError, match="chunks"):
-        plan_blocks((32, 8, 8), dims="tyx", patch={"t": 16, "y": 4, "x": 4}, overlap=0.25,
-                    chunks=(8, 8))
+        plan_blocks(
+            (32, 8, 8), dims="tyx", patch={"t": 16, "y": 4, "x": 4}, overlap=0.25, chunks=(8, 8)
+        )
