@@ -24,14 +24,13 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from distributed import Client, Future, get_worker, wait
 from distributed.comm import get_address_host
 
-from srdvol.errors import ConfigError, OutputExistsError, TrainingInterruptedError
-from srdvol.train import Trainer
+from srdvol.errors import ConfigError, TrainingInterruptedError
+from srdvol.train import Trainer, TrainingPlan, prepare_training, run_training
 
 __all__ = [
     "DDPContext",
@@ -457,7 +456,8 @@ def _rich_bar() -> Iterator[Callable[[Progress], None]]:
 
 
 # --------------------------------------------------------------------------------------------
-# srdvol training across workers (reuses srdvol.train's Trainer and run_loop)
+# srdvol training across workers (srdvol.train's prepare_training on the client, run_training
+# on every rank)
 
 
 def plan_training(
@@ -484,66 +484,34 @@ def plan_training(
     """Check the options and the data on the client; return the keyword arguments of
     :func:`train_rank` (what every rank needs, small enough to travel through the scheduler).
 
-    Parameters are those of :func:`train_distributed`. Nothing is written here.
+    Parameters are those of :func:`train_distributed`. The checks are
+    :func:`srdvol.train.prepare_training`'s, for as many ranks as workers are chosen, so a
+    distributed run accepts and refuses what :func:`srdvol.train.train` does; like it, starting
+    afresh with ``overwrite`` deletes a stale training state. The result also holds
+    ``"workers"``, the chosen worker addresses in rank order (pop it before sending).
     """
-    import srdvol.train as single
-    from srdvol.model.network import NetworkConfig
-    from srdvol.normalize import Statistics, sample_statistics
-    from srdvol.sampling import training_read_shape
-
-    patch = tuple(int(v) for v in (patch or single.DEFAULT_PATCH))  # type: ignore[assignment]
-    if len(patch) != 3:
-        raise ConfigError("--patch", f"{patch} is not three sizes", "pass T,Y,X")
-    if sampling not in ("spatial", "temporal", "auto"):
-        raise ConfigError("--sampling", f"{sampling!r} is unknown", "use spatial, temporal or auto")
-    steps = int(steps or single.DEFAULT_STEPS)
-    batch_size = int(batch_size or single.DEFAULT_BATCH_SIZE)
-    lr = float(lr or single.DEFAULT_LR)
-    config = network or NetworkConfig.from_options(patch_t=patch[0])
-    single._check_patch(patch, "temporal" if sampling == "temporal" else "spatial", config)
     addresses = [a for a, _ in _choose_workers(client, workers)[0]]
-
-    model_file = Path(model_path).absolute()
-    state_file = single.state_path(model_file)
-    saved = single._load_state(state_file) if resume and state_file.exists() else None
-    if saved is None and not overwrite and (model_file.exists() or state_file.exists()):
-        raise OutputExistsError(
-            model_file,
-            "a model (or its training state) already exists",
-            "pass --resume to continue that training, --overwrite to replace it, or choose "
-            "another model path",
-        )
-    image = single._open(source, level=level, axes=axes, channel=channel)
-    stats = sample_statistics(image, seed=seed)  # validates the data before anything is written
-    if saved is not None:
-        sampling = saved["options"]["sampling"]
-    elif sampling == "auto":
-        sampling, estimate = single.choose_sampling(image, patch=patch, seed=seed)
-        logger.info("sampling auto: %s", estimate.reason)
-        single._check_patch(patch, sampling, config)
-    options = {
-        "patch": list(patch),
-        "sampling": sampling,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
-        "network": config.model_dump(mode="json"),
-        "world_size": len(addresses),
-    }
-    if saved is not None:
-        single._check_resume(saved["options"], options, state_file)
-        stats = Statistics.from_dict(saved["stats"])
+    plan = prepare_training(
+        source,
+        model_path,
+        patch=patch,
+        sampling=sampling,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        network=network,
+        resume=resume,
+        overwrite=overwrite,
+        level=level,
+        axes=axes,
+        channel=channel,
+        world_size=len(addresses),
+    )
     return {
-        "source": source if not isinstance(source, str | os.PathLike) else os.fspath(source),
-        "model_path": str(model_file),
-        "options": options,
-        "stats": stats.to_dict(),
-        "read": tuple(training_read_shape(patch, sampling=sampling)),  # type: ignore[arg-type]
-        "steps": steps,
+        "plan": plan.portable(),  # without the state's tensors: each rank reads the file
         "checkpoint_every": checkpoint_every,
         "stop_after": stop_after,
-        "resume": saved is not None,
-        "open_options": {"level": level, "axes": axes, "channel": channel},
         "workers": addresses,
     }
 
@@ -551,111 +519,33 @@ def plan_training(
 def train_rank(
     ctx: DDPContext,
     *,
-    source: Any,
-    model_path: str,
-    options: dict[str, Any],
-    stats: dict[str, Any],
-    read: tuple[int, int, int],
-    steps: int,
+    plan: TrainingPlan,
     checkpoint_every: int,
     stop_after: int | None,
-    resume: bool,
-    open_options: dict[str, Any],
 ) -> Any:
-    """One rank of :func:`train_distributed`: :class:`srdvol.train.Trainer` and
-    :func:`srdvol.train.run_loop` with a DDP-wrapped network and this rank's patch stream.
+    """One rank of :func:`train_distributed`: :func:`srdvol.train.run_training` with a
+    DDP-wrapped network, this rank's patch stream and progress reports to the client.
 
     Every rank checkpoints at the same steps (the per-rank random streams are gathered); rank 0
     writes the training state and, at the end, the model file, and returns the model record.
+    ``plan`` is the :class:`srdvol.train.TrainingPlan` of :func:`plan_training`.
     """
-    import torch
-    import torch.distributed as dist
+    from functools import partial
 
-    import srdvol.train as single
-    from srdvol.model.network import NetworkConfig, build_network
-    from srdvol.normalize import Statistics
-    from srdvol.patches import PatchSampler
-
-    image = single._open(source, **open_options)
-    statistics = Statistics.from_dict(stats)
-    config = NetworkConfig.model_validate(options["network"])
-    seed = int(options["seed"])
-    batch = int(options["batch_size"])
-    state_file = single.state_path(model_path)
-    device = torch.device(ctx.device)
-    with single._reproducible(seed, device):
-        trainer = _ReportingTrainer(
-            build_network(config),
-            stats=statistics,
-            sampling=options["sampling"],
-            lr=float(options["lr"]),
-            steps=steps,
-            seed=seed,
-            device=device,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            wrap=ctx.wrap,
-            ctx=ctx,
-            samples_per_step=batch * ctx.world_size,
-        )
-        sampler = PatchSampler(
-            image, patch=read, seed=seed, rank=ctx.rank, world_size=ctx.world_size, batch_size=batch
-        )
-        if resume:
-            saved = single._load_state(state_file)
-            mine = saved["ranks"][ctx.rank]
-            trainer.load_state_dict({**saved["trainer"], **mine["trainer"]})
-            sampler.load_state_dict(mine["sampler"])
-            trainer.losses = list(saved["losses"])
-
-        def checkpoint(step: int) -> None:
-            own = {
-                "trainer": {
-                    "generator": trainer.generator.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                },
-                "sampler": sampler.state_dict(),
-            }
-            ranks: list[Any] = [None] * ctx.world_size
-            dist.all_gather_object(ranks, own)  # a collective: every rank checkpoints together
-            if ctx.is_main:
-                single._save_state(
-                    state_file,
-                    {
-                        "options": options,
-                        "stats": stats,
-                        "trainer": trainer.state_dict(),
-                        "sampler": ranks[0]["sampler"],
-                        "ranks": ranks,
-                        "losses": trainer.losses,
-                    },
-                )
-                ctx.checkpoint_written(str(state_file), step)
-
-        single.run_loop(
-            trainer,
-            sampler,
-            steps=steps,
-            checkpoint_every=checkpoint_every,
-            on_checkpoint=checkpoint,
-            stop_after=stop_after,
-            progress=False,
-        )
-    if not ctx.is_main:
-        return None
-    record = single._record(
-        config,
-        tuple(options["patch"]),  # type: ignore[arg-type]
-        options["sampling"],
-        statistics,
-        image,
-        trainer,
-        seed,
-        trainer.losses,
-        options,
+    record = run_training(
+        plan,
+        device=ctx.device,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        wrap=ctx.wrap,
+        checkpoint_every=checkpoint_every,
+        stop_after=stop_after,
+        make_trainer=partial(
+            _ReportingTrainer, ctx=ctx, samples_per_step=plan.batch_size * ctx.world_size
+        ),
+        on_checkpoint=lambda path, step: ctx.checkpoint_written(str(path), step),
     )
-    single._write_model(Path(model_path), trainer.network, record)
-    return record
+    return record if ctx.is_main else None
 
 
 class _ReportingTrainer(Trainer):
@@ -665,13 +555,11 @@ class _ReportingTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.ctx = ctx
         self.samples_per_step = samples_per_step
-        self.losses: list[float] = []
         self._last: float | None = None
 
     def step(self, batch: Any) -> float:
         start = self._last if self._last is not None else time.perf_counter()
         loss = super().step(batch)
-        self.losses.append(loss)
         now = time.perf_counter()
         self._last = now
         rate = self.samples_per_step / max(now - start, 1e-9)

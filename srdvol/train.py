@@ -19,6 +19,11 @@ calcium, 64 frames of 64x64 at 2 photons/pixel: noisy 6.3 dB, best oracle-tuned 
 150 steps of (16, 64, 64), reached 15.6 dB at 1e-3, 15.9 dB with clipping, and diverged at 3e-3
 without clipping (16.9 dB with it, after a loss spike). 1e-3 is the stable choice.
 
+:func:`train` is :func:`prepare_training` (every check, the statistics, the resume state: a
+:class:`TrainingPlan`) followed by :func:`run_training` (build, resume, loop, checkpoint, write);
+:func:`srdvol.ddp.train_distributed` runs the same two steps, the first on the client and the
+second on every rank, so both paths accept, refuse and write the same things.
+
 Distributed training (``srdvol.ddp``) reuses this module. The simple route: on every rank, after
 ``torch.distributed.init_process_group``, call ``train(..., rank=r, world_size=n,
 wrap=DistributedDataParallel)``; each rank samples its own patches, gradients are averaged in
@@ -37,6 +42,7 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +63,14 @@ __all__ = [
     "DEFAULT_PATCH",
     "DEFAULT_STEPS",
     "Trainer",
+    "TrainingPlan",
     "choose_sampling",
+    "load_state",
     "lr_factor",
+    "prepare_training",
     "resolve_device",
     "run_loop",
+    "run_training",
     "state_path",
     "train",
 ]
@@ -476,6 +486,158 @@ def train(
     OutputExistsError
         The model (or its state) exists and neither ``resume`` nor ``overwrite`` is set.
     """
+    plan = prepare_training(
+        source,
+        model_path,
+        patch=patch,
+        sampling=sampling,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        network=network,
+        resume=resume,
+        overwrite=overwrite,
+        level=level,
+        axes=axes,
+        channel=channel,
+        rank=rank,
+        world_size=world_size,
+    )
+    if plan.sampling_reason and progress and rank == 0:
+        print(f"sampling auto: {plan.sampling_reason}")
+    return run_training(
+        plan,
+        device=resolve_device(device),
+        rank=rank,
+        world_size=world_size,
+        wrap=wrap,
+        checkpoint_every=checkpoint_every,
+        stop_after=stop_after,
+        progress=progress and rank == 0,
+    )
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """Everything a training loop needs, checked before anything is trained or written.
+
+    :func:`prepare_training` makes it; :func:`run_training` runs it (on every rank of a
+    distributed run). :meth:`portable` drops the opened image and the loaded state, so the plan
+    is small enough to send to Dask workers, which re-open the image and re-read the state.
+
+    Attributes
+    ----------
+    source, open_options
+        The input as given and the :func:`srdvol.io.open_image` options (level, axes, channel).
+    model_path, state_path
+        The model file (absolute) and its training state ``MODEL.state``.
+    config, patch, read
+        Network sizes, the model's patch ``(t, y, x)`` and the patch read from the store.
+    sampling
+        ``"spatial"`` or ``"temporal"`` (``"auto"`` already resolved).
+    sampling_reason
+        Why ``"auto"`` chose ``sampling`` (``None`` when it was not measured in this call).
+    steps, batch_size, lr, seed
+        Total steps, patches per step and rank, peak learning rate, seed.
+    stats
+        Global statistics (the saved ones when resuming).
+    options
+        What must match on resume; stored in the training state.
+    resume
+        True when continuing from ``state_path``.
+    saved, image
+        The loaded training state and the opened image (``None`` in a portable plan).
+    """
+
+    source: Any
+    open_options: dict[str, Any]
+    model_path: Path
+    state_path: Path
+    config: NetworkConfig
+    patch: tuple[int, int, int]
+    read: tuple[int, int, int]
+    sampling: str
+    sampling_reason: str | None
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int
+    stats: Statistics
+    options: dict[str, Any]
+    resume: bool
+    saved: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    image: xr.DataArray | None = field(default=None, repr=False, compare=False)
+
+    def portable(self) -> TrainingPlan:
+        """This plan without the opened image and the loaded state (both are re-read)."""
+        return replace(self, saved=None, image=None)
+
+    def open_image(self) -> xr.DataArray:
+        """The input image: the one opened while planning, or opened again here."""
+        if self.image is not None:
+            return self.image
+        return _open(self.source, **self.open_options)
+
+    def saved_state(self) -> dict[str, Any] | None:
+        """The training state to continue from (read again if dropped), or ``None``."""
+        if not self.resume:
+            return None
+        return self.saved if self.saved is not None else load_state(self.state_path)
+
+
+def prepare_training(
+    source: str | os.PathLike[str] | xr.DataArray,
+    model_path: str | os.PathLike[str],
+    *,
+    patch: tuple[int, int, int] | None = None,
+    sampling: str = "spatial",
+    steps: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+    network: NetworkConfig | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    level: int = 0,
+    axes: str | None = None,
+    channel: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> TrainingPlan:
+    """Check the options, the output and the data, and return the plan of a training run.
+
+    Shared by :func:`train` and :func:`srdvol.ddp.train_distributed`, so both accept and refuse
+    the same things. Options mean what they mean for :func:`train`; ``world_size`` is the number
+    of ranks the plan is for (part of what a resume must match).
+
+    Parameters
+    ----------
+    source, model_path, patch, sampling, steps, batch_size, lr, seed, network
+        As for :func:`train`.
+    resume, overwrite
+        As for :func:`train`. A resume takes the saved statistics; ``sampling="auto"`` takes the
+        saved sampling, any other option must equal the saved one.
+    level, axes, channel
+        Passed to :func:`srdvol.io.open_image` when ``source`` is a path.
+    rank, world_size
+        The caller's rank and the number of ranks. Only rank 0 writes: when starting afresh it
+        deletes a stale ``MODEL.state`` (so a later resume never continues a replaced run).
+
+    Returns
+    -------
+    TrainingPlan
+        The checked options, statistics, and the loaded state when resuming.
+
+    Raises
+    ------
+    ConfigError
+        Inconsistent options (bad patch or sampling, a resume with other options).
+    OutputExistsError
+        The model or its state exists and neither ``resume`` nor ``overwrite`` is set.
+    DataError
+        NaN/Inf or constant data in the statistics sample.
+    """
     if patch is None:
         patch = DEFAULT_PATCH if network is None else (network.patch_t, *DEFAULT_PATCH[1:])
     patch = tuple(int(v) for v in patch)  # type: ignore[assignment]
@@ -488,9 +650,9 @@ def train(
         raise ConfigError("--sampling", f"{sampling!r} is unknown", "use spatial, temporal or auto")
     config = network or NetworkConfig.from_options(patch_t=patch[0])
     _check_patch(patch, "temporal" if sampling == "temporal" else "spatial", config)
-    model_file = Path(model_path)
+    model_file = Path(model_path).absolute()
     state_file = state_path(model_file)
-    saved = _load_state(state_file) if resume and state_file.exists() else None
+    saved = load_state(state_file) if resume and state_file.exists() else None
     if saved is None and not overwrite and (model_file.exists() or state_file.exists()):
         raise OutputExistsError(
             model_file,
@@ -499,19 +661,19 @@ def train(
             "another model path",
         )
 
-    image = _open(source, level=level, axes=axes, channel=channel)
+    open_options = {"level": level, "axes": axes, "channel": channel}
+    image = _open(source, **open_options)  # type: ignore[arg-type]
     stats = sample_statistics(image, seed=seed)  # validates the data before anything is written
+    reason = None
     if saved is not None and sampling == "auto":
         sampling = saved["options"]["sampling"]  # measured when the run started
     elif sampling == "auto":
         sampling, estimate = choose_sampling(image, patch=patch, seed=seed)
-        log.info("sampling auto: %s", estimate.reason)
-        if progress and rank == 0:
-            print(f"sampling auto: {estimate.reason}")
+        reason = str(estimate.reason)
+        log.info("sampling auto: %s", reason)
         _check_patch(patch, sampling, config)
     from srdvol.sampling import training_read_shape
 
-    read = training_read_shape(patch, sampling=sampling)  # type: ignore[arg-type]
     options = {
         "patch": list(patch),
         "sampling": sampling,
@@ -526,24 +688,86 @@ def train(
         stats = Statistics.from_dict(saved["stats"])
     elif rank == 0 and state_file.exists():
         state_file.unlink()  # --overwrite: never resume a replaced run's state later
+    return TrainingPlan(
+        source=source if not isinstance(source, str | os.PathLike) else os.fspath(source),
+        open_options=open_options,
+        model_path=model_file,
+        state_path=state_file,
+        config=config,
+        patch=patch,  # type: ignore[arg-type]
+        read=tuple(training_read_shape(patch, sampling=sampling)),  # type: ignore[arg-type]
+        sampling=sampling,
+        sampling_reason=reason,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        stats=stats,
+        options=options,
+        resume=saved is not None,
+        saved=saved,
+        image=image,
+    )
 
-    torch_device = resolve_device(device)
-    with _reproducible(seed, torch_device):
-        net = build_network(config)
-        trainer = Trainer(
-            net,
-            stats=stats,
-            sampling=sampling,
-            lr=lr,
-            steps=steps,
-            seed=seed,
+
+def run_training(
+    plan: TrainingPlan,
+    *,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+    checkpoint_every: int = 100,
+    stop_after: int | None = None,
+    progress: bool = False,
+    make_trainer: Callable[..., Trainer] = Trainer,
+    on_checkpoint: Callable[[Path, int], None] | None = None,
+) -> ModelRecord:
+    """Run a :class:`TrainingPlan` on this rank: build, resume, train, checkpoint, write.
+
+    Parameters
+    ----------
+    plan
+        From :func:`prepare_training` (a :meth:`TrainingPlan.portable` copy is fine).
+    device
+        Torch device of this rank.
+    rank, world_size, wrap
+        As for :func:`train`.
+    checkpoint_every, stop_after, progress
+        As for :func:`train` (``progress`` is not restricted to rank 0 here).
+    make_trainer
+        Called with :class:`Trainer`'s arguments; a subclass may report progress.
+    on_checkpoint
+        Called on rank 0 with the state path and the step after each state is written.
+
+    Returns
+    -------
+    ModelRecord
+        The model's record (on every rank; only rank 0 writes the model file).
+    """
+    image = plan.open_image()
+    saved = plan.saved_state()
+    torch_device = torch.device(device)
+    with _reproducible(plan.seed, torch_device):
+        trainer = make_trainer(
+            build_network(plan.config),
+            stats=plan.stats,
+            sampling=plan.sampling,
+            lr=plan.lr,
+            steps=plan.steps,
+            seed=plan.seed,
             device=torch_device,
             rank=rank,
             world_size=world_size,
             wrap=wrap,
         )
         sampler = PatchSampler(
-            image, patch=read, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size
+            image,
+            patch=plan.read,
+            seed=plan.seed,
+            rank=rank,
+            world_size=world_size,
+            batch_size=plan.batch_size,
         )
         losses: list[float] = []
         if saved is not None:
@@ -551,35 +775,39 @@ def train(
             _load_streams(saved["ranks"][rank], trainer, sampler)
             losses = list(saved["losses"])
             if rank == 0:
-                log.info("resuming %s at step %d of %d", model_file, trainer.step_count, steps)
+                log.info(
+                    "resuming %s at step %d of %d", plan.model_path, trainer.step_count, plan.steps
+                )
 
         def checkpoint(step: int) -> None:
             streams = _gather(_streams(trainer, sampler), world_size)
             if rank != 0:
                 return
             state = {
-                "options": options,
-                "stats": stats.to_dict(),
+                "options": plan.options,
+                "stats": plan.stats.to_dict(),
                 "trainer": trainer.state_dict(),
                 "sampler": streams[0]["sampler"],
                 "ranks": streams,
                 "losses": losses,
             }
-            _save_state(state_file, state)
+            _save_state(plan.state_path, state)
+            if on_checkpoint is not None:
+                on_checkpoint(plan.state_path, step)
 
         run_loop(
             trainer,
             sampler,
-            steps=steps,
+            steps=plan.steps,
             checkpoint_every=checkpoint_every,
             on_checkpoint=checkpoint,
             stop_after=stop_after,
-            progress=progress and rank == 0,
+            progress=progress,
             losses=losses,
         )
-    record = _record(config, patch, sampling, stats, image, trainer, seed, losses, options)
+    record = _record(plan, image, trainer, losses)
     if rank == 0:
-        _write_model(model_file, trainer.network, record)
+        _write_model(plan.model_path, trainer.network, record)
     return record
 
 
@@ -616,7 +844,14 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
     os.replace(partial, path)
 
 
-def _load_state(path: Path) -> dict[str, Any]:
+def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a training state file (``MODEL.state``) onto the CPU.
+
+    Raises
+    ------
+    StoreNotFoundError
+        The file is truncated or not a training state.
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file; say which and what to do
@@ -639,15 +874,7 @@ def _check_resume(saved: dict[str, Any], current: dict[str, Any], path: Path) ->
 
 
 def _record(
-    config: NetworkConfig,
-    patch: tuple[int, int, int],
-    sampling: str,
-    stats: Statistics,
-    image: xr.DataArray,
-    trainer: Trainer,
-    seed: int,
-    losses: list[float],
-    options: dict[str, Any],
+    plan: TrainingPlan, image: xr.DataArray, trainer: Trainer, losses: list[float]
 ) -> ModelRecord:
     tail = losses[-max(1, len(losses) // 20) :] if losses else []
     data = {
@@ -656,19 +883,19 @@ def _record(
         "shape": [int(n) for n in image.shape],
         "dtype": str(image.dtype),
         "level": None if image.attrs.get("level") is None else int(image.attrs["level"]),
-        "statistics": stats.to_dict(),
-        "batch_size": options["batch_size"],
-        "lr": options["lr"],
+        "statistics": plan.stats.to_dict(),
+        "batch_size": plan.options["batch_size"],
+        "lr": plan.options["lr"],
         "final_loss": sum(tail) / len(tail) if tail else None,
     }
     return ModelRecord(
-        network=config,
-        patch=patch,
-        sampling=sampling,  # type: ignore[arg-type]
-        normalization=Normalization(mean=stats.mean, std=stats.std),
+        network=plan.config,
+        patch=plan.patch,
+        sampling=plan.sampling,  # type: ignore[arg-type]
+        normalization=Normalization(mean=plan.stats.mean, std=plan.stats.std),
         training_data=data,
         steps=trainer.step_count,
-        seed=seed,
+        seed=plan.seed,
     )
 
 

@@ -230,3 +230,36 @@ def test_train_distributed_writes_model_and_resumes_exactly_after_a_lost_worker(
     assert expected.keys() == got.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_planning_refuses_and_overwrites_like_single_process_training(
+    cluster, tmp_path, make_plain_array
+):
+    from srdvol.ddp import plan_training
+    from srdvol.errors import ConfigError
+    from srdvol.train import state_path, train
+
+    source, _ = make_plain_array("movie.zarr", shape=(32, 24, 24), dtype="uint16")
+    options = {**TINY, "network": _tiny_network(), "steps": 2}
+    planning = {k: v for k, v in options.items() if k != "progress"}
+    model = tmp_path / "m.srdvol"
+    train(source, model, stop_after=1, **options)  # one rank, spatial sampling, state kept
+
+    # a resume that asks for another sampling is refused by both paths; "auto" takes the saved
+    for start in (
+        lambda **kw: train(source, model, **options, **kw),
+        lambda **kw: plan_training(cluster, source, model, workers=1, **planning, **kw),
+    ):
+        with pytest.raises(ConfigError, match="sampling"):
+            start(resume=True, sampling="temporal")
+    plan = plan_training(
+        cluster, source, model, resume=True, sampling="auto", workers=1, **planning
+    )
+    assert plan["plan"].sampling == "spatial"
+    assert plan["plan"].resume
+
+    # starting again with overwrite deletes the stale state, as train() does
+    assert state_path(model).exists()
+    plan = plan_training(cluster, source, model, overwrite=True, workers=1, **planning)
+    assert not plan["plan"].resume
+    assert not state_path(model).exists()
