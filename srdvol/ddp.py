@@ -465,49 +465,23 @@ def plan_training(
     source: str | os.PathLike[str] | Any,
     model_path: str | os.PathLike[str],
     *,
-    patch: tuple[int, int, int] | None = None,
-    sampling: str = "spatial",
-    steps: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    seed: int = 0,
-    network: Any | None = None,
     checkpoint_every: int = 100,
-    resume: bool = False,
-    overwrite: bool = False,
-    level: int = 0,
-    axes: str | None = None,
-    channel: int | None = None,
     stop_after: int | None = None,
     workers: int | Sequence[str] | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Check the options and the data on the client; return the keyword arguments of
     :func:`train_rank` (what every rank needs, small enough to travel through the scheduler).
 
-    Parameters are those of :func:`train_distributed`. The checks are
-    :func:`srdvol.train.prepare_training`'s, for as many ranks as workers are chosen, so a
-    distributed run accepts and refuses what :func:`srdvol.train.train` does; like it, starting
-    afresh with ``overwrite`` deletes a stale training state. The result also holds
+    Parameters are those of :func:`train_distributed`; ``options`` go to
+    :func:`srdvol.train.prepare_training` (patch, sampling, steps, batch_size, lr, seed,
+    network, resume, overwrite, level, axes, channel) for as many ranks as workers are chosen,
+    so a distributed run accepts and refuses what :func:`srdvol.train.train` does; like it,
+    starting afresh with ``overwrite`` deletes a stale training state. The result also holds
     ``"workers"``, the chosen worker addresses in rank order (pop it before sending).
     """
     addresses = [a for a, _ in _choose_workers(client, workers)[0]]
-    plan = prepare_training(
-        source,
-        model_path,
-        patch=patch,
-        sampling=sampling,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        network=network,
-        resume=resume,
-        overwrite=overwrite,
-        level=level,
-        axes=axes,
-        channel=channel,
-        world_size=len(addresses),
-    )
+    plan = prepare_training(source, model_path, world_size=len(addresses), **options)
     return {
         "plan": plan.portable(),  # without the state's tensors: each rank reads the file
         "checkpoint_every": checkpoint_every,
