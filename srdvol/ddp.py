@@ -624,6 +624,9 @@ def train_distributed(
         workers=workers,
     )
     addresses = plan.pop("workers")
+    reason = plan["plan"].sampling_reason
+    if reason and progress:
+        print(f"sampling auto: {reason}")  # the same line single-process training prints
     with progress_bar(enabled=progress and on_progress is None) as show:
         return run_distributed(
             client,
