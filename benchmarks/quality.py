@@ -9,7 +9,7 @@ SNR in dB against the truth, detector offset removed; SSIM; cell-trace correlati
   sigmas (``sigma_t`` in 0, 0.5, 1 frames x ``sigma_yx`` in 0.5..3 px) chosen *with* the truth,
   i.e. an oracle-tuned baseline (``sigma_t = 0`` is the 2D per-frame filter);
 - a **median filter**, the best of 3x3 per frame and 3x3x3 in (t, y, x), also oracle-picked;
-- **srdvol**: :func:`srdvol.train.train` for ``--steps`` steps (spatial sampling, no truth), then
+- **srdvol**: :func:`srdvol.training.train` for ``--steps`` steps (spatial sampling, no truth), then
   a whole-movie prediction with :func:`srdvol.predict.predict_array`.
 
 It prints one markdown table. The reference point from the project issue: upstream SRDTrans,
@@ -49,7 +49,7 @@ from srdvol.metrics import evaluate, read_masks
 from srdvol.model.network import NetworkConfig
 from srdvol.predict import ModelPredictor, predict_array
 from srdvol.simulate import simulate
-from srdvol.train import train
+from srdvol.training import train
 
 SIGMA_T = (0.0, 0.5, 1.0)
 SIGMA_YX = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     if args.lr is None:
-        from srdvol.train import DEFAULT_LR
+        from srdvol.training import DEFAULT_LR
 
         args.lr = DEFAULT_LR
     if args.threads:

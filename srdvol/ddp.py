@@ -30,7 +30,7 @@ from distributed import Client, Future, get_worker, wait
 from distributed.comm import get_address_host
 
 from srdvol.errors import ConfigError, TrainingInterruptedError
-from srdvol.train import Trainer, TrainingPlan, prepare_training, run_training
+from srdvol.training import Trainer, TrainingPlan, prepare_training, run_training
 
 __all__ = [
     "DDPContext",
@@ -456,7 +456,7 @@ def _rich_bar() -> Iterator[Callable[[Progress], None]]:
 
 
 # --------------------------------------------------------------------------------------------
-# srdvol training across workers (srdvol.train's prepare_training on the client, run_training
+# srdvol training across workers (srdvol.training's prepare_training on the client, run_training
 # on every rank)
 
 
@@ -474,9 +474,9 @@ def plan_training(
     :func:`train_rank` (what every rank needs, small enough to travel through the scheduler).
 
     Parameters are those of :func:`train_distributed`; ``options`` go to
-    :func:`srdvol.train.prepare_training` (patch, sampling, steps, batch_size, lr, seed,
+    :func:`srdvol.training.prepare_training` (patch, sampling, steps, batch_size, lr, seed,
     network, resume, overwrite, level, axes, channel) for as many ranks as workers are chosen,
-    so a distributed run accepts and refuses what :func:`srdvol.train.train` does; like it,
+    so a distributed run accepts and refuses what :func:`srdvol.training.train` does; like it,
     starting afresh with ``overwrite`` deletes a stale training state. The result also holds
     ``"workers"``, the chosen worker addresses in rank order (pop it before sending).
     """
@@ -497,12 +497,12 @@ def train_rank(
     checkpoint_every: int,
     stop_after: int | None,
 ) -> Any:
-    """One rank of :func:`train_distributed`: :func:`srdvol.train.run_training` with a
+    """One rank of :func:`train_distributed`: :func:`srdvol.training.run_training` with a
     DDP-wrapped network, this rank's patch stream and progress reports to the client.
 
     Every rank checkpoints at the same steps (the per-rank random streams are gathered); rank 0
     writes the training state and, at the end, the model file, and returns the model record.
-    ``plan`` is the :class:`srdvol.train.TrainingPlan` of :func:`plan_training`.
+    ``plan`` is the :class:`srdvol.training.TrainingPlan` of :func:`plan_training`.
     """
     from functools import partial
 
@@ -568,7 +568,7 @@ def train_distributed(
 ) -> Any:
     """Train an SRDTrans model with one DistributedDataParallel rank per Dask worker.
 
-    Options mean what they mean for :func:`srdvol.train.train`, except ``batch_size``, which
+    Options mean what they mean for :func:`srdvol.training.train`, except ``batch_size``, which
     is per rank: the global batch is ``batch_size * ranks`` patches, whose gradients DDP
     averages. The learning rate is not scaled with the number of ranks: averaging keeps the
     gradient's size and only lowers its noise, and Adam already divides each step by the

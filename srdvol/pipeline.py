@@ -82,7 +82,7 @@ def info_text(
 ) -> str:
     """Describe an image and what ``srdvol denoise`` would do with it (blocks, tasks, workers)."""
     from srdvol.io import describe_image
-    from srdvol.train import DEFAULT_PATCH
+    from srdvol.training import DEFAULT_PATCH
 
     facts = describe_image(source, level=level, axes=axes, channel=channel)
     dims = tuple(facts["axes"])
@@ -228,7 +228,7 @@ def run_train(
         with _cluster(cluster, client) as active:
             record = train_distributed(active, source, model, **read, **options)
     else:
-        from srdvol.train import train
+        from srdvol.training import train
 
         record = train(source, model, **read, **options)
     _say(f"model written to {model} ({record.steps} steps, patch {tuple(record.patch)})")
@@ -437,7 +437,7 @@ def _check_cluster_options(cluster: Mapping[str, Any]) -> None:
 
 
 def _state_exists(model: str | os.PathLike[str]) -> bool:
-    from srdvol.train import state_path
+    from srdvol.training import state_path
 
     return state_path(model).exists()
 

@@ -80,7 +80,7 @@ def bad_inputs(tmp_path_factory):
 
     from srdvol.model.network import NetworkConfig
     from srdvol.simulate import simulate
-    from srdvol.train import train
+    from srdvol.training import train
 
     root = tmp_path_factory.mktemp("bad-inputs")
     simulate(root / "in.zarr", truth=root / "truth.zarr", frames=32, size=(32, 32), seed=0)

@@ -182,7 +182,7 @@ def test_train_distributed_writes_model_and_resumes_exactly_after_a_lost_worker(
 ):
     from srdvol.ddp import plan_training, train_distributed
     from srdvol.model.checkpoint import read_record
-    from srdvol.train import state_path
+    from srdvol.training import state_path
 
     source, _ = make_plain_array("movie.zarr", shape=(32, 24, 24), dtype="uint16")
     options = {**TINY, "network": _tiny_network(), "steps": 8, "checkpoint_every": 2}
@@ -237,7 +237,7 @@ def test_planning_refuses_and_overwrites_like_single_process_training(
 ):
     from srdvol.ddp import plan_training
     from srdvol.errors import ConfigError
-    from srdvol.train import state_path, train
+    from srdvol.training import state_path, train
 
     source, _ = make_plain_array("movie.zarr", shape=(32, 24, 24), dtype="uint16")
     options = {**TINY, "network": _tiny_network(), "steps": 2}

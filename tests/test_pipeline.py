@@ -77,7 +77,10 @@ def test_denoise_serves_the_dashboard_while_running_and_a_rerun_resumes(tmp_path
 
 def test_public_api_open_train_denoise(tmp_path):
     import srdvol
+    import srdvol.training  # a submodule import must not shadow the function srdvol.train
     from srdvol.model.network import NetworkConfig
+
+    assert srdvol.train is srdvol.training.train
 
     noisy, truth = tmp_path / "noisy.zarr", tmp_path / "truth.zarr"
     simulate(noisy, truth=truth, frames=32, size=(32, 32), seed=1)

@@ -1,4 +1,4 @@
-"""Tests of srdvol.train: a real (tiny) training run from a zarr store, determinism, resume."""
+"""Tests of srdvol.training: a real (tiny) training run from a zarr store, determinism, resume."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from srdvol.model.network import NetworkConfig, build_network
 from srdvol.normalize import Statistics
 from srdvol.patches import PatchSampler
 from srdvol.simulate import simulate
-from srdvol.train import Trainer, lr_factor, run_loop, state_path, train
+from srdvol.training import Trainer, lr_factor, run_loop, state_path, train
 
 #: Small enough for a 2-core machine, big enough to learn something in a hundred steps.
 SMALL = NetworkConfig(channels=(4, 4, 8, 8), embed_dim=16, heads=2, patch_t=16)

@@ -75,7 +75,7 @@ __all__ = [
     "train",
 ]
 
-log = logging.getLogger("srdvol.train")
+log = logging.getLogger("srdvol.training")
 
 #: Training patch (t, y, x) read from the store; the network trains on (t, y/2, x/2).
 DEFAULT_PATCH = (64, 128, 128)
