@@ -113,9 +113,23 @@ def _triple(value: str | None, option: str) -> tuple[int, int, int] | None:
     return None if value is None else parse_triple(value, option=option)
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from srdvol import __version__
+
+        typer.echo(f"srdvol {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version and exit.", is_eager=True, callback=_show_version
+        ),
+    ] = False,
 ) -> None:
     """Self-supervised SRDTrans denoising of large OME-Zarr fluorescence time series."""
 
@@ -139,7 +153,9 @@ def _cluster_options(
 
 @app.command()
 def info(
-    source: Annotated[str, typer.Argument(metavar="IN", help="OME-Zarr image or Zarr array.")],
+    source: Annotated[
+        str, typer.Argument(metavar="IN", help="OME-Zarr image, Zarr array, or srdvol model file.")
+    ],
     patch: PatchOpt = None,
     block: BlockOpt = None,
     level: LevelOpt = 0,
@@ -147,7 +163,7 @@ def info(
     axes: AxesOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Show axes, shape, chunks, size and what `srdvol denoise` would do."""
+    """Show axes, shape, chunks, size and what `srdvol denoise` would do (or a model's record)."""
     from srdvol import pipeline
 
     text = pipeline.info_text(

@@ -80,7 +80,10 @@ def info_text(
     channel: int | None = None,
     axes: str | None = None,
 ) -> str:
-    """Describe an image and what ``srdvol denoise`` would do with it (blocks, tasks, workers)."""
+    """Describe an image and what ``srdvol denoise`` would do with it (blocks, tasks, workers),
+    or, for a model file, its record (network, patch, sampling, normalisation, training data)."""
+    if os.fspath(source).endswith(".safetensors"):
+        return _model_text(source)
     from srdvol.io import describe_image
     from srdvol.training import DEFAULT_PATCH
 
@@ -125,6 +128,17 @@ def info_text(
         else "  workers    CPU workers (no GPU visible)",
         f"  write      float32 OME-Zarr {_bytes(4 * math.prod(shape))} at level 0, plus a pyramid",
     ]
+    return "\n".join(lines)
+
+
+def _model_text(path: str | os.PathLike[str]) -> str:
+    import json
+
+    from srdvol.model.checkpoint import model_checksum, read_record
+
+    record = read_record(path).model_dump(mode="json")
+    lines = [f"model      {os.fspath(path)}", f"sha256     {model_checksum(path)}"]
+    lines += [f"{key:<10} {json.dumps(value)}" for key, value in record.items()]
     return "\n".join(lines)
 
 

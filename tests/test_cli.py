@@ -29,6 +29,23 @@ def test_console_script_help_lists_every_command():
         assert command in result.stdout
 
 
+def test_version(capsys):
+    from srdvol import __version__
+
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and out.strip() == f"srdvol {__version__}"
+
+
+def test_info_describes_an_image_and_a_model(bad_inputs, capsys):
+    code, out, _ = run_cli(capsys, "info", str(bad_inputs / "in.zarr"), "--patch", "16,32,32")
+    assert code == 0
+    assert "shape (32, 32, 32)" in out and "NGFF 0.5" in out
+    assert "patch (16, 32, 32)" in out and "blocks" in out
+    code, out, _ = run_cli(capsys, "info", str(bad_inputs / "m16.safetensors"))
+    assert code == 0
+    assert "patch      [16, 16, 16]" in out and '"spatial"' in out and "sha256" in out
+
+
 def test_unknown_option_is_a_usage_error(capsys):
     code, _, err = run_cli(capsys, "info", "x.zarr", "--pach", "16,32,32")
     assert code == 2
