@@ -267,14 +267,19 @@ def test_learning_rate_schedule() -> None:
     assert all(a >= b for a, b in itertools.pairwise(factors[5:]))
 
 
-def _ddp_worker(rank: int, root: str, noisy: str, name: str, extra: dict[str, Any]) -> None:
-    """One rank of a 2-process gloo run that trains through the DDP hook of train()."""
+def _ddp_worker(
+    rank: int, root: str, noisy: str, name: str, extra: dict[str, Any], run: str
+) -> None:
+    """One rank of a 2-process gloo run that trains through the DDP hook of train().
+
+    Each run needs its own rendezvous file: a file store left by an earlier group with the
+    same name makes the next group abort (seen as a flaky SIGABRT from a clean checkout)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{root}/rendezvous-{name}", rank=rank, world_size=2
+        "gloo", init_method=f"file://{root}/rendezvous-{run}", rank=rank, world_size=2
     )
     try:
         train(
@@ -300,14 +305,18 @@ def test_distributed_hook_trains_and_resumes_exactly(
 
     noisy = str(movie[0])
     root = str(tmp_path)
-    mp.spawn(_ddp_worker, args=(root, noisy, "full", {}), nprocs=2, join=True)
-    mp.spawn(_ddp_worker, args=(root, noisy, "part", {"stop_after": 2}), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(root, noisy, "full", {}, "full"), nprocs=2, join=True)
+    mp.spawn(
+        _ddp_worker, args=(root, noisy, "part", {"stop_after": 2}, "part"), nprocs=2, join=True
+    )
     state = torch.load(state_path(tmp_path / "part"), weights_only=True)
     assert state["trainer"]["step"] == 2
     assert len(state["ranks"]) == 2
     assert state["ranks"][0]["sampler"] != state["ranks"][1]["sampler"]
     assert state["sampler"] == state["ranks"][0]["sampler"]
-    mp.spawn(_ddp_worker, args=(root, noisy, "part", {"resume": True}), nprocs=2, join=True)
+    mp.spawn(
+        _ddp_worker, args=(root, noisy, "part", {"resume": True}, "resume"), nprocs=2, join=True
+    )
     assert_same_weights(tmp_path / "full", tmp_path / "part")
     assert read_record(tmp_path / "full").steps == 4
 
