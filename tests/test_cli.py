@@ -46,6 +46,16 @@ def test_info_describes_an_image_and_a_model(bad_inputs, capsys):
     assert "patch      [16, 16, 16]" in out and '"spatial"' in out and "sha256" in out
 
 
+def test_config_file_sets_options_and_the_command_line_wins(bad_inputs, tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text("[info]\npatch = [16, 16, 16]\n")
+    image = str(bad_inputs / "in.zarr")
+    code, out, _ = run_cli(capsys, "info", image, "--config", str(config))
+    assert code == 0 and "patch (16, 16, 16)" in out
+    code, out, _ = run_cli(capsys, "info", image, "--config", str(config), "--patch", "32,8,8")
+    assert code == 0 and "patch (32, 8, 8)" in out
+
+
 def test_unknown_option_is_a_usage_error(capsys):
     code, _, err = run_cli(capsys, "info", "x.zarr", "--pach", "16,32,32")
     assert code == 2
