@@ -172,8 +172,9 @@ class BlockPlan:
         return tuple(out)
 
 
-#: Bytes held per voxel of a block's read region: the input, a float32 copy, Σw·pred, Σw.
-_BYTES_PER_VOXEL = 16
+#: Bytes held per voxel of a block's read region: the input, a float32 copy, and the float64
+#: sums Σw·pred and Σw of :class:`srdvol.blend.Accumulator`.
+_BYTES_PER_VOXEL = 24
 
 
 def _round_up(value: int, multiple: int) -> int:
