@@ -22,6 +22,13 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
+from hypothesis import settings
+
+# CI explores the same examples on every run (a red CI then means a real regression, and the
+# example can be replayed); local runs keep drawing new ones.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 with warnings.catch_warnings():
     # ome-zarr 0.18 instantiates its deprecated Scaler class at import time.
