@@ -159,11 +159,18 @@ def test_cpu_cluster_sets_torch_threads_and_serves_dashboard(monkeypatch):
         assert client.gather(running) == [4, 9]
 
 
+def _malloc_trim() -> str | None:
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+
 def test_cluster_without_dashboard_reports_none(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     with open_cluster(workers=1, threads_per_worker=1, dashboard_address=None) as client:
         assert dashboard_link(client) is None
         assert client.submit(sum, [1, 2, 3]).result(timeout=60) == 6
+        # distributed's default (64 KiB) halves CPU training speed; srdvol's workers drop it
+        assert list(client.run(_malloc_trim).values()) == [None]
 
 
 def test_attach_to_running_scheduler():
