@@ -148,6 +148,18 @@ def _label_sums(block: np.ndarray, masks: np.ndarray, n_labels: int, block_info:
     return sums.reshape((block.shape[0],) + (1,) * (block.ndim - 3) + (n_labels,))
 
 
+def _check_masks(masks: Any, shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
+    """Integer cell labels shaped like one time point of an image of ``shape``, and their count."""
+    labels = np.asarray(masks)
+    if labels.shape != tuple(shape[1:]) or not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(
+            "masks",
+            f"shape {labels.shape} / dtype {labels.dtype} does not fit {tuple(shape)}",
+            "give integer labels shaped like one time point of the image",
+        )
+    return labels, int(labels.max()) + 1
+
+
 def _cell_traces(a: da.Array, masks: np.ndarray, n_labels: int) -> da.Array:
     """Lazy (t, labels) sums of ``a`` over each label's pixels."""
     chunks = (a.chunks[0], *[(1,) * len(c) for c in a.chunks[1:-2]], (n_labels,))
@@ -179,14 +191,7 @@ def cell_traces(image: Any, masks: np.ndarray) -> np.ndarray:
         Per time point, the mean of each label's pixels (NaN for labels without pixels).
     """
     a = as_movie(image)
-    labels = np.asarray(masks)
-    if labels.shape != a.shape[1:] or not np.issubdtype(labels.dtype, np.integer):
-        raise InputError(
-            "masks",
-            f"shape {labels.shape} / dtype {labels.dtype} does not fit {a.shape}",
-            "give integer labels shaped like one time point of the image",
-        )
-    n_labels = int(labels.max()) + 1
+    labels, n_labels = _check_masks(masks, a.shape)
     g = _whole_frames(a.astype(np.float64))
     sums = _cell_traces(g, labels, n_labels).compute()
     counts = np.bincount(labels.ravel(), minlength=n_labels).astype(np.float64)
@@ -269,14 +274,7 @@ def evaluate(
     }
     labels = None
     if masks is not None:
-        labels = np.asarray(masks)
-        if labels.shape != g.shape[1:] or not np.issubdtype(labels.dtype, np.integer):
-            raise InputError(
-                "masks",
-                f"shape {labels.shape} / dtype {labels.dtype} does not fit {g.shape}",
-                "give integer labels shaped like one time point of the image",
-            )
-        n_labels = int(labels.max()) + 1
+        labels, n_labels = _check_masks(masks, g.shape)
         lazy["e_tr"] = _cell_traces(e, labels, n_labels)
         lazy["g_tr"] = _cell_traces(g, labels, n_labels)
     done = dask.compute(lazy)[0]
