@@ -273,11 +273,13 @@ def run_predict(
     provenance: Mapping[str, Any] | None = None,
     image: Any = None,
     client: Any = None,
+    data_checked: bool = False,
 ) -> Any:
     """``srdvol predict``: denoise IN into OUT with a model, resumably, on a Dask cluster
     (``client``, or the one the ``cluster`` options describe).
 
-    Returns the writer's :class:`~srdvol.engine.WriteReport`.
+    ``data_checked`` skips the NaN/Inf sample of the input when the caller has just run it
+    (training samples the same chunks). Returns the writer's :class:`~srdvol.engine.WriteReport`.
     """
     from srdvol.cluster import ModelPlugin
     from srdvol.engine import denoise, rich_progress, write
@@ -292,7 +294,8 @@ def run_predict(
     record = read_record(model)
     check_compatible(record, patch=patch, subject=os.fspath(model))
     patch = patch or tuple(record.patch)
-    sample_statistics(image)  # NaN/Inf in the data stop the run before anything is written
+    if not data_checked:  # NaN/Inf in the data stop the run before anything is written
+        sample_statistics(image)
     params = {
         "patch": list(patch),
         "overlap": overlap,
@@ -390,7 +393,7 @@ def run_denoise(
         "patch": list(patch) if patch else None,
     }
     provenance: dict[str, Any] = {"command": "denoise", "training": training}
-    trained = model is not None
+    model_given = model is not None
     if model is None:
         model = default_model_path(out)
         run_id = make_run_id(
@@ -412,7 +415,7 @@ def run_denoise(
         )
         provenance["run_id"] = run_id
     with _cluster(cluster) as client:  # one cluster, started first, trains and predicts
-        if not trained:
+        if not model_given:
             resume = Path(model).exists() or _state_exists(model)
             run_train(
                 source,
@@ -438,6 +441,7 @@ def run_denoise(
             provenance=provenance,
             image=image,
             client=client,
+            data_checked=not model_given,  # training sampled the same chunks and checked them
             **predict_options,
         )
 
