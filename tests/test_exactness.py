@@ -192,7 +192,7 @@ def test_patch_mean_model_engine_equals_whole_array_pass(case, scratch):
     _check(case, None, scratch)
 
 
-@settings(EXAMPLES, max_examples=40)
+@settings(EXAMPLES, max_examples=30)
 @given(case=cases(network=True))
 def test_real_network_engine_equals_whole_array_pass(case, scratch, tiny_model):
     _check(case, tiny_model, scratch)
@@ -233,7 +233,7 @@ def client():
 
 
 @pytest.mark.slow
-@settings(EXAMPLES, max_examples=6)
+@settings(EXAMPLES, max_examples=4)
 @given(case=cases(network=False), network=st.booleans())
 def test_engine_on_a_local_cluster_equals_whole_array_pass(
     case, network, scratch, tiny_model, client
