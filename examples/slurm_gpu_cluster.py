@@ -1,6 +1,7 @@
 """Denoise on a SLURM cluster with dask-jobqueue: one GPU per job, one Dask worker per GPU.
 
-Not run in CI (it needs SLURM); install with ``pip install "srdvol[jobqueue]"``. Each job asks
+Needs SLURM (the test suite runs its cluster part with a stand-in ``sbatch`` that executes the
+job script on the test machine); install with ``pip install "srdvol[jobqueue]"``. Each job asks
 SLURM for one GPU (``--gres=gpu:1``); SLURM sets ``CUDA_VISIBLE_DEVICES`` inside the job, and the
 worker advertises the resource ``GPU=1`` so srdvol places exactly one training rank or prediction
 task on each GPU. The model file and the stores must be on a file system every node sees.
@@ -11,14 +12,31 @@ task on each GPU. The model file and the stores must be on a file system every n
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from srdvol.cli import main as srdvol
+
+if TYPE_CHECKING:
+    from dask_jobqueue import SLURMCluster
+
+
+def slurm_cluster(*, partition: str = "gpu", walltime: str = "04:00:00") -> SLURMCluster:
+    """A dask-jobqueue SLURM cluster whose every job is one GPU and one single-task worker."""
+    from dask_jobqueue import SLURMCluster
+
+    return SLURMCluster(
+        queue=partition,
+        cores=8,  # CPU cores per job: decompression and data loading for one GPU
+        processes=1,  # one worker process per job, so one worker per GPU
+        memory="64GB",
+        walltime=walltime,
+        job_extra_directives=["--gres=gpu:1"],
+        worker_extra_args=["--resources", "GPU=1", "--nthreads", "1"],
+    )
 
 
 def main() -> None:
     """Start the SLURM cluster, then run ``srdvol denoise`` against its scheduler."""
-    from dask_jobqueue import SLURMCluster
-
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("input")
     parser.add_argument("output")
@@ -27,15 +45,7 @@ def main() -> None:
     parser.add_argument("--walltime", default="04:00:00")
     args = parser.parse_args()
 
-    cluster = SLURMCluster(
-        queue=args.partition,
-        cores=8,  # CPU cores per job: decompression and data loading for one GPU
-        processes=1,  # one worker process per job, so one worker per GPU
-        memory="64GB",
-        walltime=args.walltime,
-        job_extra_directives=["--gres=gpu:1"],
-        worker_extra_args=["--resources", "GPU=1", "--nthreads", "1"],
-    )
+    cluster = slurm_cluster(partition=args.partition, walltime=args.walltime)
     cluster.scale(jobs=args.jobs)
     print(f"dashboard: {cluster.dashboard_link}")
     try:

@@ -84,7 +84,12 @@ WorkersOpt = Annotated[
     int | None, typer.Option("--workers", min=1, help="Local CPU worker processes.")
 ]
 GpusOpt = Annotated[
-    str | None, typer.Option("--gpus", help="GPUs: all (default when present), none, or 0,1.")
+    str | None,
+    typer.Option(
+        "--gpus",
+        help="GPUs: all (default when present), none, or a list: positions among the visible "
+        "GPUs (0,1 = the first two CUDA_VISIBLE_DEVICES shows) or ids like GPU-<uuid>.",
+    ),
 ]
 DashboardOpt = Annotated[str, typer.Option("--dashboard-address", help="Dask dashboard address.")]
 LevelOpt = Annotated[int, typer.Option("--level", min=0, help="Multiscale level to read.")]

@@ -43,8 +43,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: What ``gpus=`` accepts: ``None``/"auto" (GPUs when present), "all", "none", or device ids.
-GPUChoice = Literal["auto", "all", "none"] | Sequence[int] | None
+#: What ``gpus=`` accepts: ``None``/"auto" (GPUs when present), "all", "none", or a list of
+#: GPUs, each a position in :func:`visible_gpus` (int) or a device id as listed there (str).
+GPUChoice = Literal["auto", "all", "none"] | Sequence[int | str] | None
+
+#: How CUDA_VISIBLE_DEVICES names a device other than by index: a GPU UUID or a MIG instance.
+_DEVICE_PREFIXES = ("GPU-", "MIG-")
 
 # Environment variables that size the BLAS/OpenMP pools numpy and torch start with.
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -55,30 +59,33 @@ PRE_SPAWN_TRIM = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
 # GPUs
 
 
-def visible_gpus() -> list[int]:
-    """Return the ids of the GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names them.
+def visible_gpus() -> list[str]:
+    """Return the GPUs this process may use, named as ``CUDA_VISIBLE_DEVICES`` names them.
 
-    ``CUDA_VISIBLE_DEVICES`` wins when set (an empty value or ``-1`` means no GPU). Otherwise
-    the count comes from ``torch.cuda.device_count()`` when torch was built with CUDA, or from
-    ``nvidia-smi -L``. A machine without GPUs gives ``[]``.
+    ``CUDA_VISIBLE_DEVICES`` wins when set: its entries are kept as they are written, device
+    indices (``"5"``), UUIDs (``"GPU-8f3c..."``) or MIG instances (``"MIG-..."``), because a
+    worker pinned with the same string sees exactly that device. Like CUDA, the list ends at the
+    first entry that is none of these (an empty value or ``-1`` means no GPU). Without the
+    variable, the count comes from ``torch.cuda.device_count()`` when torch was built with CUDA,
+    or from ``nvidia-smi -L``, and the GPUs are ``"0"``, ``"1"``, ... A machine without GPUs
+    gives ``[]``.
 
     Returns
     -------
-    list of int
-        Device ids, suitable for ``CUDA_VISIBLE_DEVICES`` of a worker process.
+    list of str
+        Device identifiers in visible order; a position in this list is what ``--gpus 0,1``
+        means, the string is what a worker's ``CUDA_VISIBLE_DEVICES`` is set to.
     """
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        ids: list[int] = []
-        for item in env.split(","):
-            item = item.strip()
-            # CUDA stops at the first invalid entry; a GPU UUID (GPU-...) is not an index we can
-            # forward by number, so such lists are read by position instead.
-            if not item or item == "-1":
-                break
-            ids.append(int(item) if item.isdigit() else len(ids))
-        return ids
-    return list(range(_count_gpus()))
+    if env is None:
+        return [str(i) for i in range(_count_gpus())]
+    ids: list[str] = []
+    for item in env.split(","):
+        item = item.strip()
+        if not (item.isdigit() or item.startswith(_DEVICE_PREFIXES)):
+            break  # CUDA ignores everything from the first invalid entry on
+        ids.append(item)
+    return ids
 
 
 def _count_gpus() -> int:
@@ -100,7 +107,17 @@ def _count_gpus() -> int:
 
 
 def parse_gpus(text: str | None) -> GPUChoice:
-    """Read the ``--gpus`` option: ``auto``, ``all``, ``none`` or comma-separated ids (``0,2``).
+    """Read the ``--gpus`` option: ``auto``, ``all``, ``none`` or a comma-separated list.
+
+    Each list entry is a position in the visible list (``0,1``: the first two GPUs that
+    ``CUDA_VISIBLE_DEVICES`` shows, as CUDA numbers them inside the process) or a device id as
+    ``CUDA_VISIBLE_DEVICES`` writes it (``GPU-<uuid>``, ``MIG-<uuid>``); :func:`resolve_gpus`
+    checks that they are visible.
+
+    Returns
+    -------
+    None, str or list of int and str
+        ``None`` for no text, the keyword, or the entries (positions as int, ids as str).
 
     Raises
     ------
@@ -109,29 +126,45 @@ def parse_gpus(text: str | None) -> GPUChoice:
     """
     if text is None:
         return None
-    value = text.strip().lower()
-    if value in ("auto", "all", "none"):
-        return value  # type: ignore[return-value]
-    try:
-        ids = [int(part) for part in value.split(",") if part.strip()]
-    except ValueError:
-        ids = []
-    if not ids or any(i < 0 for i in ids):
+    value = text.strip()
+    if value.lower() in ("auto", "all", "none"):
+        return value.lower()  # type: ignore[return-value]
+    entries: list[int | str] = []
+    for part in (p.strip() for p in value.split(",")):
+        if part.isdigit():
+            entries.append(int(part))
+        elif part.startswith(_DEVICE_PREFIXES) and len(part) > 4:
+            entries.append(part)
+        else:
+            entries = []
+            break
+    if not entries:
         raise ConfigError(
             "--gpus",
             f"{text!r} is not a GPU choice",
-            "give auto, all, none or device ids such as 0,1",
+            "give auto, all, none, positions in the visible GPU list such as 0,1, or device "
+            "ids such as GPU-<uuid>",
         )
-    return ids
+    return entries
 
 
-def resolve_gpus(gpus: GPUChoice) -> list[int]:
-    """Turn a ``gpus=`` choice into the device ids to start workers on (``[]`` for CPU).
+def resolve_gpus(gpus: GPUChoice) -> list[str]:
+    """Turn a ``gpus=`` choice into the devices to start workers on (``[]`` for CPU).
+
+    Integers are positions in :func:`visible_gpus` (``0`` is the first visible GPU, whatever
+    its physical index or UUID); strings must be ids from that list, written the same way.
+
+    Returns
+    -------
+    list of str
+        Device identifiers as ``CUDA_VISIBLE_DEVICES`` names them, one per worker.
 
     Raises
     ------
     GPUUnavailableError
         If GPUs are asked for that this machine does not show.
+    ConfigError
+        If the choice is not one :func:`parse_gpus` returns, or names one GPU twice.
     """
     present = visible_gpus()
     if gpus is None or gpus == "auto":
@@ -149,16 +182,33 @@ def resolve_gpus(gpus: GPUChoice) -> list[int]:
         return present
     if isinstance(gpus, str):
         raise ConfigError("--gpus", f"{gpus!r} is not a GPU choice", "give auto, all, none or ids")
-    wanted = [int(i) for i in gpus]
-    missing = [i for i in wanted if i not in present]
-    if missing:
-        seen = ", ".join(map(str, present)) if present else "none"
-        raise GPUUnavailableError(
-            f"--gpus {','.join(map(str, wanted))}",
-            f"GPU {', '.join(map(str, missing))} is not visible (visible GPUs: {seen})",
-            "choose visible device ids, or run without --gpus to use CPU workers",
-        )
-    return wanted
+    wanted = list(gpus)
+    subject = f"--gpus {','.join(map(str, wanted))}"
+    chosen: list[str] = []
+    for entry in wanted:
+        if isinstance(entry, str) and entry.isdigit():
+            entry = int(entry)
+        if isinstance(entry, int) and 0 <= entry < len(present):
+            chosen.append(present[entry])
+        elif isinstance(entry, str) and entry in present:
+            chosen.append(entry)
+        else:
+            raise GPUUnavailableError(
+                subject,
+                f"GPU {entry} is not visible ({_describe_visible(present)})",
+                "give positions in the visible list (0 is the first visible GPU) or ids as "
+                "CUDA_VISIBLE_DEVICES writes them, or run without --gpus to use CPU workers",
+            )
+    if len(set(chosen)) != len(chosen):
+        raise ConfigError(subject, "the list names one GPU twice", "give each GPU once")
+    return chosen
+
+
+def _describe_visible(present: Sequence[str]) -> str:
+    if not present:
+        return "no GPU is visible"
+    listed = ", ".join(f"{i}: {gpu}" for i, gpu in enumerate(present))
+    return f"visible GPUs by position: {listed}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,7 +312,7 @@ def _default_memory_limit(n_workers: int) -> int:
 
 
 def gpu_worker_spec(
-    gpu_ids: Sequence[int],
+    gpu_ids: Sequence[str | int],
     *,
     host: str = "127.0.0.1",
     memory_limit: int | str | None = None,
@@ -272,12 +322,14 @@ def gpu_worker_spec(
 
     Each worker is a :class:`distributed.Nanny` named ``gpu-<id>`` whose process sees only its
     own device (``CUDA_VISIBLE_DEVICES=<id>``, so the model uses ``cuda:0`` there), advertises
-    ``resources={"GPU": 1}`` and runs one task at a time.
+    ``resources={"GPU": 1}`` and runs one task at a time. Only environment variables pin the
+    device: nothing initialises CUDA when the worker starts.
 
     Parameters
     ----------
     gpu_ids
-        Device ids as ``CUDA_VISIBLE_DEVICES`` names them.
+        Devices as ``CUDA_VISIBLE_DEVICES`` names them (indices, ``GPU-<uuid>`` or MIG ids,
+        as :func:`resolve_gpus` returns them), one worker each.
     host
         Interface the workers listen on.
     memory_limit
@@ -290,18 +342,24 @@ def gpu_worker_spec(
     -------
     dict
         ``{name: {"cls": Nanny, "options": {...}}}``, the ``workers=`` argument of SpecCluster.
+
+    Raises
+    ------
+    ConfigError
+        If a device is given twice or an id is empty.
     """
-    ids = [int(i) for i in gpu_ids]
-    if len(set(ids)) != len(ids):
+    ids = [str(i).strip() for i in gpu_ids]
+    if len(set(ids)) != len(ids) or not all(ids):
         raise ConfigError("--gpus", f"GPU ids {ids} repeat a device", "give each GPU once")
     n = max(1, len(ids))
     cpu_threads = threads or max(1, (os.cpu_count() or 1) // n)
     limit = _default_memory_limit(n) if memory_limit is None else memory_limit
     spec: dict[str, dict[str, Any]] = {}
     for gpu in ids:
-        env = {"CUDA_VISIBLE_DEVICES": str(gpu)}
+        env = {"CUDA_VISIBLE_DEVICES": gpu}
         env.update({var: str(cpu_threads) for var in _THREAD_VARS})
-        spec[f"gpu-{gpu}"] = {
+        # Legacy MIG ids hold slashes ("MIG-GPU-<uuid>/1/0"); keep worker names plain.
+        spec[f"gpu-{gpu.replace('/', '_')}"] = {
             "cls": Nanny,
             "options": {
                 "nthreads": 1,

@@ -95,7 +95,11 @@ class ConfigFile(BaseModel):
     lr: float | None = Field(None, gt=0, description="Learning rate.")
     scheduler: str | None = Field(None, description="Address of a running Dask scheduler.")
     workers: int | None = Field(None, ge=1, description="Local CPU worker processes.")
-    gpus: str | None = Field(None, description="GPUs to use: all, none, or a list like 0,1.")
+    gpus: str | None = Field(
+        None,
+        description="GPUs to use: all, none, or a list of positions among the visible GPUs "
+        "(0,1) or ids (GPU-<uuid>).",
+    )
     dashboard_address: str | None = Field(None, description="Dashboard address, e.g. :8787.")
     level: int | None = Field(None, ge=0, description="Multiscale level to read.")
     channel: int | None = Field(None, ge=0, description="Only this channel.")

@@ -496,13 +496,16 @@ def train_rank(
     plan: TrainingPlan,
     checkpoint_every: int,
     stop_after: int | None,
+    on_finish: Callable[[Trainer], None] | None = None,
 ) -> Any:
     """One rank of :func:`train_distributed`: :func:`srdvol.training.run_training` with a
     DDP-wrapped network, this rank's patch stream and progress reports to the client.
 
     Every rank checkpoints at the same steps (the per-rank random streams are gathered); rank 0
     writes the training state and, at the end, the model file, and returns the model record.
-    ``plan`` is the :class:`srdvol.training.TrainingPlan` of :func:`plan_training`.
+    ``plan`` is the :class:`srdvol.training.TrainingPlan` of :func:`plan_training`;
+    ``on_finish`` is passed to :func:`~srdvol.training.run_training` (called on every rank with
+    its trainer when the loop ends).
     """
     from functools import partial
 
@@ -518,6 +521,7 @@ def train_rank(
             _ReportingTrainer, ctx=ctx, samples_per_step=plan.batch_size * ctx.world_size
         ),
         on_checkpoint=lambda path, step: ctx.checkpoint_written(str(path), step),
+        on_finish=on_finish,
     )
     return record if ctx.is_main else None
 

@@ -123,7 +123,7 @@ def info_text(
         f"  train      patch {tuple(sizes.values())} (t, y, x), spatial-redundancy sampling",
         f"  predict    blocks {plan.block_shape} on lattice stride {tuple(plan.stride.values())}, "
         f"halo {plan.depth}: {math.prod(plan.nblocks)} blocks",
-        f"  workers    {len(gpus)} GPU worker(s) {gpus}"
+        f"  workers    {len(gpus)} GPU worker(s): {', '.join(gpus)}"
         if gpus
         else "  workers    CPU workers (no GPU visible)",
         f"  write      float32 OME-Zarr {_bytes(4 * math.prod(shape))} at level 0, plus a pyramid",

@@ -343,7 +343,8 @@ class ModelPredictor:
     autocast
         ``"auto"`` (bf16 on CUDA, off on CPU), ``True`` or ``False``.
     batch_size
-        Patches per forward pass.
+        Patches per forward pass; every pass has exactly this many (a short batch is padded),
+        so a patch's result does not depend on the patches it is batched with.
     patch
         The patch size the engine will use; its t must equal the model's patch_t.
     """
@@ -399,12 +400,25 @@ class ModelPredictor:
         device = next(network.parameters()).device
         use_amp = device.type == "cuda" if self.autocast == "auto" else bool(self.autocast)
         x = torch.from_numpy(np.ascontiguousarray((patches - mean) / std, dtype=np.float32))
+        out = np.empty(patches.shape, dtype=np.float32)
+        size = self.batch_size
         with (
             torch.inference_mode(),
             torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp),
         ):
-            y = network(x[:, None].to(device))[:, 0]
-        return (y.float().cpu().numpy() * std + mean).astype(np.float32)
+            for i in range(0, len(x), size):
+                # Every forward pass gets exactly batch_size patches (a short batch is padded
+                # with copies of its last patch): the CPU convolution (oneDNN) takes another
+                # code path for a batch of one, and kernels are chosen by shape, so a patch's
+                # last bits would otherwise depend on how many patches shared its call, that
+                # is, on the block size.
+                part = x[i : i + size]
+                n = len(part)
+                if n < size:
+                    part = torch.cat([part, part[-1:].expand(size - n, *part.shape[1:])])
+                y = network(part[:, None].to(device))[:n, 0]
+                out[i : i + n] = y.float().cpu().numpy()
+        return (out * std + mean).astype(np.float32)
 
     def __repr__(self) -> str:
         return f"ModelPredictor({self.model_path!r}, device={self.device!r})"

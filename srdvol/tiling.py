@@ -83,23 +83,23 @@ def window_1d(patch: int, kind: Window | str = Window.TENT) -> np.ndarray:
     """A symmetric weight profile of ``patch`` values, strictly positive everywhere.
 
     Sampling at voxel centres (``i + 0.5``) keeps the edge weights above zero, so every voxel of
-    the array gets a positive weight sum even where only one patch covers it.
+    the array gets a positive weight sum even where only one patch covers it. float64, like the
+    blending sums: float32 weights made each ``w * pred`` a float32 product, so even a voxel
+    covered by a single patch came back 1 ulp off its prediction.
     """
     kind = Window(kind)
     centre = (np.arange(patch, dtype=np.float64) + 0.5) / patch  # in (0, 1)
     if kind is Window.TENT:
-        w = 1.0 - np.abs(2.0 * centre - 1.0)
-    else:
-        w = np.sin(np.pi * centre) ** 2
-    return w.astype(np.float32)
+        return 1.0 - np.abs(2.0 * centre - 1.0)
+    return np.sin(np.pi * centre) ** 2
 
 
 def window(patch: Sequence[int], kind: Window | str = Window.TENT) -> np.ndarray:
-    """Separable n-d window: the outer product of :func:`window_1d` along each axis."""
-    out = np.ones((), dtype=np.float32)
+    """Separable n-d window: the float64 outer product of :func:`window_1d` along each axis."""
+    out = np.ones((), dtype=np.float64)
     for n in patch:
         out = np.multiply.outer(out, window_1d(n, kind))
-    return out.astype(np.float32)
+    return out
 
 
 def axis_blocks(length: int, block: int, *, depth: int) -> tuple[int, ...]:

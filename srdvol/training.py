@@ -722,6 +722,7 @@ def run_training(
     progress: bool = False,
     make_trainer: Callable[..., Trainer] = Trainer,
     on_checkpoint: Callable[[Path, int], None] | None = None,
+    on_finish: Callable[[Trainer], None] | None = None,
 ) -> ModelRecord:
     """Run a :class:`TrainingPlan` on this rank: build, resume, train, checkpoint, write.
 
@@ -739,6 +740,9 @@ def run_training(
         Called with :class:`Trainer`'s arguments; a subclass may report progress.
     on_checkpoint
         Called on rank 0 with the state path and the step after each state is written.
+    on_finish
+        Called on every rank with the :class:`Trainer` once the loop ends, before the model is
+        written (e.g. to compare the ranks' final weights).
 
     Returns
     -------
@@ -805,6 +809,8 @@ def run_training(
             progress=progress,
             losses=losses,
         )
+    if on_finish is not None:
+        on_finish(trainer)
     record = _record(plan, image, trainer, losses)
     if rank == 0:
         _write_model(plan.model_path, trainer.network, record)

@@ -8,7 +8,7 @@ import time
 import urllib.request
 
 import pytest
-from distributed import Client, LocalCluster, SpecCluster
+from distributed import Client, LocalCluster
 
 from srdvol.cluster import (
     cpu_worker_spec,
@@ -16,13 +16,10 @@ from srdvol.cluster import (
     gpu_worker_spec,
     open_cluster,
     parse_gpus,
+    resolve_gpus,
     visible_gpus,
 )
 from srdvol.errors import ClusterError, ConfigError, GPUUnavailableError, StoreNotFoundError
-
-
-def _worker_env() -> tuple[str | None, str | None]:
-    return os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("OMP_NUM_THREADS")
 
 
 def _torch_threads() -> int:
@@ -44,39 +41,101 @@ def _free_port() -> int:
 
 # ------------------------------------------------------------------------------ GPU detection
 
+UUID_A = "GPU-8f3c1a2b-0d4e-5f60-7182-93a4b5c6d7e8"
+UUID_B = "GPU-0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9"
+MIG = "MIG-4b7e2f10-1c2d-5e3f-8a9b-0c1d2e3f4a5b"
+
 
 @pytest.mark.parametrize(
     ("env", "expected"),
-    [("2,3", [2, 3]), ("0", [0]), ("", []), ("-1", []), ("1,-1,2", [1])],
+    [
+        ("2,3", ["2", "3"]),
+        ("0", ["0"]),
+        (" 5 , 7 ", ["5", "7"]),
+        ("", []),
+        ("-1", []),
+        ("1,-1,2", ["1"]),  # CUDA stops at the first invalid entry
+        (f"{UUID_A},{UUID_B}", [UUID_A, UUID_B]),  # kept as written, not turned into 0, 1
+        (f"{MIG},3", [MIG, "3"]),
+        (f"{UUID_A},nonsense,{UUID_B}", [UUID_A]),
+    ],
 )
-def test_visible_gpus_follows_cuda_visible_devices(monkeypatch, env, expected):
+def test_visible_gpus_keeps_cuda_visible_devices_entries(monkeypatch, env, expected):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env)
     assert visible_gpus() == expected
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [(None, None), ("auto", "auto"), ("ALL", "all"), ("none", "none"), ("0,2", [0, 2])],
+    [
+        (None, None),
+        ("auto", "auto"),
+        ("ALL", "all"),
+        ("none", "none"),
+        ("0,2", [0, 2]),
+        (f"{UUID_B}, 1", [UUID_B, 1]),
+    ],
 )
 def test_parse_gpus_reads_the_option(text, expected):
     assert parse_gpus(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "gpu0", "-1", "0,x"])
+@pytest.mark.parametrize("text", ["", "gpu0", "-1", "0,x", "GPU-", "0,,1"])
 def test_parse_gpus_rejects_nonsense(text):
-    with pytest.raises(ConfigError, match="--gpus"):
+    with pytest.raises(ConfigError, match="--gpus") as info:
         parse_gpus(text)
+    assert "GPU-<uuid>" in str(info.value)  # the fix names both forms
+
+
+@pytest.mark.parametrize(
+    ("env", "gpus", "expected"),
+    [
+        ("5,7", None, ["5", "7"]),
+        ("5,7", "all", ["5", "7"]),
+        ("5,7", [1], ["7"]),  # a position in the visible list, not physical device 1
+        ("5,7", [1, 0], ["7", "5"]),
+        (f"{UUID_A},{UUID_B}", [1], [UUID_B]),
+        (f"{UUID_A},{UUID_B}", [UUID_B], [UUID_B]),
+        (f"{UUID_A},{UUID_B}", "auto", [UUID_A, UUID_B]),
+        ("5,7", "none", []),
+    ],
+)
+def test_resolve_gpus_maps_positions_and_ids_to_visible_devices(monkeypatch, env, gpus, expected):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env)
+    assert resolve_gpus(gpus) == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "gpus", "error", "match"),
+    [
+        (
+            "5,7",
+            [5],
+            GPUUnavailableError,
+            r"GPU 5 is not visible \(visible GPUs by position: "
+            r"0: 5, 1: 7\)",
+        ),
+        (f"{UUID_A}", [UUID_B], GPUUnavailableError, "0: GPU-8f3c"),
+        ("5,7", [1, 1], ConfigError, "twice"),
+        (f"{UUID_A},{UUID_B}", [0, UUID_A], ConfigError, "twice"),
+    ],
+)
+def test_resolve_gpus_refuses_invisible_or_repeated_gpus(monkeypatch, env, gpus, error, match):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env)
+    with pytest.raises(error, match=match) as info:
+        resolve_gpus(gpus)
+    assert str(info.value).startswith("--gpus ")
 
 
 # ------------------------------------------------------------------------------ worker specs
 
 
 def test_gpu_worker_spec_pins_one_device_per_worker():
-    spec = gpu_worker_spec([0, 3], memory_limit="1GB", threads=2)
-    assert sorted(spec) == ["gpu-0", "gpu-3"]
-    for gpu in (0, 3):
+    spec = gpu_worker_spec(["0", 3, UUID_A], memory_limit="1GB", threads=2)
+    assert sorted(spec) == sorted(["gpu-0", "gpu-3", f"gpu-{UUID_A}"])
+    for gpu in ("0", "3", UUID_A):
         options = spec[f"gpu-{gpu}"]["options"]
-        assert options["env"]["CUDA_VISIBLE_DEVICES"] == str(gpu)
+        assert options["env"]["CUDA_VISIBLE_DEVICES"] == gpu
         assert options["resources"] == {"GPU": 1}
         assert options["nthreads"] == 1
         assert options["memory_limit"] == "1GB"
@@ -85,7 +144,7 @@ def test_gpu_worker_spec_pins_one_device_per_worker():
 
 def test_gpu_worker_spec_refuses_repeated_ids():
     with pytest.raises(ConfigError, match="repeat"):
-        gpu_worker_spec([1, 1])
+        gpu_worker_spec([1, "1"])
 
 
 def test_cpu_worker_spec_sets_threads_and_names():
@@ -97,26 +156,40 @@ def test_cpu_worker_spec_sets_threads_and_names():
         cpu_worker_spec(0)
 
 
-def test_spec_cluster_workers_see_their_own_gpu():
-    # Starting GPU-pinned workers needs no GPU: the pinning is only environment and resources.
-    from srdvol.cluster import _scheduler_spec
+def _gpu_worker_state() -> dict[str, object]:
+    import sys
 
-    spec = gpu_worker_spec([0, 1], memory_limit="1GB", threads=1)
-    with (
-        SpecCluster(workers=spec, scheduler=_scheduler_spec("127.0.0.1", None)) as cluster,
-        Client(cluster) as client,
-    ):
+    import torch
+
+    return {
+        "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "torch_imported": "torch" in sys.modules,  # the thread plugin ran
+        "cuda_initialized": torch.cuda.is_initialized(),
+    }
+
+
+@pytest.mark.parametrize("visible", [["5", "7"], [UUID_A, UUID_B]], ids=["indices", "uuids"])
+def test_open_cluster_pins_each_gpu_worker_to_its_own_device(monkeypatch, visible):
+    # The GPU path needs no GPU: pinning is environment variables and resources only, and
+    # nothing initialises CUDA while a worker starts.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(visible))
+    with open_cluster(dashboard_address=None, memory_limit="1GB") as client:
         client.wait_for_workers(2, timeout=60)
         info = client.scheduler_info(n_workers=-1)["workers"]
-        by_name = {w["name"]: (addr, w) for addr, w in info.items()}
-        assert sorted(by_name) == ["gpu-0", "gpu-1"]
-        envs = client.run(_worker_env)
-        for name, (addr, worker) in by_name.items():
+        states = client.run(_gpu_worker_state)
+        assert sorted(states) == sorted(info)
+        seen = []
+        for address, worker in info.items():
+            state = states[address]
             assert worker["resources"] == {"GPU": 1}
-            assert envs[addr][0] == name.removeprefix("gpu-")
+            assert worker["nthreads"] == 1
+            assert worker["name"] == f"gpu-{state['CUDA_VISIBLE_DEVICES']}"
+            assert state["torch_imported"] and not state["cuda_initialized"]
+            seen.append(state["CUDA_VISIBLE_DEVICES"])
+        assert sorted(seen) == sorted(visible)  # each worker its own device, as written
         # a GPU task lands only on workers that advertise the resource
-        future = client.submit(_worker_env, resources={"GPU": 1}, pure=False)
-        assert future.result(timeout=60)[0] in {"0", "1"}
+        future = client.submit(_gpu_worker_state, resources={"GPU": 1}, pure=False)
+        assert future.result(timeout=60)["CUDA_VISIBLE_DEVICES"] in visible
 
 
 # ------------------------------------------------------------------------------ open_cluster

@@ -95,7 +95,9 @@ def cluster():
         yield client
 
 
-def test_ddp_averages_gradients_like_one_process_with_the_double_batch(cluster, tmp_path):
+def test_run_distributed_lets_rank_0_write_and_report(cluster, tmp_path):
+    # The plumbing of run_distributed; that srdvol's DDP training averages gradients is shown
+    # through the real training path in test_ddp_promises.py.
     seen: list[Progress] = []
     weights = run_distributed(
         cluster,
@@ -105,12 +107,7 @@ def test_ddp_averages_gradients_like_one_process_with_the_double_batch(cluster, 
         on_progress=seen.append,
         timeout=60,
     )
-    reference = _tiny_net(0)
-    batches = [_global_batch(step, 2 * BATCH) for step in range(STEPS)]
-    _sgd_steps(reference, batches, lambda step: None)
-    for name, value in reference.state_dict().items():
-        np.testing.assert_allclose(weights[name], value.numpy(), rtol=1e-5, atol=1e-6)
-    # the weights moved: the comparison is not between two untouched copies
+    # rank 0's return value comes back: its trained weights, moved from the initial ones
     assert not np.allclose(weights["0.weight"], _tiny_net(0).state_dict()["0.weight"].numpy())
     assert (tmp_path / "written-by").read_text() == "0"
     assert sorted(p.name for p in tmp_path.glob("step-*.pt")) == [

@@ -3,39 +3,16 @@
 from __future__ import annotations
 
 import pickle
-import sys
-import types
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sliding_window import reference_movie
 
 from srdvol import predict
 from srdvol.errors import DataError, InputError, ModelMismatchError, StoreNotFoundError
 from srdvol.predict import AffineModel, ModelPredictor, PatchMeanModel, predict_array, predict_block
-from srdvol.tiling import lattice, stride, window
-
-
-def reference_pass(movie, model, patch, overlap, kind="tent"):
-    """Independent global sliding window: pad short axes, loop over the lattice, weighted mean."""
-    shape = movie.shape
-    padded = np.pad(
-        movie, [(0, max(0, p - n)) for n, p in zip(shape, patch, strict=True)], mode="reflect"
-    ).astype(np.float64)
-    num = np.zeros(padded.shape)
-    den = np.zeros(padded.shape)
-    w = window(patch, kind).astype(np.float64)
-    axes = [lattice(n, p, stride(p, overlap)) for n, p in zip(padded.shape, patch, strict=True)]
-    for t0 in axes[0]:
-        for y0 in axes[1]:
-            for x0 in axes[2]:
-                sl = (slice(t0, t0 + patch[0]), slice(y0, y0 + patch[1]), slice(x0, x0 + patch[2]))
-                pred = model(padded[sl][None].astype(np.float32))[0].astype(np.float64)
-                num[sl] += w * pred
-                den[sl] += w
-    return (num / den)[: shape[0], : shape[1], : shape[2]]
 
 
 @given(
@@ -65,8 +42,8 @@ def test_patch_dependent_model_matches_reference(kind):
     movie = rng.gamma(3, 10, size=(21, 13, 7)).astype(np.float32)  # x shorter than the patch
     patch, overlap = (8, 5, 9), 0.4
     got = predict_array(movie, PatchMeanModel(), patch=patch, overlap=overlap, window_kind=kind)
-    want = reference_pass(movie, PatchMeanModel(), patch, overlap, kind)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
+    want = reference_movie(movie, PatchMeanModel(), patch, overlap, kind)
+    np.testing.assert_array_equal(got, want)
     # The stand-in really is patch dependent: its output differs from a pixel-wise shift.
     assert np.ptp(got - movie) > 1.0
 
@@ -135,85 +112,86 @@ def test_stand_ins_pickle():
     np.testing.assert_array_equal(AffineModel(2, 1)(x), 2 * x + 1)
 
 
-# --- ModelPredictor, with a fake checkpoint module standing in for srdvol.model.checkpoint ---
+# --- ModelPredictor, with real (tiny) model files ---------------------------------------------
 
 
 @pytest.fixture
-def fake_checkpoint(monkeypatch, tmp_path):
+def tiny_model(monkeypatch, tmp_path):
+    """A tiny SRDTrans model file (fixed random weights), its network, and a load counter."""
     torch = pytest.importorskip("torch")
+    from srdvol.model import checkpoint
+    from srdvol.model.checkpoint import ModelRecord, Normalization, save_model
+    from srdvol.model.network import NetworkConfig, build_network
+
     torch.set_num_threads(1)
-    loads = []
-
-    def load_model(path):
-        loads.append(path)
-        net = torch.nn.Conv3d(1, 1, 1)
-        with torch.no_grad():
-            net.weight.fill_(2.0)
-            net.bias.zero_()
-        record = SimpleNamespace(
-            patch=(16, 4, 4), normalization=SimpleNamespace(mean=10.0, std=4.0)
-        )
-        return net, record
-
-    module = types.ModuleType("srdvol.model.checkpoint")
-    module.load_model = load_model
-    monkeypatch.setitem(sys.modules, "srdvol.model.checkpoint", module)
     monkeypatch.setattr(predict, "_CACHE", {})
-    path = tmp_path / "model.srdvol"
-    path.write_bytes(b"weights")
-    return path, loads
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        network = build_network(NetworkConfig.tiny(patch_t=16)).eval()
+    record = ModelRecord(
+        network=NetworkConfig.tiny(patch_t=16),
+        patch=(16, 8, 8),
+        sampling="spatial",
+        normalization=Normalization(mean=100.0, std=10.0),
+    )
+    path = tmp_path / "tiny.srdvol"
+    save_model(path, network, record)
+    loads = []
+    real_load = checkpoint.load_model
+
+    def counting_load(model_path):
+        loads.append(model_path)
+        return real_load(model_path)
+
+    monkeypatch.setattr(checkpoint, "load_model", counting_load)
+    return path, network, loads
 
 
-def test_model_predictor_normalises_and_denormalises(fake_checkpoint):
-    path, loads = fake_checkpoint
-    model = ModelPredictor(path, device="cpu")
-    x = np.random.default_rng(0).normal(10, 4, size=(3, 16, 4, 4)).astype(np.float32)
-    # network doubles the normalised input: ((x - m) / s * 2) * s + m = 2x - m
-    np.testing.assert_allclose(model(x), 2 * x - 10.0, rtol=1e-5, atol=1e-4)
+def _network_in_input_units(network, patches, mean=100.0, std=10.0):
+    import torch
+
+    with torch.inference_mode():
+        y = network(torch.from_numpy((patches - mean) / std)[:, None])[:, 0].numpy()
+    return y * std + mean
+
+
+def test_model_predictor_normalises_runs_the_network_and_denormalises(tiny_model):
+    path, network, loads = tiny_model
+    model = ModelPredictor(path, device="cpu", batch_size=4)
+    x = np.random.default_rng(0).normal(100, 10, size=(4, 16, 8, 8)).astype(np.float32)
+    want = _network_in_input_units(network, x)  # one full batch: the same forward pass
+    got = model(x)
+    assert got.dtype == np.float32 and got.shape == x.shape
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-4)
+    assert np.abs(got - x).max() > 1.0  # the network changes its input
     model(x)
     pickle.loads(pickle.dumps(model))(x)
     assert len(loads) == 1  # loaded once per process, also after pickling
-    assert model.patch == {"t": 16, "y": 4, "x": 4}
+    assert model.patch == {"t": 16, "y": 8, "x": 8}
+    assert model.record.normalization.mean == 100.0
 
 
-def test_model_predictor_patch_mismatch(fake_checkpoint):
-    path, _ = fake_checkpoint
+def test_model_predictor_patch_mismatch(tiny_model):
+    path, _, _ = tiny_model
     with pytest.raises(ModelMismatchError, match="--patch"):
         _ = ModelPredictor(path, device="cpu", patch=(32, 8, 8)).patch
     with pytest.raises(ModelMismatchError, match="patch_t 16"):
         ModelPredictor(path, device="cpu")(np.zeros((1, 32, 4, 4), np.float32))
 
 
-def test_model_predictor_missing_file(fake_checkpoint, tmp_path):
+def test_model_predictor_missing_file(tmp_path):
     with pytest.raises(StoreNotFoundError, match="does not exist"):
         ModelPredictor(tmp_path / "nope", device="cpu")(np.zeros((1, 16, 4, 4), np.float32))
 
 
-def test_model_predictor_with_a_real_model_file(tmp_path, monkeypatch):
-    torch = pytest.importorskip("torch")
-    from srdvol.model.checkpoint import ModelRecord, Normalization, save_model
-    from srdvol.model.network import NetworkConfig, build_network
-
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    monkeypatch.setattr(predict, "_CACHE", {})
-    record = ModelRecord(
-        network=NetworkConfig.tiny(patch_t=16),
-        patch=(16, 16, 16),
-        sampling="spatial",
-        normalization=Normalization(mean=100.0, std=10.0),
-    )
-    network = build_network(record.network).eval()
-    path = tmp_path / "tiny.srdvol"
-    save_model(path, network, record)
-    x = np.random.default_rng(0).normal(100, 10, size=(2, 16, 16, 16)).astype(np.float32)
-    with torch.inference_mode():
-        want = network(torch.from_numpy((x - 100) / 10)[:, None])[:, 0].numpy() * 10 + 100
-    got = ModelPredictor(path, device="cpu")(x)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
-    assert ModelPredictor(path, device="cpu").patch == {"t": 16, "y": 16, "x": 16}
-    # Through the whole-array path: finite, same shape, in input units.
+def test_real_model_through_the_whole_array_path(tiny_model):
+    path, network, _ = tiny_model
+    predictor = ModelPredictor(path, device="cpu")
     movie = np.random.default_rng(1).normal(100, 10, size=(16, 20, 20)).astype(np.float32)
-    out = predict_array(movie, ModelPredictor(path, device="cpu"), patch=(16, 16, 16))
-    assert out.shape == movie.shape and np.isfinite(out).all()
-    assert abs(float(out.mean()) - 100) < 50
+    out = predict_array(movie, predictor, patch=(16, 16, 16))
+    # Bit for bit the independent sliding window over the same predictor...
+    np.testing.assert_array_equal(out, reference_movie(movie, predictor, (16, 16, 16), 0.25))
+    # ...and in input units: the corner only the first patch covers is that patch's output.
+    corner = _network_in_input_units(network, movie[None, :, :16, :16])[0]
+    np.testing.assert_allclose(out[:, :4, :4], corner[:, :4, :4], rtol=1e-6, atol=1e-4)
+    assert np.abs(out - movie).max() > 1.0

@@ -54,7 +54,7 @@ def test_touching_selects_intersecting_patches():
 @pytest.mark.parametrize("patch", [1, 2, 3, 8, 17])
 def test_windows_positive_symmetric_separable(kind, patch):
     w = window_1d(patch, kind)
-    assert w.dtype == np.float32
+    assert w.dtype == np.float64  # the blending sums are float64 too
     assert np.all(w > 0)
     np.testing.assert_allclose(w, w[::-1])
     assert w.max() <= 1.0
