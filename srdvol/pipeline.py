@@ -32,16 +32,19 @@ __all__ = [
 console = Console(stderr=True, highlight=False)
 
 DEFAULT_OVERLAP = 0.25
-#: The demo: a small 0.3 Hz recording that trains and denoises in minutes on a laptop CPU. These
-#: are the settings of benchmarks/quality.py (photons 2: noisy about 5 dB, the best Gaussian
-#: filter about 15.6 dB, srdvol about 16.9 dB after 300 steps; see benchmarks/RESULTS.md).
+#: The demo: a small 0.3 Hz recording that trains and denoises in minutes on a laptop CPU
+#: (photons 2: noisy about 5 dB, the best oracle-tuned Gaussian filter about 15.6 dB). 200 steps
+#: of 2 patches gained 11.5 dB on 2 CPU cores (300 steps of 4 gained 11.7 dB in 2.7x the time;
+#: batch 1 is no cheaper, it falls off oneDNN's convolution path); see benchmarks/RESULTS.md.
+#: One torch thread in the worker: two threads on two busy cores ran a step 5x slower.
 DEMO: dict[str, Any] = {
     "frames": 96,
     "size": (96, 96),
     "photons": 2.0,
     "patch": (16, 64, 64),
-    "steps": 300,
-    "batch_size": 4,
+    "steps": 200,
+    "batch_size": 2,
+    "threads": 1,
 }
 
 
@@ -724,7 +727,11 @@ def run_demo(
         batch_size=DEMO["batch_size"],
         seed=0,
         overwrite=overwrite,
-        cluster={"workers": workers, "dashboard_address": ":0"},
+        cluster={
+            "workers": workers,
+            "threads_per_worker": DEMO["threads"],
+            "dashboard_address": ":0",
+        },
         read={},
     )
     result = evaluate_stores(denoised, truth=truth, noisy=noisy)

@@ -288,3 +288,30 @@ def test_info_refuses_an_unknown_output_format(make_image):
         info_text(source, ngff="0.3")
     with pytest.raises(ConfigError, match="--dtype"):
         info_text(source, dtype="complex64")
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_one_single_threaded_worker(tmp_path, monkeypatch, capsys):
+    # The demo's own sizes take minutes; a smaller recording runs the same code path.
+    from srdvol import pipeline
+
+    monkeypatch.setitem(pipeline.DEMO, "frames", 32)
+    monkeypatch.setitem(pipeline.DEMO, "size", (32, 32))
+    monkeypatch.setitem(pipeline.DEMO, "patch", (16, 32, 32))
+    started = []
+    opened = pipeline._cluster
+
+    def spy(cluster, client=None):
+        if client is None:  # a cluster is started, not reused
+            started.append(dict(cluster or {}))
+        return opened(cluster, client)
+
+    monkeypatch.setattr(pipeline, "_cluster", spy)
+    result = pipeline.run_demo(tmp_path / "demo", steps=2, workers=1)
+    assert started == [
+        {"workers": 1, "threads_per_worker": 1, "dashboard_address": ":0"}
+    ]  # one torch thread: robust on a busy machine
+    assert np.isfinite(result["estimate"]["snr_db"]) and np.isfinite(result["noisy"]["snr_db"])
+    err = capsys.readouterr().err
+    assert "SNR gain:" in err and "levels     s0 (32, 32, 32)" in err
+    assert (tmp_path / "demo" / "report.png").stat().st_size > 0
