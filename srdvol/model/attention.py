@@ -107,8 +107,8 @@ def _masked(
     """Attention with an additive bias: fused on GPUs, written out on the CPU.
 
     On the CPU, PyTorch's fused attention with a float mask checks every row for being fully
-    masked (an ``all`` and a ``where`` over the logits) and runs no faster than the plain
-    formula: the formula is about a quarter cheaper per Swin layer (forward and backward).
+    masked (an ``all`` and a ``where`` over the logits) and is no faster than the plain formula,
+    which measured about a quarter cheaper (forward and backward, 100 windows of 49 tokens).
     """
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
