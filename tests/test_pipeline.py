@@ -315,3 +315,20 @@ def test_demo_runs_end_to_end_on_one_single_threaded_worker(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert "SNR gain:" in err and "levels     s0 (32, 32, 32)" in err
     assert (tmp_path / "demo" / "report.png").stat().st_size > 0
+
+
+def test_info_scales_the_task_count_of_a_large_plan_from_a_corner(tmp_path, monkeypatch):
+    from srdvol import pipeline
+
+    source = str(tmp_path / "large.zarr")  # no chunk written: info reads metadata and one chunk
+    zarr.create_array(source, shape=(320, 2, 640, 640), chunks=(16, 1, 128, 128), dtype="uint16")
+    options = {"axes": "tzyx", "patch": (16, 32, 32), "block": (32, 128, 128)}
+    exact = pipeline.info_text(source, **options)
+    blocks = int(_number(exact, r"blocks: (\d+) of"))
+    assert blocks == 10 * 2 * 2 * 2  # blocks align to the output's 512 px plane chunks
+    monkeypatch.setattr(pipeline, "_EXACT_TASK_BLOCKS", 10)
+    scaled = pipeline.info_text(source, **options)
+    assert "about" in scaled and "about" not in exact.split("dask tasks")[0].splitlines()[-1]
+    tasks = _number(exact, r"(\d+) dask tasks")
+    estimate = _number(scaled, r"about (\d+) dask tasks")
+    assert 0.8 * tasks <= estimate <= tasks
