@@ -162,19 +162,26 @@ def info(
         str, typer.Argument(metavar="IN", help="OME-Zarr image, Zarr array, or srdvol model file.")
     ],
     patch: PatchOpt = None,
+    overlap: OverlapOpt = 0.25,
     block: BlockOpt = None,
+    dtype: DtypeOpt = "float32",
+    ngff: NgffOpt = "0.5",
     level: LevelOpt = 0,
     channel: ChannelOpt = None,
     axes: AxesOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Show axes, shape, chunks, size and what `srdvol denoise` would do (or a model's record)."""
+    """Show axes, shape, chunks, size and what `srdvol denoise` would do and write, with its
+    cost (or a model's record)."""
     from srdvol import pipeline
 
     text = pipeline.info_text(
         source,
         patch=_triple(patch, "--patch"),
+        overlap=overlap,
         block=_triple(block, "--block"),
+        dtype=dtype,
+        ngff=ngff,
         **_read_options(level, channel, axes),
     )
     typer.echo(text)

@@ -43,6 +43,7 @@ from srdvol.errors import ConfigError, InputError, OutputExistsError, OutputPath
 __all__ = [
     "CHUNK_BYTES",
     "NGFF_VERSIONS",
+    "PYRAMID_MIN_SIZE",
     "check_output",
     "check_output_path",
     "create_output",
@@ -664,10 +665,19 @@ def _halve_mean(block: np.ndarray, *, y: int, x: int, out_dtype: np.dtype[Any]) 
     return mean.astype(out_dtype)
 
 
+#: Pyramid levels are added until the larger side of a plane is at most this many pixels, so a
+#: frame of 65-128 px still gets a second level (viewers and tools look for one), and the
+#: smallest level of any image is 33-64 px across.
+PYRAMID_MIN_SIZE = 64
+
+
 def pyramid_shapes(
-    shape: tuple[int, ...], axes: tuple[str, ...], *, min_size: int
+    shape: tuple[int, ...], axes: tuple[str, ...], *, min_size: int = PYRAMID_MIN_SIZE
 ) -> list[tuple[int, ...]]:
-    """Shapes of levels 1, 2, ...: halve y and x (rounding up) until the plane fits ``min_size``."""
+    """Shapes of levels 1, 2, ...: halve y and x (rounding up) until the plane fits ``min_size``.
+
+    :func:`write_pyramid` writes exactly these levels (``srdvol info`` lists them in advance).
+    """
     iy, ix = axes.index("y"), axes.index("x")
     shapes = []
     current = list(shape)
@@ -680,7 +690,7 @@ def pyramid_shapes(
 
 
 def write_pyramid(
-    path: str | os.PathLike[str], *, client: Any = None, min_size: int = 256
+    path: str | os.PathLike[str], *, client: Any = None, min_size: int = PYRAMID_MIN_SIZE
 ) -> list[str]:
     """Add levels ``s1, s2, ...`` (2x2 mean in y and x) to an output image, then its metadata.
 

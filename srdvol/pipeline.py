@@ -32,16 +32,19 @@ __all__ = [
 console = Console(stderr=True, highlight=False)
 
 DEFAULT_OVERLAP = 0.25
-#: The demo: a small 0.3 Hz recording that trains and denoises in minutes on a laptop CPU. These
-#: are the settings of benchmarks/quality.py (photons 2: noisy about 5 dB, the best Gaussian
-#: filter about 15.6 dB, srdvol about 16.9 dB after 300 steps; see benchmarks/RESULTS.md).
+#: The demo: a small 0.3 Hz recording that trains and denoises in minutes on a laptop CPU
+#: (photons 2: noisy about 5 dB, the best oracle-tuned Gaussian filter about 15.6 dB). 200 steps
+#: of 2 patches gained 11.5 dB on 2 CPU cores (300 steps of 4 gained 11.7 dB in 2.7x the time;
+#: batch 1 is no cheaper, it falls off oneDNN's convolution path); see benchmarks/RESULTS.md.
+#: One torch thread in the worker: two threads on two busy cores ran a step 5x slower.
 DEMO: dict[str, Any] = {
     "frames": 96,
     "size": (96, 96),
     "photons": 2.0,
     "patch": (16, 64, 64),
-    "steps": 300,
-    "batch_size": 4,
+    "steps": 200,
+    "batch_size": 2,
+    "threads": 1,
 }
 
 
@@ -76,16 +79,23 @@ def info_text(
     *,
     patch: tuple[int, int, int] | None = None,
     block: tuple[int, int, int] | None = None,
+    overlap: float = DEFAULT_OVERLAP,
+    dtype: str = "float32",
+    ngff: str = "0.5",
     level: int = 0,
     channel: int | None = None,
     axes: str | None = None,
 ) -> str:
-    """Describe an image and what ``srdvol denoise`` would do with it (blocks, tasks, workers),
-    or, for a model file, its record (network, patch, sampling, normalisation, training data)."""
+    """Describe an image and what ``srdvol denoise`` would do with it, or, for a model file, its
+    record (network, patch, sampling, normalisation, training data).
+
+    For an image: the training patch (and any padding), the block plan and what it costs (model
+    voxels per output voxel, bytes read per input byte, blocks, dask tasks), the workers, and
+    what will be written: dtype, NGFF version, chunks, compression, every pyramid level, size.
+    """
     if os.fspath(source).endswith(".safetensors"):
         return _model_text(source)
     from srdvol.io import describe_image
-    from srdvol.training import DEFAULT_PATCH
 
     facts = describe_image(source, level=level, axes=axes, channel=channel)
     dims = tuple(facts["axes"])
@@ -105,30 +115,251 @@ def info_text(
         lines.append(f"problem    {problem}")
     if facts.get("problems"):
         return "\n".join(lines)
+    image = _open_input(source, {"level": level, "axes": axes, "channel": channel})
+    out_dtype = _check_output_options(image, dtype=dtype, ngff=ngff)
+    lines += _denoise_lines(image, patch=patch, block=block, overlap=overlap, dtype=out_dtype)
+    lines += _output_lines(image, dtype=out_dtype, ngff=ngff)
+    return "\n".join(lines)
+
+
+def _check_output_options(image: Any, *, dtype: str, ngff: str) -> Any:
+    """Refuse what create_output would refuse; return the output dtype ``--dtype`` asks for."""
+    import numpy as np
+
+    from srdvol.errors import ConfigError
+    from srdvol.output import NGFF_VERSIONS
+
+    if ngff not in NGFF_VERSIONS:
+        raise ConfigError(
+            "--ngff", f"NGFF version {ngff!r} is not supported", "use --ngff 0.5 or --ngff 0.4"
+        )
+    try:
+        out = np.dtype(image.dtype if dtype == "input" else dtype)
+    except TypeError:
+        out = np.dtype("c8")  # refused just below, with the same message
+    if out.kind not in "iuf":
+        raise ConfigError(
+            "--dtype",
+            f"output dtype {dtype!r} is not an integer or real float",
+            "use --dtype float32 or --dtype input",
+        )
+    return out
+
+
+def _denoise_lines(
+    image: Any,
+    *,
+    patch: tuple[int, int, int] | None,
+    block: tuple[int, int, int] | None,
+    overlap: float,
+    dtype: Any,
+) -> list[str]:
+    """Training patch and padding, block plan, its cost, workers."""
     from srdvol.cluster import visible_gpus
-    from srdvol.tiling import plan_blocks
+    from srdvol.tiling import plan_cost
+    from srdvol.training import DEFAULT_PATCH
 
     sizes = dict(zip(("t", "y", "x"), patch or DEFAULT_PATCH, strict=True))
-    plan = plan_blocks(
-        shape,
-        dims=dims,
-        patch=sizes,
-        overlap=DEFAULT_OVERLAP,
-        chunks=chunks,
-        block=dict(zip(("t", "y", "x"), block, strict=True)) if block else None,
-    )
-    gpus = visible_gpus()
-    lines += [
+    plan = _block_plan(image, sizes=sizes, block=block, overlap=overlap, dtype=dtype)
+    cost = plan_cost(plan)
+    tasks, exact = _task_count(image, plan, overlap=overlap)
+    lines = [
         "denoise would:",
         f"  train      patch {tuple(sizes.values())} (t, y, x), spatial-redundancy sampling",
-        f"  predict    blocks {plan.block_shape} on lattice stride {tuple(plan.stride.values())}, "
-        f"halo {plan.depth}: {math.prod(plan.nblocks)} blocks",
+    ]
+    lines += _padding_lines(image, sizes)
+    blocks = math.prod(plan.nblocks)
+    about = "" if exact else "about "
+    lines += [
+        f"  predict    overlap {overlap:g}, lattice stride {tuple(plan.stride.values())} (t, y, x)",
+        f"             blocks: {blocks} of {''.join(plan.dims)} {plan.block_shape} plus a halo "
+        f"{plan.depth}",
+        f"             {about}{tasks} dask tasks in the graph, plus one write task per block",
+        f"  cost       {cost.lattice_ratio:.2f} model voxels per output voxel in one whole-array "
+        f"pass (lattice patches: {cost.lattice_patches})",
+        f"             {cost.computed_ratio:.2f} as computed now: each block recomputes every "
+        f"lattice patch touching its core (patches run: {cost.computed_patches})",
+        f"             {cost.read_ratio:.2f} bytes read per input byte (each block reads its core "
+        "plus a halo of patch - 1)",
+    ]
+    gpus = visible_gpus()
+    lines.append(
         f"  workers    {len(gpus)} GPU worker(s): {', '.join(gpus)}"
         if gpus
-        else "  workers    CPU workers (no GPU visible)",
-        f"  write      float32 OME-Zarr {_bytes(4 * math.prod(shape))} at level 0, plus a pyramid",
+        else "  workers    CPU workers (no GPU visible)"
+    )
+    return lines
+
+
+def _block_plan(
+    image: Any,
+    *,
+    sizes: dict[str, int],
+    block: tuple[int, int, int] | None,
+    overlap: float,
+    dtype: Any,
+) -> Any:
+    """The block plan ``srdvol predict`` will use: blocks aligned to the output's chunks."""
+    from srdvol.engine import DEFAULT_BLOCK_MEMORY
+    from srdvol.output import output_chunks
+    from srdvol.tiling import plan_blocks
+
+    dims = tuple(str(d) for d in image.dims)
+    out_chunks = output_chunks(dict(zip(dims, image.shape, strict=True)), dtype=dtype)
+    return plan_blocks(
+        image.shape,
+        dims=dims,
+        patch=sizes,
+        overlap=overlap,
+        chunks=tuple(out_chunks.values()),
+        block=dict(zip(("t", "y", "x"), block, strict=True)) if block else None,
+        memory=DEFAULT_BLOCK_MEMORY,
+    )
+
+
+#: Above this many blocks, ``info`` counts the dask tasks of a corner of the image and scales
+#: them (building a terabyte's whole graph takes tens of seconds); the corner's edge blocks have
+#: fewer neighbours, so the figure is a slight underestimate.
+_EXACT_TASK_BLOCKS = 4096
+
+
+def _task_count(image: Any, plan: Any, *, overlap: float) -> tuple[int, bool]:
+    """Tasks of the lazy denoise graph (exact, or scaled from a corner of the image)."""
+    import dask.array as da
+
+    from srdvol.engine import denoise
+    from srdvol.predict import AffineModel
+
+    blocks = math.prod(plan.nblocks)
+    data = image.data
+    exact = blocks <= _EXACT_TASK_BLOCKS
+    if not exact:
+        # The first four blocks along every axis, cut as in the full plan, over a stand-in with
+        # the input's storage chunks (slicing the real array would keep its whole read layer).
+        corner = tuple(sum(c[:4]) for c in plan.chunks)
+        data = da.zeros(corner, chunks=data.chunksize, dtype=data.dtype)
+    movie_block = {a: n for a, n in zip(plan.dims, plan.block_shape, strict=True) if a in "tyx"}
+    lazy = denoise(
+        data,
+        AffineModel(),
+        patch=tuple(plan.patch.values()),
+        overlap=overlap,
+        block=movie_block,
+        dims="".join(plan.dims),
+        chunks=tuple(c[0] for c in plan.chunks),
+    )
+    tasks = len(lazy.__dask_graph__())
+    if exact:
+        return tasks, True
+    return round(tasks / math.prod(lazy.numblocks) * blocks), False
+
+
+def _padding_lines(image: Any, sizes: dict[str, int]) -> list[str]:
+    """Say which axes are shorter than the patch (reflect-padded, or too few frames to train)."""
+    lines = []
+    short = [a for a in ("y", "x") if image.sizes[a] < sizes[a]]
+    if short:
+        grown = ", ".join(f"{a} {image.sizes[a]} -> {sizes[a]}" for a in short)
+        lines += [
+            f"  padding    {grown} (reflect): the frame is smaller than the patch; training and",
+            "             prediction run on padded patches, and model voxels count the padding",
+        ]
+    frames = int(image.sizes["t"])
+    if frames < sizes["t"]:
+        fit = frames // 16 * 16
+        lines += [
+            f"  problem    the movie has {frames} frames, fewer than patch_t {sizes['t']}, so "
+            "training would stop;",
+            f"             use --patch {fit},{sizes['y']},{sizes['x']} (patch_t a multiple of 16, "
+            f"at most {frames}); prediction pads t",
+        ]
+    return lines
+
+
+def _output_lines(image: Any, *, dtype: Any, ngff: str) -> list[str]:
+    """What ``srdvol predict`` will write: dtype, format, chunks, codec, levels and size."""
+    from srdvol.output import output_chunks, pyramid_shapes
+
+    dims = tuple(str(d) for d in image.dims)
+    shape = tuple(int(n) for n in image.shape)
+    chunks = tuple(output_chunks(dict(zip(dims, shape, strict=True)), dtype=dtype).values())
+    zarr_format = 3 if ngff == "0.5" else 2
+    codec = _codec_text(zarr_format, dims)
+    # write_pyramid gives every level the chunks of s0, cut to the level's shape.
+    levels = [(shape, chunks)] + [
+        (level, tuple(min(c, n) for c, n in zip(chunks, level, strict=True)))
+        for level in pyramid_shapes(shape, dims)
     ]
-    return "\n".join(lines)
+    raw = sum(math.prod(level) for level, _ in levels) * dtype.itemsize
+    fraction = _stored_fraction(image, dtype=dtype, chunks=chunks, zarr_format=zarr_format)
+    lines = [f"  write      {dtype} OME-Zarr, NGFF {ngff} (Zarr v{zarr_format}), {codec}"]
+    for k, (level, level_chunks) in enumerate(levels):
+        label = "levels" if k == 0 else ""
+        lines.append(f"  {label:<10} s{k} {level} in chunks {level_chunks}")
+    lines += [
+        f"  size       {_bytes(raw)} uncompressed (all levels), about {_bytes(raw * fraction)} "
+        "on disk",
+        "             (estimate: one input chunk, smoothed like denoised data, compressed as "
+        "written)",
+    ]
+    return lines
+
+
+def _codec_text(zarr_format: int, dims: tuple[str, ...]) -> str:
+    """The output's compressor in words, from the settings srdvol.output writes with."""
+    from srdvol.output import _array_kwargs
+
+    codec = _array_kwargs(zarr_format, dims)["compressors"]
+    cname = getattr(codec.cname, "value", codec.cname)
+    shuffle = getattr(codec.shuffle, "value", codec.shuffle)
+    shuffle = {0: "noshuffle", 1: "shuffle", 2: "bitshuffle"}.get(shuffle, shuffle)
+    return f"blosc-{cname} level {codec.clevel}, {shuffle}"
+
+
+def _stored_fraction(image: Any, *, dtype: Any, chunks: tuple[int, ...], zarr_format: int) -> float:
+    """Stored bytes per raw byte for one output chunk of stand-in data.
+
+    Denoised data is smooth, so a Gaussian-smoothed chunk from the middle of the recording,
+    cast to the output dtype and written with the output's codec, stands in for it.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    import zarr
+    from scipy import ndimage
+
+    from srdvol.output import _array_kwargs
+
+    dims = tuple(str(d) for d in image.dims)
+    middle = tuple(
+        slice(n // 2 // c * c, min(n // 2 // c * c + c, n)) if a == "t" else slice(0, c)
+        for a, n, c in zip(dims, image.shape, chunks, strict=True)
+    )
+    sample = np.asarray(image.data[middle], dtype=np.float64)
+    sigma = [1.0 if a in ("t", "y", "x") else 0.0 for a in dims]
+    smooth = ndimage.gaussian_filter(sample, sigma)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        smooth = np.clip(np.rint(smooth), info.min, info.max)
+    with tempfile.TemporaryDirectory() as folder:
+        array = zarr.create_array(
+            Path(folder) / "sample.zarr",
+            shape=smooth.shape,
+            chunks=smooth.shape,
+            dtype=dtype,
+            fill_value=0,
+            zarr_format=zarr_format,
+            **_array_kwargs(zarr_format, dims),
+        )
+        array[...] = smooth.astype(dtype)
+        stored = array.nbytes_stored() - _metadata_bytes(Path(folder) / "sample.zarr")
+    return stored / (smooth.size * dtype.itemsize)
+
+
+def _metadata_bytes(root: Any) -> int:
+    names = {"zarr.json", ".zarray", ".zattrs", ".zgroup"}
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and f.name in names)
 
 
 def _model_text(path: str | os.PathLike[str]) -> str:
@@ -501,7 +732,11 @@ def run_demo(
         batch_size=DEMO["batch_size"],
         seed=0,
         overwrite=overwrite,
-        cluster={"workers": workers, "dashboard_address": ":0"},
+        cluster={
+            "workers": workers,
+            "threads_per_worker": DEMO["threads"],
+            "dashboard_address": ":0",
+        },
         read={},
     )
     result = evaluate_stores(denoised, truth=truth, noisy=noisy)

@@ -20,10 +20,12 @@ from srdvol.errors import ConfigError
 
 __all__ = [
     "BlockPlan",
+    "PlanCost",
     "Window",
     "axis_blocks",
     "lattice",
     "plan_blocks",
+    "plan_cost",
     "stride",
     "touching",
     "window",
@@ -281,3 +283,96 @@ def _grow(
         if sizes[a] >= full[a]:
             open_axes.discard(a)
     return sizes
+
+
+@dataclass(frozen=True)
+class PlanCost:
+    """What a block plan costs, counted exactly from its lattice and block boundaries.
+
+    Voxel counts cover every (c, z) movie. A model voxel is one voxel of one patch fed to the
+    network, padding included (an axis shorter than its patch is reflect-padded to it).
+
+    Attributes
+    ----------
+    voxels
+        Voxels of the array (input voxels = output voxels).
+    lattice_patches, lattice_voxels
+        Patches and model voxels of one whole-array pass: every lattice patch once.
+    computed_patches, computed_voxels
+        Patches and model voxels the block engine computes: every block runs every lattice
+        patch that touches its core, so a patch that straddles block boundaries runs once per
+        block it touches.
+    read_voxels
+        Input voxels the blocks read: each block's core plus its halo (``patch - 1`` on t, y, x,
+        clipped at the array edges).
+    blocks
+        Number of blocks.
+    """
+
+    voxels: int
+    lattice_patches: int
+    lattice_voxels: int
+    computed_patches: int
+    computed_voxels: int
+    read_voxels: int
+    blocks: int
+
+    @property
+    def lattice_ratio(self) -> float:
+        """Model voxels per output voxel of one whole-array pass (the lattice coverage)."""
+        return self.lattice_voxels / self.voxels
+
+    @property
+    def computed_ratio(self) -> float:
+        """Model voxels per output voxel that the block engine computes."""
+        return self.computed_voxels / self.voxels
+
+    @property
+    def read_ratio(self) -> float:
+        """Bytes read per input byte (core plus halo of every block)."""
+        return self.read_voxels / self.voxels
+
+
+def plan_cost(plan: BlockPlan) -> PlanCost:
+    """Count the model voxels and input reads of a block plan (pure arithmetic, no data).
+
+    Every count factorises over the axes: the blocks form a grid and the lattice is one set of
+    starts per axis, so a block touches (patches along t) x (along y) x (along x) patches, and
+    summing over the grid is the product of per-axis sums. c and z contribute their lengths.
+
+    Parameters
+    ----------
+    plan
+        From :func:`plan_blocks`.
+
+    Returns
+    -------
+    PlanCost
+    """
+    counts = dict.fromkeys(("voxels", "lp", "lv", "cp", "cv", "read"), 1)
+    for axis, (name, length) in enumerate(zip(plan.dims, plan.shape, strict=True)):
+        if name not in plan.patch:
+            # c and z: every plane is its own movie with the same lattice, read once, no halo.
+            counts = {key: value * length for key, value in counts.items()}
+            continue
+        size, depth = plan.patch[name], plan.depth[axis]
+        starts = lattice(length, size, plan.stride[name])
+        touched = read = 0
+        for lo, extent in zip(plan.starts(axis), plan.chunks[axis], strict=True):
+            touched += len(touching(starts, size, lo, lo + extent))
+            read += min(lo + extent + depth, length) - max(lo - depth, 0)
+        counts["voxels"] *= length
+        counts["lp"] *= len(starts)
+        counts["lv"] *= len(starts) * size
+        counts["cp"] *= touched
+        counts["cv"] *= touched * size
+        counts["read"] *= read
+    return PlanCost(
+        voxels=counts["voxels"],
+        lattice_patches=counts["lp"],
+        lattice_voxels=counts["lv"],
+        computed_patches=counts["cp"],
+        computed_voxels=counts["cv"],
+        read_voxels=counts["read"],
+        blocks=math.prod(plan.nblocks),
+    )

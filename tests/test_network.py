@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from pydantic import ValidationError
 
 from srdvol.errors import ConfigError, ModelMismatchError
-from srdvol.model import attention
+from srdvol.model import attention, layers
 from srdvol.model.attention import SwinLayer, TemporalTransformer, attend
 from srdvol.model.network import NetworkConfig, build_network, count_parameters
 
@@ -189,3 +190,159 @@ def test_chunked_attention_equals_one_call(monkeypatch: pytest.MonkeyPatch) -> N
     no_bias = torch.softmax(q @ k.transpose(-1, -2) / 2 + mask[:, None], dim=-1) @ v
     torch.testing.assert_close(attend(q, k, v, mask=mask), no_bias)
     torch.testing.assert_close(masked[:, :, :, 0], v[:, :, :, 0])
+
+
+# ---- the CPU fast paths compute the same function as the plain layers they replace
+
+
+def _plain_conv(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A conv module's function through torch's plain 3D ops (the code before the fast paths)."""
+    if isinstance(module, torch.nn.ConvTranspose3d):
+        return F.conv_transpose3d(
+            x, module.weight, module.bias, module.stride, module.padding, module.output_padding
+        )
+    return F.conv3d(x, module.weight, module.bias, module.stride, module.padding)
+
+
+def _plain_sequential(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    for layer in block:
+        x = _plain_conv(layer, x) if isinstance(layer, torch.nn.Conv3d) else layer(x)
+    return x
+
+
+def _plain_temporal(module: TemporalTransformer, x: torch.Tensor) -> torch.Tensor:
+    b, c, t, y, xx = x.shape
+    seq = x.permute(0, 3, 4, 2, 1).reshape(b * y * xx, t, c) + module.position
+    for layer in module.layers:
+        n, length, dim = seq.shape
+        qkv = layer.qkv(layer.norm1(seq)).reshape(n, length, 3, layer.heads, dim // layer.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, length, dim)
+        seq = seq + layer.proj(out)
+        seq = seq + layer.mlp(layer.norm2(seq))
+    seq = module.norm(seq)
+    return seq.reshape(b, y, xx, t, c).permute(0, 4, 3, 1, 2)
+
+
+def _plain_swin(layer: SwinLayer, x: torch.Tensor) -> torch.Tensor:
+    n, height, width, dim = x.shape
+    w, heads = layer.window, layer.heads
+    tokens = F.pad(layer.norm1(x), (0, 0, 0, (-width) % w, 0, (-height) % w))
+    if layer.shift:
+        tokens = torch.roll(tokens, shifts=(-layer.shift, -layer.shift), dims=(1, 2))
+    hp, wp = tokens.shape[1:3]
+    tiles = (
+        tokens.reshape(n, hp // w, w, wp // w, w, dim).transpose(2, 3).reshape(n, -1, w * w, dim)
+    )
+    qkv = layer.qkv(tiles).reshape(n, tiles.shape[1], w * w, 3, heads, dim // heads)
+    q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)
+    allowed = attention.window_mask(height, width, window=w, shift=layer.shift)
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    bias = layer.bias_table[layer.bias_index].permute(2, 0, 1) + mask[:, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    out = layer.proj(out.transpose(2, 3).reshape(n, tiles.shape[1], w * w, dim))
+    out = out.reshape(n, hp // w, wp // w, w, w, dim).transpose(2, 3).reshape(n, hp, wp, dim)
+    if layer.shift:
+        out = torch.roll(out, shifts=(layer.shift, layer.shift), dims=(1, 2))
+    x = x + out[:, :height, :width]
+    return x + layer.mlp(layer.norm2(x))
+
+
+def _plain_forward(network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The SRDTrans forward pass as written before the CPU fast paths: plain Conv3d and
+    ConvTranspose3d, fused attention everywhere, no layout changes."""
+    skips = []
+    for level, down in zip(network.encoder.levels, network.encoder.downs, strict=True):
+        x = _plain_sequential(level, x)
+        skips.append(x)
+        x = _plain_sequential(down, x)
+    x = _plain_sequential(network.conv_in, x)
+    x = _plain_temporal(network.temporal, x)
+    b, c, t, y, xx = x.shape
+    frames = x.permute(0, 2, 3, 4, 1).reshape(b * t, y, xx, c)
+    for layer in network.spatial.layers:
+        frames = _plain_swin(layer, frames)
+    x = frames.reshape(b, t, y, xx, c).permute(0, 4, 1, 2, 3)
+    x = _plain_sequential(network.conv_out, x)
+    for up, level, skip in zip(
+        network.decoder.ups, network.decoder.levels, reversed(skips), strict=True
+    ):
+        x = _plain_sequential(level, _plain_conv(up, x) + skip)
+    return x
+
+
+@pytest.mark.parametrize(
+    ("patch_t", "size"), [(16, (32, 32)), (16, (23, 30)), (32, (20, 17)), (64, (9, 12))]
+)
+def test_forward_and_gradients_equal_the_plain_implementation(patch_t, size):
+    # The default widths (not the tiny test network), so every fast path runs at real sizes:
+    # one-frame convolutions and single-token attention at patch_t 16, 2 and 4 coarse frames
+    # at 32 and 64.
+    network = build_network(NetworkConfig(patch_t=patch_t)).train()
+    with torch.no_grad():
+        for layer in network.spatial.layers:
+            layer.bias_table.normal_()  # make the position bias matter
+    x = torch.randn(2, 1, patch_t, *size)
+    fast = network(x)
+    fast.square().mean().backward()
+    fast_grads = {n: p.grad.clone() for n, p in network.named_parameters()}
+    network.zero_grad()
+    plain = _plain_forward(network, x)
+    plain.square().mean().backward()
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+    for name, param in network.named_parameters():
+        scale = float(param.grad.abs().max()) + 1e-12
+        torch.testing.assert_close(
+            fast_grads[name] / scale, param.grad / scale, rtol=1e-3, atol=1e-4, msg=name
+        )
+
+
+@pytest.mark.parametrize("frames", [1, 2, 3])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_time_convolutions_equal_torch_convolutions(frames, stride):
+    conv = layers.TimeConv3d(5, 7, kernel_size=3, stride=(stride, 1, 1), padding=1)
+    up = layers.TimeConvTranspose3d(
+        5, 7, kernel_size=(4, 3, 3), stride=(stride, 1, 1), padding=(1, 1, 1)
+    )
+    for module in (conv, up):
+        x = torch.randn(2, 5, frames, 6, 9, requires_grad=True)
+        out = module(x)
+        expected = _plain_conv(module, x)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        gradients = torch.autograd.grad(out.sum(), (x, module.weight, module.bias))
+        reference = torch.autograd.grad(expected.sum(), (x, module.weight, module.bias))
+        for got, want in zip(gradients, reference, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_model_files_keep_their_parameter_names_and_shapes():
+    network = build_network(NetworkConfig())
+    shapes = {name: tuple(t.shape) for name, t in network.state_dict().items()}
+    # A few names a model file written before the fast paths holds.
+    assert shapes["encoder.levels.0.0.weight"] == (4, 1, 3, 3, 3)
+    assert shapes["decoder.ups.0.weight"] == (64, 64, 4, 3, 3)
+    assert shapes["temporal.layers.0.qkv.weight"] == (384, 128)
+    assert shapes["spatial.layers.1.bias_table"] == (169, 8)
+    # Counted on the network before the fast paths.
+    assert len(shapes) == 103
+    assert count_parameters(network) == 1_802_769
+
+
+def test_data_parallel_training_gets_no_gradient_layout_warning(tmp_path):
+    # Warnings are errors here: channels-last strides on the one-channel input once gave the
+    # first weight a gradient layout that DistributedDataParallel warns about on every run.
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from srdvol.sampling import random_dihedral, spatial_loss, spatial_pairs
+
+    dist.init_process_group(
+        "gloo", init_method=(tmp_path / "rendezvous").as_uri(), rank=0, world_size=1
+    )
+    try:
+        model = DistributedDataParallel(build_network(NetworkConfig.tiny()))
+        for _ in range(2):
+            inputs, target_a, target_b = spatial_pairs(random_dihedral(torch.randn(2, 16, 16, 16)))
+            spatial_loss(model(inputs[:, None])[:, 0], target_a, target_b).backward()
+    finally:
+        dist.destroy_process_group()

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from srdvol.errors import ConfigError
-from srdvol.tiling import axis_blocks, lattice, plan_blocks, stride, touching, window, window_1d
+from srdvol.tiling import (
+    axis_blocks,
+    lattice,
+    plan_blocks,
+    plan_cost,
+    stride,
+    touching,
+    window,
+    window_1d,
+)
 
 
 @given(length=st.integers(1, 300), patch=st.integers(1, 64), overlap=st.floats(0, 0.95))
@@ -157,3 +168,122 @@ def test_plan_rejects_mismatched_chunks():
         plan_blocks(
             (32, 8, 8), dims="tyx", patch={"t": 16, "y": 4, "x": 4}, overlap=0.25, chunks=(8, 8)
         )
+
+
+def _brute_cost(plan):
+    """Count plan costs voxel by voxel and patch by patch, without the per-axis shortcut."""
+    movie = [plan.dims.index(a) for a in ("t", "y", "x")]
+    sizes = [plan.patch[a] for a in ("t", "y", "x")]
+    starts = [
+        lattice(plan.shape[a], p, plan.stride[name])
+        for a, p, name in zip(movie, sizes, ("t", "y", "x"), strict=True)
+    ]
+    patches = list(itertools.product(*starts))
+    movies = int(np.prod([n for a, n in enumerate(plan.shape) if a not in movie]))
+    # One whole-array pass: every lattice patch once; together they cover every voxel.
+    covered = np.zeros([max(plan.shape[a], p) for a, p in zip(movie, sizes, strict=True)], int)
+    for corner in patches:
+        covered[tuple(slice(c, c + p) for c, p in zip(corner, sizes, strict=True))] += 1
+    movie_shape = tuple(plan.shape[a] for a in movie)
+    assert covered[tuple(slice(0, n) for n in movie_shape)].min() >= 1
+    computed = read = 0
+    for index in np.ndindex(plan.nblocks):
+        core = plan.region(index)
+        box = [(core[a].start, core[a].stop) for a in movie]
+        for corner in patches:  # every lattice patch that overlaps the core, all axes at once
+            if all(
+                c < hi and c + p > lo for c, p, (lo, hi) in zip(corner, sizes, box, strict=True)
+            ):
+                computed += 1
+        seen = np.zeros(plan.shape, bool)
+        halo = tuple(
+            slice(max(s.start - d, 0), min(s.stop + d, n))
+            for s, d, n in zip(core, plan.depth, plan.shape, strict=True)
+        )
+        seen[halo] = True
+        read += int(seen.sum())
+    voxels = int(np.prod(plan.shape))
+    return {
+        "voxels": voxels,
+        "lattice_patches": len(patches) * movies,
+        "lattice_voxels": int(covered.sum()) * movies,
+        "computed_patches": computed,
+        "computed_voxels": computed * int(np.prod(sizes)),
+        "read_voxels": read,
+    }
+
+
+@given(
+    t=st.integers(16, 60),
+    z=st.integers(1, 2),
+    y=st.integers(3, 40),
+    x=st.integers(3, 40),
+    pt=st.integers(2, 20),
+    pyx=st.integers(2, 20),
+    ct=st.integers(1, 12),
+    cyx=st.integers(1, 16),
+    overlap=st.sampled_from([0.0, 0.25, 0.5, 0.8, 0.95]),
+    bt=st.integers(1, 30),
+    byx=st.integers(1, 30),
+)
+@settings(max_examples=60, deadline=None)
+def test_plan_cost_equals_brute_force_counting(t, z, y, x, pt, pyx, ct, cyx, overlap, bt, byx):
+    plan = plan_blocks(
+        (t, z, y, x),
+        dims="tzyx",
+        patch={"t": pt, "y": pyx, "x": pyx},
+        overlap=overlap,
+        chunks=(ct, 1, cyx, cyx),
+        block={"t": bt, "y": byx, "x": byx},
+    )
+    cost = plan_cost(plan)
+    expected = _brute_cost(plan)
+    assert {k: getattr(cost, k) for k in expected} == expected
+    assert cost.blocks == int(np.prod(plan.nblocks))
+    # Recomputing patches per block can only add work; a single block adds none.
+    assert cost.computed_voxels >= cost.lattice_voxels
+    if cost.blocks // z == 1:
+        assert cost.computed_voxels == cost.lattice_voxels
+        assert cost.read_voxels == cost.voxels
+
+
+def test_plan_cost_known_values():
+    # A long axis at overlap 0.25 has about 4/3 coverage, so ~2.37 in three dimensions.
+    plan = plan_blocks(
+        (3000, 3000, 3000),
+        dims="tyx",
+        patch={"t": 16, "y": 16, "x": 16},
+        overlap=0.25,
+        chunks=(3000, 3000, 3000),
+    )
+    cost = plan_cost(plan)
+    assert cost.lattice_ratio == pytest.approx((4 / 3) ** 3, rel=2e-3)
+    assert cost.computed_ratio == cost.lattice_ratio
+    # Two blocks along x, cut at 48, counted by hand on the one long axis of 96 voxels.
+    plan = plan_blocks(
+        (16, 16, 96),
+        dims="tyx",
+        patch={"t": 16, "y": 16, "x": 16},
+        overlap=0.25,
+        chunks=(16, 16, 48),
+        block={"t": 16, "y": 16, "x": 48},
+    )
+    # x lattice: 0, 12, ..., 72, then 80 (snapped): 8 patches; block [0, 48) touches the
+    # patches at 0..36 (4), block [48, 96) those at 36..80 (5): patch 36 runs twice.
+    cost = plan_cost(plan)
+    assert plan.nblocks == (1, 1, 2)
+    assert cost.lattice_patches == 8
+    assert cost.computed_patches == 9
+    assert cost.lattice_ratio == pytest.approx(8 * 16 / 96)
+    assert cost.computed_ratio == pytest.approx(9 * 16 / 96)
+    # Each block reads its 48 core voxels plus a 15-voxel halo on its inner side.
+    assert cost.read_ratio == pytest.approx(2 * 63 / 96)
+    # A movie shorter than the patch is padded: model voxels count the padding.
+    small = plan_blocks(
+        (32, 64, 64),
+        dims="tyx",
+        patch={"t": 64, "y": 128, "x": 128},
+        overlap=0.95,
+        chunks=(16, 64, 64),
+    )
+    assert plan_cost(small).lattice_ratio == pytest.approx(8.0)

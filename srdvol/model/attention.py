@@ -78,7 +78,7 @@ def attend(
             F.scaled_dot_product_attention(*(t[i : i + budget] for t in flat), dropout_p=dropout)
             for i in range(0, a * w, budget)
         ]
-        return torch.cat(parts).reshape(a, w, h, length, width)
+        return _cat(parts, 0).reshape(a, w, h, length, width)
     w_step = min(w, budget)
     a_step = max(1, budget // w_step)
     rows = []
@@ -91,13 +91,32 @@ def attend(
             else:
                 combined = mask[w0 : w0 + w_step, None]
                 combined = combined if bias is None else combined + bias
-            columns.append(
-                F.scaled_dot_product_attention(
-                    q[part], k[part], v[part], attn_mask=combined.to(q.dtype), dropout_p=dropout
-                )
-            )
-        rows.append(torch.cat(columns, dim=1))
-    return torch.cat(rows, dim=0)
+            columns.append(_masked(q[part], k[part], v[part], combined.to(q.dtype), dropout))
+        rows.append(_cat(columns, 1))
+    return _cat(rows, 0)
+
+
+def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.cat`` that does not copy a single part (the usual case)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def _masked(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, dropout: float
+) -> torch.Tensor:
+    """Attention with an additive bias: fused on GPUs, written out on the CPU.
+
+    On the CPU, PyTorch's fused attention with a float mask checks every row for being fully
+    masked (an ``all`` and a ``where`` over the logits) and is no faster than the plain formula,
+    which measured about a quarter cheaper (forward and backward, 100 windows of 49 tokens).
+    """
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+    logits = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2)) + bias
+    weights = logits.softmax(dim=-1)
+    if dropout:
+        weights = F.dropout(weights, p=dropout)
+    return torch.matmul(weights, v)
 
 
 class Mlp(nn.Sequential):
@@ -123,11 +142,18 @@ class _TemporalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, length, dim = x.shape
-        qkv = self.qkv(self.norm1(x)).reshape(n, 1, length, 3, self.heads, dim // self.heads)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)
+        tokens = self.norm1(x)
         drop = self.attn_dropout if self.training else 0.0
-        out = attend(q, k, v, dropout=drop)  # (n, 1, heads, length, head_dim)
-        out = out.squeeze(1).transpose(1, 2).reshape(n, length, dim)
+        if length == 1 and not drop:
+            # One token attends only to itself with weight exactly 1 (a softmax over one
+            # logit), so attention returns its value: skip the queries, keys and the attention
+            # call. This is the bottleneck of every 16-frame patch.
+            out = F.linear(tokens, self.qkv.weight[2 * dim :])
+        else:
+            qkv = self.qkv(tokens).reshape(n, 1, length, 3, self.heads, dim // self.heads)
+            q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)
+            out = attend(q, k, v, dropout=drop)  # (n, 1, heads, length, head_dim)
+            out = out.squeeze(1).transpose(1, 2).reshape(n, length, dim)
         x = x + self.proj(out)
         return x + self.mlp(self.norm2(x))
 

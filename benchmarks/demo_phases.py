@@ -1,0 +1,105 @@
+"""Wall and CPU time of each phase of ``srdvol demo``, with the calls ``run_demo`` makes.
+
+Phases: simulate, info, cluster start, training (start-up and steps), prediction (with the
+pyramid), evaluation, report. CPU time is that of this process and its worker processes
+(psutil), so a machine that other jobs load still gives comparable figures; the script prints
+the load average with them. Training CPU time includes the start-up: run it with ``--steps 5``
+and with the demo's steps to split fixed cost from per-step cost::
+
+    python benchmarks/demo_phases.py --steps 5
+    python benchmarks/demo_phases.py            # the demo's settings
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live children."""
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total
+
+
+@contextmanager
+def phase(name: str, rows: list[tuple[str, float, float]]) -> Iterator[None]:
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    yield
+    rows.append((name, time.perf_counter() - wall, _cpu_seconds() - cpu))
+
+
+def main() -> None:
+    from srdvol.metrics import evaluate_stores
+    from srdvol.pipeline import DEMO, _cluster, info_text, run_predict, run_simulate, run_train
+    from srdvol.report import write_report
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=DEMO["steps"])
+    parser.add_argument("--batch-size", type=int, default=DEMO["batch_size"])
+    parser.add_argument("--threads", type=int, default=DEMO["threads"])
+    args = parser.parse_args()
+    rows: list[tuple[str, float, float]] = []
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        noisy, truth, out = root / "noisy.zarr", root / "truth.zarr", root / "denoised.zarr"
+        model = root / "model.safetensors"
+        with phase("simulate", rows):
+            run_simulate(
+                str(noisy),
+                truth=str(truth),
+                frames=DEMO["frames"],
+                size=DEMO["size"],
+                photons=DEMO["photons"],
+                rate_hz=0.3,
+                seed=0,
+            )
+        with phase("info", rows):
+            info_text(noisy, patch=DEMO["patch"])
+        cluster = {"threads_per_worker": args.threads, "dashboard_address": ":0"}
+        wall, cpu = time.perf_counter(), _cpu_seconds()
+        with _cluster(cluster) as client:
+            rows.append(("cluster start", time.perf_counter() - wall, _cpu_seconds() - cpu))
+            with phase(f"train {args.steps} steps", rows):
+                run_train(
+                    noisy,
+                    model,
+                    client=client,
+                    read={},
+                    patch=DEMO["patch"],
+                    steps=args.steps,
+                    batch_size=args.batch_size,
+                    seed=0,
+                )
+            with phase("predict + pyramid", rows):
+                run_predict(
+                    noisy, out, model=model, patch=DEMO["patch"], client=client, data_checked=True
+                )
+        with phase("evaluate", rows):
+            result = evaluate_stores(out, truth=truth, noisy=noisy)
+        with phase("report", rows):
+            write_report(
+                root / "report.png", estimate=out, truth=truth, noisy=noisy, metrics=result
+            )
+    gain = result["estimate"]["snr_db"] - result["noisy"]["snr_db"]
+    print(f"load average {os.getloadavg()[0]:.1f}; SNR gain {gain:+.2f} dB")
+    print("| phase | wall s | CPU s |\n|---|---|---|")
+    for name, wall, cpu in rows:
+        print(f"| {name} | {wall:.1f} | {cpu:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
