@@ -297,8 +297,13 @@ def run_train(
     if not validated:  # before a cluster is started or anything is trained
         _open_input(source, read, allow_missing_chunks=allow_missing_chunks)
         _check_model_path(model, source)
-    resume = "then run the same command with --resume to continue from the last checkpoint"
-    with _writing(model, resume=resume):
+    from srdvol.storecheck import storage_errors
+
+    resume = (
+        "run the same command again (srdvol train with --resume) to continue from the last "
+        "checkpoint"
+    )
+    with storage_errors(model, resume=resume):
         if client is not None or _wants_cluster_training(cluster):
             from srdvol.ddp import train_distributed
 
@@ -322,15 +327,6 @@ def _check_model_path(model: str | os.PathLike[str], source: str | os.PathLike[s
         raise OutputPathError(
             model, "is a folder, not a model file", "give the path of a .safetensors file"
         )
-
-
-@contextmanager
-def _writing(target: str | os.PathLike[str], *, resume: str) -> Iterator[None]:
-    """A full disk or an unwritable location met while writing ``target``: one sentence."""
-    from srdvol.storecheck import storage_errors
-
-    with storage_errors(target, resume=resume):
-        yield
 
 
 def _ledger_path(out: str | os.PathLike[str]) -> str:
@@ -406,6 +402,7 @@ def run_predict(
     from srdvol.model.checkpoint import check_compatible, model_checksum, read_record
     from srdvol.output import check_output, check_output_path, create_output, write_pyramid
     from srdvol.predict import ModelPredictor, check_model
+    from srdvol.storecheck import storage_errors
 
     read = dict(read or {})
     if image is None:
@@ -449,7 +446,7 @@ def run_predict(
         check_output(out, **output)
         # The cluster starts (or is reached) before the output is created, so an unreachable
         # scheduler or a missing GPU leaves nothing behind.
-        with _cluster(cluster, client) as client, _writing(out, resume=_RESUME):
+        with _cluster(cluster, client) as client, storage_errors(out, resume=_RESUME):
             target = create_output(out, **output)
             run_id = str(target.attrs.get("srdvol", {}).get("run_id", ""))
             predictor = ModelPredictor(model, patch=patch, autocast=_autocast(autocast))

@@ -359,17 +359,6 @@ def _probe_url(target: str, named: str) -> None:
         ) from None
 
 
-def _used_bytes(path: str) -> int:
-    total = 0
-    for folder, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(folder, name)).st_blocks * 512
-            except OSError:
-                continue
-    return total
-
-
 def check_free_space(
     path: str | os.PathLike[str],
     *,
@@ -381,10 +370,11 @@ def check_free_space(
     Parameters
     ----------
     path
-        The output image (local; URLs report no free space and are not checked).
+        The output image (local; URLs report no free space and are not checked, and neither is
+        an output that exists already: a resumed run has written part of it, and measuring how
+        much would mean a stat of every chunk file).
     needed
-        Uncompressed bytes the finished output holds (an existing output of this run counts
-        as already written).
+        Uncompressed bytes the finished output holds.
     subject
         What the message names (default ``path``).
 
@@ -399,18 +389,17 @@ def check_free_space(
         If the free space is less than :data:`MIN_FREE_FRACTION` of what is needed.
     """
     target = os.fspath(path)
-    if _is_url(target):
+    if _is_url(target) or os.path.exists(target):
         return None
     named = os.fspath(subject) if subject is not None else target
     try:
         free = shutil.disk_usage(_existing_folder(target)).free
     except OSError:
         return None
-    remaining = needed - (_used_bytes(target) if os.path.isdir(target) else 0)
-    if free >= remaining:
+    if free >= needed:
         return None
-    have, want = _size(free), _size(remaining)
-    if free < MIN_FREE_FRACTION * remaining:
+    have, want = _size(free), _size(needed)
+    if free < MIN_FREE_FRACTION * needed:
         raise OutputPathError(
             named,
             f"the disk has {have} free and the output needs up to {want} (uncompressed)",

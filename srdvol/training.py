@@ -52,7 +52,7 @@ import xarray as xr
 from torch import nn
 
 from srdvol.errors import ConfigError, OutputExistsError, StoreNotFoundError
-from srdvol.model.checkpoint import ModelRecord, Normalization, save_model
+from srdvol.model.checkpoint import ModelRecord, Normalization, save_model, weights_checksum
 from srdvol.model.network import NetworkConfig, build_network
 from srdvol.normalize import Statistics, normalize, sample_statistics
 from srdvol.patches import PatchSampler
@@ -898,6 +898,7 @@ def _record(
         training_data=data,
         steps=trainer.step_count,
         seed=plan.seed,
+        weights_sha256=weights_checksum(trainer.network.state_dict()),  # as save_model writes
     )
 
 

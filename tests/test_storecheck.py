@@ -175,6 +175,8 @@ def test_free_space_is_compared_with_the_output_size(tmp_path):
     with pytest.raises(OutputPathError, match=r"out.zarr: the disk has .* free and the output"):
         check_free_space(tmp_path / "out.zarr", needed=4 * free)
     assert check_free_space("memory://anything/out.zarr", needed=10**18) is None
+    (tmp_path / "resumed.zarr").mkdir()  # an existing output is partly written: not checked
+    assert check_free_space(tmp_path / "resumed.zarr", needed=10**18) is None
 
 
 @pytest.mark.parametrize(
