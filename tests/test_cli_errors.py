@@ -422,105 +422,117 @@ def _can_mount() -> bool:
     return probe.returncode == 0
 
 
-needs_mount = pytest.mark.skipif(
-    not _can_mount(), reason="needs unshare and user namespaces to mount a tmpfs"
-)
-
-# Run srdvol (optionally with a module constant changed first) in a namespace where MOUNT is a
-# fresh tmpfs with OPTIONS.
-_SCRIPT = """
-import sys
-{patch}
+# One private mount namespace holds every case: ro/ (read-only), small/ (64 KiB) and full/
+# (48 KiB) are fresh tmpfs mounts; the driver runs each srdvol command in one process (one
+# interpreter start for all of them) and reports each one's exit code and stderr.
+_DRIVER = """
+import contextlib, io, json, pathlib, sys
+import srdvol.storecheck as storecheck
 from srdvol.cli import main
-main(sys.argv[1:])
+
+results = []
+for case in json.loads(sys.argv[1]):
+    storecheck.MIN_FREE_FRACTION = case.get("min_free", 0.5)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            main(case["argv"])
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    folder = pathlib.Path(case.get("list", "."))
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if "list" in case else []
+    results.append({"code": code, "err": err.getvalue(), "files": files})
+print(json.dumps(results))
 """
 
-
-def _in_tmpfs(faults: Path, mount: Path, options: str, argv: list[str], patch: str = ""):
-    mount.mkdir(exist_ok=True)
-    script = _SCRIPT.format(patch=patch)
-    command = (
-        f"mount -t tmpfs -o {options} tmpfs {mount} && exec {sys.executable} -c '{script}' "
-        + " ".join(argv)
-    )
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run(
-        ["unshare", "-rm", "sh", "-c", command],
-        cwd=faults,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-
-
-@needs_mount
-@pytest.mark.parametrize(
-    ("argv", "subject"),
-    [
-        (["predict", "in.zarr", "ro/out.zarr", *MODEL], "ro/out.zarr"),
-        (
-            ["train", "in.zarr", "ro/m.safetensors", "--patch", "16,16,16", "--steps", "1"],
-            "ro/m.safetensors",
-        ),
-    ],
-    ids=["predict", "train"],
-)
-def test_read_only_file_system_is_found_before_any_work(faults, argv, subject):
-    before = digests(faults)
-    result = _in_tmpfs(faults, faults / "ro", "ro", argv)
-    message = result.stderr.strip()
-    assert result.returncode == 2, message
-    assert message.count("\n") == 0, message
-    assert message.startswith("srdvol: error: ") and subject in message.splitlines()[0]
-    assert "read-only file system" in message
-    assert "Traceback" not in message
-    (faults / "ro").rmdir()
-    assert digests(faults) == before
-
-
-@needs_mount
-def test_too_little_free_space_is_found_before_any_work(faults):
-    before = digests(faults)
-    result = _in_tmpfs(
-        faults, faults / "small", "size=64k", ["predict", "in.zarr", "small/out.zarr", *MODEL]
-    )
-    message = result.stderr.strip()
-    assert result.returncode == 2, message
-    assert message.count("\n") == 0, message
-    assert message.startswith("srdvol: error: small/out.zarr: the disk has 64.0 KiB free")
-    (faults / "small").rmdir()
-    assert digests(faults) == before
-
-
-@needs_mount
-def test_a_disk_that_fills_up_during_the_run_is_one_sentence(faults):
+NAMESPACE_CASES = {
+    "read-only predict": {"argv": ["predict", "in.zarr", "ro/out.zarr", *MODEL]},
+    "read-only train": {
+        "argv": ["train", "in.zarr", "ro/m.safetensors", "--patch", "16,16,16", "--steps", "1"]
+    },
+    "too little space": {"argv": ["predict", "in.zarr", "small/out.zarr", *MODEL]},
     # The up-front check is switched off (as if another job filled the disk after it), so the
     # workers meet a real ENOSPC while writing chunks.
+    "disk fills up": {
+        "argv": ["predict", "in.zarr", "full/out.zarr", *MODEL, "--dashboard-address", ":0"],
+        "min_free": 0.0,
+        "list": "full",
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def in_namespace(faults, tmp_path_factory):
+    """Run NAMESPACE_CASES with the tmpfs mounts; yield ``(results by case, whole stderr)``
+    and the digests of the fault stores before the run."""
+    if not _can_mount():
+        pytest.skip("needs unshare and user namespaces to mount a tmpfs")
+    driver = tmp_path_factory.mktemp("driver") / "driver.py"
+    driver.write_text(_DRIVER)
+    # full/: the output's metadata fits (a few 4 KiB pages), its first 64 KiB chunk does not
+    mounts = {"ro": "ro", "small": "size=64k", "full": "size=48k"}
+    for name in mounts:
+        (faults / name).mkdir()
     before = digests(faults)
-    result = _in_tmpfs(
-        faults,
-        faults / "full",
-        "size=32k",
+    command = " && ".join(f"mount -t tmpfs -o {o} tmpfs {n}" for n, o in mounts.items())
+    cases = json.dumps(list(NAMESPACE_CASES.values()))
+    result = subprocess.run(
         [
-            "predict",
-            "in.zarr",
-            "full/out.zarr",
-            *MODEL,
-            "--dashboard-address",
-            ":0",
-            "--workers",
-            "1",
+            "unshare",
+            "-rm",
+            "sh",
+            "-c",
+            f'{command} && exec "$0" "$1" "$2"',
+            sys.executable,
+            str(driver),
+            cases,
         ],
-        patch="import srdvol.storecheck as s; s.MIN_FREE_FRACTION = 0",
+        cwd=faults,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "COLUMNS": "400"},
+        capture_output=True,
+        text=True,
+        timeout=280,
     )
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr
-    assert lines[-1].startswith("srdvol: error: full/out.zarr: the disk filled up"), result.stderr
+    assert result.returncode == 0, result.stderr
+    results = dict(zip(NAMESPACE_CASES, json.loads(result.stdout.splitlines()[-1]), strict=True))
+    after = digests(faults)
+    for name in mounts:
+        (faults / name).rmdir()  # empty again outside the namespace
+    yield results, result.stderr, before, after
+
+
+@pytest.mark.parametrize(
+    ("case", "subject", "words"),
+    [
+        ("read-only predict", "ro/out.zarr", "read-only file system"),
+        ("read-only train", "ro/m.safetensors", "read-only file system"),
+        ("too little space", "small/out.zarr", "the disk has 64.0 KiB free"),
+    ],
+)
+def test_unwritable_or_full_locations_are_found_before_any_work(in_namespace, case, subject, words):
+    results, _, before, after = in_namespace
+    message = results[case]["err"].strip()
+    assert results[case]["code"] == 2, message
+    assert message.count("\n") == 0, message
+    named = message.removeprefix("srdvol: error: ").split(": ")[0]
+    assert message.startswith("srdvol: error: ") and named.endswith(subject), message
+    assert words in message and "Traceback" not in message
+    assert after == before  # nothing written next to the mounts, inputs unchanged
+
+
+def test_a_disk_that_fills_up_during_the_run_is_one_sentence(in_namespace):
+    results, stderr, before, after = in_namespace
+    lines = results["disk fills up"]["err"].strip().splitlines()
+    assert results["disk fills up"]["code"] == 2, lines
+    assert lines[-1].startswith("srdvol: error: full/out.zarr: the disk filled up"), lines
     assert "run the same command again to resume" in lines[-1]
-    assert "Traceback" not in result.stderr and "Compute Failed" not in result.stderr
-    (faults / "full").rmdir()
-    assert digests(faults) == before
+    files = results["disk fills up"]["files"]
+    assert "out.zarr/s0/zarr.json" in files  # it failed writing blocks, after the metadata
+    assert "out.zarr.srdvol-lock" not in files  # and let go of the output
+    # the workers' own logs reach the real stderr: no traceback there either
+    assert "Traceback" not in stderr and "Compute Failed" not in stderr, stderr
+    assert after == before
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
