@@ -511,6 +511,8 @@ def open_cluster(
 
     Raises
     ------
+    ConfigError
+        If ``scheduler`` or ``dashboard_address`` is not an address (:func:`check_addresses`).
     ClusterError
         If ``scheduler`` cannot be reached in ``timeout`` seconds or the local cluster fails.
     GPUUnavailableError

@@ -547,3 +547,18 @@ def test_folder_without_write_permission_is_found_before_any_work(faults, monkey
     finally:
         folder.chmod(0o755)
         folder.rmdir()
+
+
+def test_address_checks_accept_every_documented_form():
+    from srdvol.cluster import check_addresses
+    from srdvol.errors import ConfigError
+
+    for scheduler in ("tcp://127.0.0.1:8786", "tls://node-1:8786", "127.0.0.1:8786", "s.json"):
+        check_addresses(scheduler=scheduler)
+    for dashboard in (":8787", ":0", "127.0.0.1:8787", "localhost:0", "[::1]:8787"):
+        check_addresses(dashboard_address=dashboard)
+    for bad in ({"scheduler": "tcp://host:99999"}, {"dashboard_address": "8787"}):
+        with pytest.raises(ConfigError):
+            check_addresses(**bad)
+    with pytest.raises(ConfigError, match=r"the host 'no-such-host.invalid' .* is not known"):
+        check_addresses(dashboard_address="no-such-host.invalid:8787")
