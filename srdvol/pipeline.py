@@ -516,7 +516,7 @@ def run_denoise(
     read = dict(read or {})
     image = _open_input(source, read, allow_missing_chunks=allow_missing_chunks)
     model_given = model is not None
-    model = Path(model) if model_given else default_model_path(out)
+    model = model if model is not None else default_model_path(out)
     check_output_path(out, source, keep=[model, state_path(model)])
     if not model_given:
         _check_model_path(model, source)
