@@ -15,7 +15,16 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from srdvol.config import Sampling, Window, config_defaults, load_config_file, parse_triple
+from srdvol.config import (
+    Autocast,
+    Ngff,
+    OutputDtype,
+    Sampling,
+    Window,
+    config_defaults,
+    load_config_file,
+    parse_triple,
+)
 from srdvol.errors import SrdvolError
 
 __all__ = ["app", "main"]
@@ -102,14 +111,25 @@ OverwriteOpt = Annotated[
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 DtypeOpt = Annotated[
-    str, typer.Option("--dtype", help="Output dtype: float32, or input (round and clip).")
+    OutputDtype,
+    typer.Option("--dtype", help="Output dtype: float32, or input (round and clip)."),
 ]
 NgffOpt = Annotated[
-    str, typer.Option("--ngff", help="Output NGFF version: 0.5 (Zarr v3) or 0.4 (Zarr v2).")
+    Ngff, typer.Option("--ngff", help="Output NGFF version: 0.5 (Zarr v3) or 0.4 (Zarr v2).")
 ]
 ModelOpt = Annotated[Path | None, typer.Option("--model", help="A trained srdvol model file.")]
 AutocastOpt = Annotated[
-    str, typer.Option("--autocast", help="bf16 autocast: auto (on for CUDA), on, off.")
+    Autocast, typer.Option("--autocast", help="bf16 autocast: auto (on for CUDA), on, off.")
+]
+AllowMissingOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-missing-chunks",
+        help="Read chunks missing from the input as its fill value (a warning, not an error).",
+    ),
+]
+TrainOverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an existing model and its training state.")
 ]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted training.")]
 
@@ -249,6 +269,8 @@ def train(
     lr: LrOpt = None,
     seed: SeedOpt = 0,
     resume: ResumeOpt = False,
+    overwrite: TrainOverwriteOpt = False,
+    allow_missing_chunks: AllowMissingOpt = False,
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
     gpus: GpusOpt = None,
@@ -271,6 +293,8 @@ def train(
         lr=lr,
         seed=seed,
         resume=resume,
+        overwrite=overwrite,
+        allow_missing_chunks=allow_missing_chunks,
         cluster=_cluster_options(scheduler, workers, gpus, dashboard_address),
         read=_read_options(level, channel, axes),
     )
@@ -285,10 +309,11 @@ def predict(
     overlap: OverlapOpt = 0.25,
     block: BlockOpt = None,
     window: WindowOpt = Window.TENT,
-    dtype: DtypeOpt = "float32",
-    ngff: NgffOpt = "0.5",
-    autocast: AutocastOpt = "auto",
+    dtype: DtypeOpt = OutputDtype.float32,
+    ngff: NgffOpt = Ngff.v05,
+    autocast: AutocastOpt = Autocast.auto,
     overwrite: OverwriteOpt = False,
+    allow_missing_chunks: AllowMissingOpt = False,
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
     gpus: GpusOpt = None,
@@ -309,10 +334,11 @@ def predict(
         overlap=overlap,
         block=_triple(block, "--block"),
         window=window.value,
-        dtype=dtype,
-        ngff=ngff,
-        autocast=autocast,
+        dtype=dtype.value,
+        ngff=ngff.value,
+        autocast=autocast.value,
         overwrite=overwrite,
+        allow_missing_chunks=allow_missing_chunks,
         cluster=_cluster_options(scheduler, workers, gpus, dashboard_address),
         read=_read_options(level, channel, axes),
     )
@@ -332,10 +358,11 @@ def denoise(
     batch_size: BatchOpt = None,
     lr: LrOpt = None,
     seed: SeedOpt = 0,
-    dtype: DtypeOpt = "float32",
-    ngff: NgffOpt = "0.5",
-    autocast: AutocastOpt = "auto",
+    dtype: DtypeOpt = OutputDtype.float32,
+    ngff: NgffOpt = Ngff.v05,
+    autocast: AutocastOpt = Autocast.auto,
     overwrite: OverwriteOpt = False,
+    allow_missing_chunks: AllowMissingOpt = False,
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
     gpus: GpusOpt = None,
@@ -361,10 +388,11 @@ def denoise(
         batch_size=batch_size,
         lr=lr,
         seed=seed,
-        dtype=dtype,
-        ngff=ngff,
-        autocast=autocast,
+        dtype=dtype.value,
+        ngff=ngff.value,
+        autocast=autocast.value,
         overwrite=overwrite,
+        allow_missing_chunks=allow_missing_chunks,
         cluster=_cluster_options(scheduler, workers, gpus, dashboard_address),
         read=_read_options(level, channel, axes),
     )

@@ -32,6 +32,7 @@ from srdvol.errors import ClusterError, ConfigError, GPUUnavailableError
 __all__ = [
     "ModelPlugin",
     "TorchThreadsPlugin",
+    "check_addresses",
     "cpu_worker_spec",
     "dashboard_link",
     "gpu_worker_spec",
@@ -429,6 +430,79 @@ def _scheduler_spec(host: str, dashboard_address: str | None) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# Addresses
+
+
+def check_addresses(*, scheduler: str | None = None, dashboard_address: str | None = None) -> None:
+    """Refuse a ``--scheduler`` or ``--dashboard-address`` that is not an address, up front.
+
+    Without this, distributed blames memory and ports for a bad dashboard address, and a
+    scheduler address without a port leaves a half-made client that waits 20 s as it is
+    collected.
+
+    Parameters
+    ----------
+    scheduler
+        ``[PROTOCOL://]HOST:PORT`` of a running scheduler, or a scheduler file (``*.json``).
+    dashboard_address
+        ``[HOST]:PORT`` for the local dashboard (port 0: any free port).
+
+    Raises
+    ------
+    ConfigError
+        Naming the option, with an example of a valid value.
+    """
+    from distributed.comm import parse_address, parse_host_port
+
+    if scheduler is not None and not (scheduler.endswith(".json") and "://" not in scheduler):
+        try:
+            protocol, location = parse_address(scheduler)
+            if protocol != "inproc":
+                _, port = parse_host_port(location)
+                _check_port(port)
+        except ValueError as exc:
+            raise ConfigError(
+                "--scheduler",
+                f"{scheduler!r} is not a scheduler address ({exc})",
+                "give it as tcp://HOST:PORT (for example tcp://10.0.0.5:8786) or the path of a "
+                "scheduler file ending in .json",
+            ) from None
+    if dashboard_address is not None:
+        _check_dashboard(dashboard_address)
+
+
+def _check_port(port: int) -> None:
+    if not 0 <= int(port) <= 65535:
+        raise ValueError(f"port {port} is not between 0 and 65535")
+
+
+def _check_dashboard(text: str) -> None:
+    import socket
+
+    from distributed.comm import parse_host_port
+
+    fix = "give it as [HOST]:PORT, for example :8787, 127.0.0.1:8787, or :0 for any free port"
+    try:
+        if "://" in text:
+            raise ValueError("a dashboard address has no protocol")
+        host, port = parse_host_port(text)
+        _check_port(port)
+    except ValueError as exc:
+        raise ConfigError(
+            "--dashboard-address", f"{text!r} is not an address ({exc})", fix
+        ) from None
+    if host:
+        try:
+            socket.getaddrinfo(host, port)
+        except OSError as exc:
+            raise ConfigError(
+                "--dashboard-address",
+                f"the host {host!r} of {text!r} is not known on this machine ({exc.strerror})",
+                fix,
+            ) from None
+
+
+# --------------------------------------------------------------------------------------------
 # Opening a cluster
 
 
@@ -495,11 +569,14 @@ def open_cluster(
 
     Raises
     ------
+    ConfigError
+        If ``scheduler`` or ``dashboard_address`` is not an address (:func:`check_addresses`).
     ClusterError
         If ``scheduler`` cannot be reached in ``timeout`` seconds or the local cluster fails.
     GPUUnavailableError
         If GPUs are requested and not visible.
     """
+    check_addresses(scheduler=scheduler, dashboard_address=dashboard_address)
     if scheduler is not None:
         with _attach(scheduler, timeout=timeout) as client:
             yield client

@@ -31,7 +31,10 @@ from srdvol.tiling import Window
 
 __all__ = [
     "COMMANDS",
+    "Autocast",
     "ConfigFile",
+    "Ngff",
+    "OutputDtype",
     "Sampling",
     "Window",
     "config_defaults",
@@ -49,6 +52,28 @@ class Sampling(enum.StrEnum):
     spatial = "spatial"
     temporal = "temporal"
     auto = "auto"
+
+
+class OutputDtype(enum.StrEnum):
+    """Data type of the denoised output."""
+
+    float32 = "float32"
+    input = "input"  # the input's dtype, rounded and clipped
+
+
+class Ngff(enum.StrEnum):
+    """NGFF version of the output: 0.5 on Zarr v3, 0.4 on Zarr v2 for older readers."""
+
+    v05 = "0.5"
+    v04 = "0.4"
+
+
+class Autocast(enum.StrEnum):
+    """bf16 autocast during prediction: auto (on for CUDA), on or off."""
+
+    auto = "auto"
+    on = "on"
+    off = "off"
 
 
 def parse_triple(value: str | Sequence[int], *, option: str = "--patch") -> tuple[int, int, int]:
@@ -104,8 +129,12 @@ class ConfigFile(BaseModel):
     level: int | None = Field(None, ge=0, description="Multiscale level to read.")
     channel: int | None = Field(None, ge=0, description="Only this channel.")
     axes: str | None = Field(None, description="Axes of a plain Zarr array, e.g. tzyx.")
-    dtype: str | None = Field(None, description="Output dtype: float32 or input.")
-    ngff: str | None = Field(None, description="Output NGFF version: 0.5 or 0.4.")
+    dtype: OutputDtype | None = Field(None, description="Output dtype: float32 or input.")
+    ngff: Ngff | None = Field(None, description="Output NGFF version: 0.5 or 0.4.")
+    autocast: Autocast | None = Field(None, description="bf16 autocast: auto, on or off.")
+    allow_missing_chunks: bool | None = Field(
+        None, description="Read chunks missing from the input as the fill value."
+    )
     overwrite: bool | None = Field(None, description="Replace an output of another run.")
     seed: int | None = Field(None, description="Random seed.")
     model: str | None = Field(None, description="Model file.")
@@ -121,6 +150,12 @@ class ConfigFile(BaseModel):
         if isinstance(value, str):
             return tuple(part for part in value.replace(" ", "").split(","))
         return value
+
+    @field_validator("ngff", mode="before")
+    @classmethod
+    def _version_text(cls, value: Any) -> Any:
+        # TOML and YAML read `ngff = 0.5` as a number
+        return str(value) if isinstance(value, float) else value
 
 
 def _validate(table: Mapping[str, Any], *, path: Path, where: str) -> dict[str, Any]:

@@ -279,6 +279,15 @@ def _denoise_block(
             window_kind=window_kind,
             batch_size=batch_size,
         )
+    if not np.isfinite(out).all():  # never write NaN/Inf and report success
+        where = ", ".join(f"{a}={s}:{e}" for a, s, e in zip(plan.dims, starts, stops, strict=True))
+        bad = int(out.size - np.count_nonzero(np.isfinite(out)))
+        raise BlockDataError(
+            f"block {tuple(location)} ({where})",
+            f"the model's output holds {bad} NaN or Inf value(s) although the input is finite",
+            "retrain the model (or use another one) and run again; nothing of this block "
+            "was written",
+        )
     return np.moveaxis(out, (-3, -2, -1), movie)
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "InputError",
     "ModelMismatchError",
     "OutputExistsError",
+    "OutputLockedError",
     "OutputPathError",
     "SrdvolError",
     "StoreNotFoundError",
@@ -91,6 +92,10 @@ class OutputPathError(SrdvolError, ValueError):
 
 class OutputExistsError(SrdvolError, FileExistsError):
     """The output exists and does not belong to this run."""
+
+
+class OutputLockedError(SrdvolError, RuntimeError):
+    """Another srdvol run holds the output (its lock file names the host, pid and start time)."""
 
 
 class ModelMismatchError(SrdvolError, ValueError):

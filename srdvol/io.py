@@ -9,6 +9,7 @@ and translation as attributes.
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any
 
@@ -16,11 +17,18 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
+from dask.base import tokenize
 
 from srdvol.axes import parse_axes, validate_axes
-from srdvol.errors import DataError, InputError, StoreNotFoundError, UnsupportedDtypeError
+from srdvol.errors import (
+    DataError,
+    InputError,
+    SrdvolError,
+    StoreNotFoundError,
+    UnsupportedDtypeError,
+)
 
-__all__ = ["MIN_FRAMES", "check_image", "describe_image", "open_image"]
+__all__ = ["MIN_FRAMES", "NamedReads", "check_image", "describe_image", "open_image"]
 
 #: The smallest patch_t the network accepts; a shorter movie cannot be denoised.
 MIN_FRAMES = 16
@@ -132,8 +140,12 @@ def describe_image(
         ({axis: int}), ``dtype`` (str), ``chunks`` ({axis: int}, storage chunks),
         ``scale``, ``translation``, ``axes_units``, ``movies`` (number of (c, z) planes, each one
         (t, y, x) movie), ``nbytes`` (uncompressed), ``bytes_on_disk`` (stored size of the
-        level's array; ``None`` if the filesystem cannot tell) and ``problems`` (list of str).
+        level's array; ``None`` if the filesystem cannot tell), ``missing_chunks`` (a
+        :class:`srdvol.storecheck.MissingChunks` from one listing of the store; ``None`` if it
+        cannot be listed) and ``problems`` (list of str).
     """
+    from srdvol.storecheck import find_missing_chunks
+
     image = _open_unchecked(path, level=level, axes=axes, channel=channel)
     problems: list[str] = []
     try:
@@ -158,6 +170,12 @@ def describe_image(
         "movies": movies,
         "nbytes": int(image.nbytes),
         "bytes_on_disk": _bytes_on_disk(image.attrs["source"], image.attrs["array_path"]),
+        "missing_chunks": find_missing_chunks(
+            image.attrs["source"],
+            array_path=image.attrs["array_path"],
+            dims=[str(d) for d in image.dims],
+            channel=channel,
+        ),
         "problems": problems,
     }
 
@@ -210,6 +228,13 @@ def _open_node(source: str) -> zarr.Array | zarr.Group:
     try:
         return zarr.open(source, mode="r")
     except (FileNotFoundError, ValueError, KeyError, OSError) as err:
+        metadata = _metadata_file(source, "")
+        if metadata is not None and isinstance(err, ValueError | KeyError):
+            raise InputError(
+                metadata,
+                f"the Zarr metadata cannot be read ({type(err).__name__}: {err})",
+                "repair this file (compare it with a good copy of the image)",
+            ) from err
         # zarr raises GroupNotFoundError (a ValueError and FileNotFoundError) when the path
         # holds no zarr.json/.zgroup/.zarray; a broken metadata document raises ValueError.
         raise StoreNotFoundError(
@@ -263,6 +288,13 @@ def _read_multiscales(group: zarr.Group, source: str, *, level: int, axes: str |
     else:
         version = str(ms.get("version", "0.4"))
     datasets = ms.get("datasets") or []
+    if not datasets:
+        raise InputError(
+            source,
+            "the multiscales metadata lists no datasets, so the image has no array to read",
+            "repair the image's metadata (each level needs a datasets entry with its path), or "
+            "point at the array itself and pass --axes",
+        )
     if not 0 <= level < len(datasets):
         raise InputError(
             source,
@@ -361,15 +393,38 @@ def _transforms(
     return scale, translation
 
 
+def _metadata_file(source: str, node_path: str) -> str | None:
+    """The Zarr metadata file of a node (``zarr.json`` or ``.zarray``/``.zgroup``), if any."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(source)
+    folder = f"{root.rstrip('/')}/{node_path}" if node_path else root
+    for name in ("zarr.json", ".zarray", ".zgroup"):
+        try:
+            if fs.exists(f"{folder}/{name}"):
+                shown = f"{source.rstrip('/')}/{node_path}" if node_path else source
+                return f"{shown.rstrip('/')}/{name}"
+        except OSError:
+            return None
+    return None
+
+
 def _level_array(group: zarr.Group, array_path: str, source: str) -> zarr.Array:
     try:
         node = group[array_path]
-    except KeyError as err:
+    except (KeyError, ValueError, TypeError) as err:
+        metadata = _metadata_file(source, array_path)
+        if metadata is None:
+            raise InputError(
+                source,
+                f"the multiscales metadata lists the dataset {array_path!r} but the store has "
+                "no such array",
+                "repair the image or pick another --level",
+            ) from err
         raise InputError(
-            source,
-            f"the multiscales metadata lists the dataset {array_path!r} but the store has no "
-            "such array",
-            "repair the image or pick another --level",
+            metadata,
+            f"the array metadata cannot be read ({type(err).__name__}: {err})",
+            "repair this file (compare it with the zarr.json of another level or a good copy)",
         ) from err
     if not isinstance(node, zarr.Array):
         raise InputError(source, f"{array_path!r} is a group, not an array", "repair the image")
@@ -381,7 +436,14 @@ def _to_dataarray(
 ) -> xr.DataArray:
     names = meta.axes
     storage = array.shards if getattr(array, "shards", None) else array.chunks
-    data = da.from_zarr(array, chunks=storage)
+    location = f"{source.rstrip('/')}/{meta.array_path}" if meta.array_path else source
+    reads = NamedReads(array, location=location, dims=names)
+    data = da.from_array(
+        reads,
+        chunks=storage,
+        meta=np.empty((0,) * array.ndim, dtype=array.dtype),
+        name=f"srdvol-read-{tokenize(reads)}",
+    )
     sizes = dict(zip(names, array.shape, strict=True))
     if channel is not None:
         if "c" not in names:
@@ -422,6 +484,103 @@ def _to_dataarray(
         "array_path": meta.array_path,
     }
     return xr.DataArray(data, dims=names, coords=coords, attrs=attrs, name="image")
+
+
+class NamedReads:
+    """The level array as dask reads it: a failed chunk read names the chunk.
+
+    zarr reports a damaged chunk without saying which one (``error during blosc
+    decompression: -1``, ``cannot reshape array of size ...``); this wrapper turns such an error
+    into a :class:`~srdvol.errors.DataError` whose subject is the chunk's store path and whose
+    problem gives its region in array coordinates. It is picklable (Dask workers read through
+    it, and the error travels back to the client).
+
+    Parameters
+    ----------
+    array
+        The Zarr array, opened read-only.
+    location
+        Its path or URL (store path plus the array's path inside it).
+    dims
+        Axis names, for the region.
+    """
+
+    def __init__(self, array: zarr.Array, *, location: str, dims: tuple[str, ...]) -> None:
+        self.array = array
+        self.location = location
+        self.dims = tuple(dims)
+        self.shape = tuple(array.shape)
+        self.dtype = np.dtype(array.dtype)
+        self.ndim = len(self.shape)
+
+    def __dask_tokenize__(self) -> tuple[Any, ...]:
+        return ("srdvol-read", self.location, self.shape, str(self.dtype), self._chunk_shape())
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        try:
+            return np.asarray(self.array[key])
+        except (SrdvolError, MemoryError):
+            raise
+        except Exception as exc:
+            raise self._named(key, exc) from None
+
+    def _chunk_shape(self) -> tuple[int, ...]:
+        return tuple(int(c) for c in (getattr(self.array, "shards", None) or self.array.chunks))
+
+    def _named(self, key: Any, exc: Exception) -> DataError:
+        """Find the chunk(s) of ``key`` that fail and describe the first one."""
+        chunk = self._chunk_shape()
+        spans = []
+        for part, size, c in zip(_as_slices(key, self.ndim), self.shape, chunk, strict=True):
+            start, stop, _ = part.indices(size)
+            spans.append(range(start // c, max(start // c + 1, -(-stop // c))))
+        failing, error = None, exc
+        for index in itertools.product(*spans):
+            region = tuple(
+                slice(i * c, min((i + 1) * c, n))
+                for i, c, n in zip(index, chunk, self.shape, strict=True)
+            )
+            try:
+                self.array[region]
+            except Exception as inner:  # the one that fails
+                failing, error = index, inner
+                break
+        detail = f"{type(error).__name__}: {error}"
+        if failing is None:
+            where = ", ".join(
+                f"{d}={p.indices(n)[0]}:{p.indices(n)[1]}"
+                for d, p, n in zip(self.dims, _as_slices(key, self.ndim), self.shape, strict=True)
+            )
+            return DataError(
+                self.location,
+                f"the region {where} cannot be read ({detail})",
+                "check the store and its metadata, or restore the image from a good copy",
+            )
+        where = ", ".join(
+            f"{d}={i * c}:{min((i + 1) * c, n)}"
+            for d, i, c, n in zip(self.dims, failing, chunk, self.shape, strict=True)
+        )
+        subject = f"{self.location.rstrip('/')}/{self.array.metadata.encode_chunk_key(failing)}"
+        if isinstance(error, ValueError) and "reshape" in str(error):
+            problem = (
+                f"the chunk at {where} does not fit the chunk shape {chunk} that the array "
+                f"metadata gives ({detail})"
+            )
+            fix = "correct chunk_shape (and shape) in the array's metadata, or restore the image"
+        else:
+            problem = f"the chunk at {where} cannot be read or decoded ({detail})"
+            fix = (
+                "restore this chunk from a good copy of the image (a truncated or damaged "
+                "file), then run the same command again"
+            )
+        return DataError(subject, problem, fix)
+
+
+def _as_slices(key: Any, ndim: int) -> tuple[slice, ...]:
+    """Dask reads with a tuple of slices; normalise to one slice per axis."""
+    parts = key if isinstance(key, tuple) else (key,)
+    out = [p if isinstance(p, slice) else slice(int(p), int(p) + 1) for p in parts]
+    return (*out, *[slice(None)] * (ndim - len(out)))
 
 
 def _bytes_on_disk(source: str, array_path: str) -> int | None:

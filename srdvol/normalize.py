@@ -27,7 +27,20 @@ import xarray as xr
 
 from srdvol.errors import ConfigError, DataError
 
-__all__ = ["Statistics", "chunk_grid", "denormalize", "normalize", "sample_statistics"]
+__all__ = [
+    "Statistics",
+    "chunk_grid",
+    "compare_statistics",
+    "denormalize",
+    "normalize",
+    "sample_statistics",
+]
+
+#: How far an input's statistics may lie from a model's training statistics without a
+#: warning, in the units the network sees: the mean within this many training standard
+#: deviations, the standard deviation within this factor.
+SHIFT_LIMIT = 1.0
+SCALE_LIMIT = 2.0
 
 #: Default sample size: 256 MiB of float64 values, seconds to read from a local disk.
 DEFAULT_MAX_BYTES = 256 * 2**20
@@ -81,6 +94,37 @@ def denormalize(y: np.ndarray, stats: Statistics) -> np.ndarray:
     out = np.asarray(y, dtype=np.float32) * np.float32(stats.std)
     out += np.float32(stats.mean)
     return out
+
+
+def compare_statistics(
+    sample: Statistics, trained: Statistics, *, subject: str | None = None
+) -> str | None:
+    """Say when an input's intensities are far from those a model was trained on.
+
+    The network was trained on ``(x - mean) / std`` of its training data, so it saw inputs of
+    mean 0 and standard deviation 1, and its filters are not shift- or scale-invariant: an
+    input whose normalised mean lies more than :data:`SHIFT_LIMIT` from 0 (more than one
+    training standard deviation away, where the bulk of the training intensities ends), or
+    whose spread differs by more than :data:`SCALE_LIMIT` times, is outside what the model
+    learned, and the output shifts (a uint8 recording of mean 51 came out at 73).
+
+    Returns
+    -------
+    str or None
+        A one-sentence warning naming both figures and the choice, or ``None``.
+    """
+    shift = (sample.mean - trained.mean) / trained.std
+    ratio = sample.std / trained.std
+    if abs(shift) <= SHIFT_LIMIT and 1 / SCALE_LIMIT <= ratio <= SCALE_LIMIT:
+        return None
+    head = f"{subject}: " if subject else ""
+    return (
+        f"{head}the input's intensities (mean {sample.mean:.4g}, std {sample.std:.4g}) are far "
+        f"from the model's training data (mean {trained.mean:.4g}, std {trained.std:.4g}: "
+        f"{shift:+.1f} training std apart, {ratio:.2g}x the spread), so the output may be "
+        "shifted; retrain on this data (srdvol train or srdvol denoise without --model) for a "
+        "faithful result"
+    )
 
 
 def chunk_grid(array: xr.DataArray) -> tuple[tuple[int, ...], ...]:

@@ -50,6 +50,7 @@ __all__ = [
     "make_run_id",
     "open_output_array",
     "output_chunks",
+    "output_nbytes",
     "pyramid_shapes",
     "read_provenance",
     "write_pyramid",
@@ -90,39 +91,80 @@ def _location(path: str | os.PathLike[str]) -> tuple[str, str]:
     return protocol, root.rstrip("/")
 
 
-def check_output_path(output: str | os.PathLike[str], input: str | os.PathLike[str]) -> None:
-    """Refuse an output that is the input, lies inside it, or contains it.
+def check_output_path(
+    output: str | os.PathLike[str],
+    input: str | os.PathLike[str],
+    *,
+    keep: Sequence[str | os.PathLike[str]] = (),
+) -> None:
+    """Refuse an output that is the input, lies inside it, or contains it or a file to keep.
 
     Run this before any work: writing inside the input store would modify it, and replacing an
-    output that contains the input (``--overwrite``) would delete the input.
+    output that contains the input or the model (``--overwrite``) would delete them.
+
+    Parameters
+    ----------
+    output, input
+        The output and input locations (local paths or fsspec URLs).
+    keep
+        Other files that must survive the run, such as the model file (and its training
+        state): the output may neither be one of them nor a folder that holds one.
 
     Raises
     ------
     OutputPathError
-        If the two locations are the same or one lies inside the other.
+        If the output and the input are the same or one lies inside the other, or the output is
+        or holds a file of ``keep``.
     """
     out_proto, out_path = _location(output)
     in_proto, in_path = _location(input)
-    if out_proto != in_proto:
-        return
-    if out_path == in_path:
-        problem = f"the output is the input image {os.fspath(input)}"
-    elif out_path.startswith(in_path + "/"):
-        problem = f"the output lies inside the input image {os.fspath(input)}"
-    elif in_path.startswith(out_path + "/"):
-        problem = f"the output contains the input image {os.fspath(input)}"
-    else:
-        return
-    raise OutputPathError(
-        output, problem, "choose an output path outside the input, for example next to it"
-    )
+    problem = None
+    if out_proto == in_proto:
+        if out_path == in_path:
+            problem = f"the output is the input image {os.fspath(input)}"
+        elif out_path.startswith(in_path + "/"):
+            problem = f"the output lies inside the input image {os.fspath(input)}"
+        elif in_path.startswith(out_path + "/"):
+            problem = f"the output contains the input image {os.fspath(input)}"
+    if problem is not None:
+        raise OutputPathError(
+            output, problem, "choose an output path outside the input, for example next to it"
+        )
+    for item in keep:
+        proto, path = _location(item)
+        if proto != out_proto:
+            continue
+        if path == out_path:
+            problem = f"the output is the model file {os.fspath(item)}"
+        elif path.startswith(out_path + "/"):
+            problem = f"the output is a folder that holds the model file {os.fspath(item)}"
+        else:
+            continue
+        raise OutputPathError(
+            output,
+            problem,
+            "choose an output path of its own, for example out.zarr next to the model "
+            "(replacing it would delete the model)",
+        )
 
 
-def _exists(path: str) -> bool:
+def _is_zarr_store(path: str) -> bool:
+    """Whether a location holds Zarr metadata at its root (what --overwrite may replace)."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(path)
-    return bool(fs.exists(root))
+    names = ("zarr.json", ".zgroup", ".zarray", ".zattrs")
+    return any(fs.exists(f"{root.rstrip('/')}/{name}") for name in names)
+
+
+def _exists(path: str) -> bool:
+    """Whether something is at ``path`` (an empty folder, made ready by the user, is not)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    if not fs.exists(root):
+        return False
+    return not (fs.isdir(root) and not fs.ls(root, detail=False))
 
 
 def _remove(path: str) -> None:
@@ -227,6 +269,7 @@ def create_output(
     provenance: Mapping[str, Any],
     overwrite: bool = False,
     name: str = "denoised",
+    keep: Sequence[str | os.PathLike[str]] = (),
 ) -> zarr.Array:
     """Create (or reopen for resume) the output image and return its writable level-0 array.
 
@@ -256,6 +299,8 @@ def create_output(
     name
         Image name in the multiscales metadata, also the omero channel label
         (``"<name> channel <i>"``).
+    keep
+        Files the output may neither be nor hold (the model), see :func:`check_output_path`.
 
     Returns
     -------
@@ -265,7 +310,8 @@ def create_output(
     Raises
     ------
     OutputPathError
-        The output is, lies inside, or contains the input.
+        The output is, lies inside, or contains the input; it is or holds a file of ``keep``;
+        or it exists and is not a Zarr store (``overwrite`` only ever replaces Zarr stores).
     OutputExistsError
         Something other than this run's output exists at ``path`` and ``overwrite`` is false, or
         this run's output exists with another shape or dtype.
@@ -280,6 +326,7 @@ def create_output(
         ngff=ngff,
         provenance=provenance,
         overwrite=overwrite,
+        keep=keep,
     )
     if plan.action == "resume":
         return open_output_array(plan.target)
@@ -308,6 +355,7 @@ def check_output(
     ngff: str = "0.5",
     provenance: Mapping[str, Any],
     overwrite: bool = False,
+    keep: Sequence[str | os.PathLike[str]] = (),
 ) -> str:
     """Run every check :func:`create_output` runs, and write nothing.
 
@@ -332,6 +380,7 @@ def check_output(
         ngff=ngff,
         provenance=provenance,
         overwrite=overwrite,
+        keep=keep,
     ).action
 
 
@@ -355,12 +404,13 @@ def _plan_output(
     ngff: str,
     provenance: Mapping[str, Any],
     overwrite: bool,
+    keep: Sequence[str | os.PathLike[str]] = (),
 ) -> _OutputPlan:
     """Validate an output request against the input and what exists; decide what to do."""
     target = os.fspath(path)
     source = like.attrs.get("source")
     if source:
-        check_output_path(target, source)
+        check_output_path(target, source, keep=keep)
     if ngff not in NGFF_VERSIONS:
         raise ConfigError(
             "--ngff", f"NGFF version {ngff!r} is not supported", "use --ngff 0.5 or --ngff 0.4"
@@ -379,6 +429,13 @@ def _plan_output(
 
     action = "create"
     if _exists(target):
+        if not _is_zarr_store(target):
+            raise OutputPathError(
+                target,
+                "something that is not a Zarr store exists at the output path, and srdvol "
+                "never deletes it (not even with --overwrite)",
+                "choose another output path, or move that file or folder away yourself",
+            )
         existing = read_provenance(target)
         if existing is not None and existing.get("run_id") == record["run_id"] and not overwrite:
             array = open_output_array(target)
@@ -669,6 +726,15 @@ def _halve_mean(block: np.ndarray, *, y: int, x: int, out_dtype: np.dtype[Any]) 
 #: frame of 65-128 px still gets a second level (viewers and tools look for one), and the
 #: smallest level of any image is 33-64 px across.
 PYRAMID_MIN_SIZE = 64
+
+
+def output_nbytes(shape: Sequence[int], dims: Sequence[Any], dtype: Any) -> int:
+    """Uncompressed bytes of an output image: level 0 plus the pyramid levels
+    :func:`write_pyramid` adds (down to :data:`PYRAMID_MIN_SIZE`)."""
+    axes = tuple(str(d) for d in dims)
+    itemsize = np.dtype(dtype).itemsize
+    levels = [tuple(int(n) for n in shape), *pyramid_shapes(tuple(shape), axes)]
+    return sum(itemsize * math.prod(level) for level in levels)
 
 
 def pyramid_shapes(

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from distributed import WorkerPlugin
 from rich.console import Console
 
 __all__ = [
@@ -52,12 +53,29 @@ def _say(text: str) -> None:
     console.print(text, soft_wrap=True)
 
 
-def _open_input(source: str | os.PathLike[str], read: Mapping[str, Any]) -> Any:
+def _open_input(
+    source: str | os.PathLike[str], read: Mapping[str, Any], *, allow_missing_chunks: bool = False
+) -> Any:
+    """Open and check the input, including one listing of its chunks (missing chunks are an
+    error unless allowed; then a warning with their count and positions)."""
     from srdvol.io import open_image
+    from srdvol.storecheck import check_chunks
 
-    return open_image(
+    image = open_image(
         source, level=read.get("level", 0), axes=read.get("axes"), channel=read.get("channel")
     )
+    found = check_chunks(image, allow_missing=allow_missing_chunks)
+    if found is None:
+        _say(
+            f"srdvol: note: {os.fspath(source)}: the store cannot list its chunks, so missing "
+            "chunks (read as the fill value) cannot be detected"
+        )
+    elif found.count:
+        _say(
+            f"srdvol: warning: {found.array}: {found.describe()}; --allow-missing-chunks reads "
+            f"{'it' if found.count == 1 else 'them'} as the fill value {found.fill_value}"
+        )
+    return image
 
 
 def default_model_path(out: str | os.PathLike[str]) -> Path:
@@ -111,6 +129,14 @@ def info_text(
         f"size       {_bytes(facts['nbytes'])} in memory, {_bytes(facts['bytes_on_disk'])} on disk",
         f"movies     {facts['movies']} independent (t, y, x) movie(s) (one per c, z plane)",
     ]
+    missing = facts.get("missing_chunks")
+    if missing is None:
+        lines.append("chunks     the store cannot list its chunks (missing ones are not detected)")
+    elif missing.count:
+        lines.append(
+            f"missing    {missing.describe()}: read as the fill value {missing.fill_value}; "
+            "train, predict and denoise stop unless --allow-missing-chunks"
+        )
     for problem in facts.get("problems") or []:
         lines.append(f"problem    {problem}")
     if facts.get("problems"):
@@ -431,10 +457,37 @@ def _cluster(cluster: Mapping[str, Any] | None, client: Any = None) -> Iterator[
     from srdvol.cluster import dashboard_link, open_cluster
 
     with open_cluster(**dict(cluster or {})) as opened:
+        if not (cluster or {}).get("scheduler"):  # our own workers only
+            opened.register_plugin(_QuietTaskErrors())
         link = dashboard_link(opened)
         if link:
             _say(f"dashboard: {link}")
         yield opened
+
+
+class _QuietTaskErrors(WorkerPlugin):
+    """Worker plugin: drop distributed's "Compute Failed" log of a failed task.
+
+    srdvol receives every task error on the client and reports it in one sentence (with the
+    worker's traceback under ``--debug``), so the worker's own multi-line log of the same error
+    only buries that sentence. Other worker logs (memory, lost connections) are kept.
+    """
+
+    name = "srdvol-quiet-task-errors"
+    idempotent = True
+
+    def setup(self, worker: Any) -> None:
+        """Install the filter in the worker process (called by distributed)."""
+        import logging
+
+        logging.getLogger("distributed.worker").addFilter(_drop_compute_failed)
+
+    def teardown(self, worker: Any) -> None:
+        """Nothing to release."""
+
+
+def _drop_compute_failed(record: Any) -> bool:
+    return not str(record.msg).startswith("Compute Failed")
 
 
 def _wants_cluster_training(cluster: Mapping[str, Any]) -> bool:
@@ -460,30 +513,83 @@ def run_train(
     cluster: Mapping[str, Any] | None = None,
     read: Mapping[str, Any] | None = None,
     client: Any = None,
+    allow_missing_chunks: bool = False,
+    validated: bool = False,
     **options: Any,
 ) -> Any:
     """``srdvol train``: in this process, or one rank per Dask worker when a cluster is asked
-    for (``--scheduler``, ``--workers`` > 1, several GPUs) or ``client`` is given."""
+    for (``--scheduler``, ``--workers`` > 1, several GPUs) or ``client`` is given.
+
+    ``validated`` skips the checks of the input and the model path when the caller (``denoise``)
+    has just run them.
+    """
     read = dict(read or {})
     cluster = dict(cluster or {})
-    if client is not None or _wants_cluster_training(cluster):
-        from srdvol.ddp import train_distributed
+    if not validated:  # before a cluster is started or anything is trained
+        _open_input(source, read, allow_missing_chunks=allow_missing_chunks)
+        _check_model_path(model, source)
+    from srdvol.storecheck import storage_errors
 
-        _open_input(source, read)  # validate before a cluster is started
-        with _cluster(cluster, client) as active:
-            record = train_distributed(active, source, model, **read, **options)
-    else:
-        from srdvol.training import train
+    resume = (
+        "run the same command again (srdvol train with --resume) to continue from the last "
+        "checkpoint"
+    )
+    with storage_errors(model, resume=resume):
+        if client is not None or _wants_cluster_training(cluster):
+            from srdvol.ddp import train_distributed
 
-        record = train(source, model, **read, **options)
+            with _cluster(cluster, client) as active:
+                record = train_distributed(active, source, model, **read, **options)
+        else:
+            from srdvol.training import train
+
+            record = train(source, model, **read, **options)
     _say(f"model written to {model} ({record.steps} steps, patch {tuple(record.patch)})")
     return record
+
+
+def _check_model_path(model: str | os.PathLike[str], source: str | os.PathLike[str]) -> None:
+    """A model file is never written inside the input, and is a file (not a folder)."""
+    from srdvol.errors import OutputPathError
+    from srdvol.output import check_output_path
+
+    check_output_path(model, source)
+    if Path(model).is_dir():
+        raise OutputPathError(
+            model, "is a folder, not a model file", "give the path of a .safetensors file"
+        )
 
 
 def _ledger_path(out: str | os.PathLike[str]) -> str:
     """The resume ledger lives inside the level-0 array's folder: a Zarr group listing would
     warn about a foreign file at the group level, and ``--overwrite`` removes it with the data."""
     return os.fspath(out).rstrip("/") + "/s0/.srdvol-ledger.json"
+
+
+def _check_output_location(out: str | os.PathLike[str], *, image: Any, dtype: str) -> None:
+    """Before any work: the output location is writable and its disk has room."""
+    import numpy as np
+
+    from srdvol.output import output_nbytes
+    from srdvol.storecheck import check_free_space, probe_writable
+
+    probe_writable(out)
+    out_dtype = image.dtype if dtype == "input" else np.dtype(dtype)
+    warning = check_free_space(out, needed=output_nbytes(image.shape, image.dims, out_dtype))
+    if warning:
+        _say(f"srdvol: warning: {warning}")
+
+
+def _check_intensities(source: Any, image: Any, record: Any) -> None:
+    """Sample the input (NaN/Inf stop the run here) and warn when its intensities are far
+    from the model's training data."""
+    from srdvol.normalize import Statistics, compare_statistics, sample_statistics
+
+    sample = sample_statistics(image)
+    trained = Statistics(mean=record.normalization.mean, std=record.normalization.std)
+    warning = compare_statistics(sample, trained, subject=os.fspath(source))
+    if warning:
+        _say(f"srdvol: warning: {warning}")
 
 
 def run_predict(
@@ -499,34 +605,49 @@ def run_predict(
     ngff: str = "0.5",
     autocast: str = "auto",
     overwrite: bool = False,
+    allow_missing_chunks: bool = False,
     cluster: Mapping[str, Any] | None = None,
     read: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
     image: Any = None,
     client: Any = None,
     data_checked: bool = False,
+    validated: bool = False,
 ) -> Any:
     """``srdvol predict``: denoise IN into OUT with a model, resumably, on a Dask cluster
     (``client``, or the one the ``cluster`` options describe).
 
-    ``data_checked`` skips the NaN/Inf sample of the input when the caller has just run it
-    (training samples the same chunks). Returns the writer's :class:`~srdvol.engine.WriteReport`.
+    Order: the input (structure, missing chunks), the output path against the input and the
+    model, the model's record and patch, the output location (writable, room), the input's
+    statistics sample (NaN/Inf; intensities far from the model's), the model's weights
+    (checksum, a finite forward pass); then the output lock, the existing output (resume or
+    refuse), the cluster, and only then is anything written.
+
+    ``data_checked`` skips the statistics sample when the caller has just run it (training
+    samples the same chunks); ``validated`` skips the input and output-location checks that
+    ``denoise`` ran before training. Returns the writer's :class:`~srdvol.engine.WriteReport`.
     """
     from srdvol.cluster import ModelPlugin
     from srdvol.engine import denoise, rich_progress, write
+    from srdvol.lock import hold
     from srdvol.model.checkpoint import check_compatible, model_checksum, read_record
-    from srdvol.normalize import sample_statistics
     from srdvol.output import check_output, check_output_path, create_output, write_pyramid
-    from srdvol.predict import ModelPredictor
+    from srdvol.predict import ModelPredictor, check_model
+    from srdvol.storecheck import storage_errors
 
     read = dict(read or {})
-    image = image if image is not None else _open_input(source, read)
-    check_output_path(out, source)
+    if image is None:
+        image = _open_input(source, read, allow_missing_chunks=allow_missing_chunks)
+    check_output_path(out, source, keep=[model])
     record = read_record(model)
     check_compatible(record, patch=patch, subject=os.fspath(model))
     patch = patch or tuple(record.patch)
-    if not data_checked:  # NaN/Inf in the data stop the run before anything is written
-        sample_statistics(image)
+    out_dtype = str(image.dtype) if dtype == "input" else dtype
+    if not validated:
+        _check_output_location(out, image=image, dtype=out_dtype)
+    if not data_checked:
+        _check_intensities(source, image, record)
+    check_model(model)
     params = {
         "patch": list(patch),
         "overlap": overlap,
@@ -544,43 +665,50 @@ def run_predict(
         "model_sha256": model_checksum(model),
         **dict(provenance or {}),
     }
-    out_dtype = str(image.dtype) if dtype == "input" else dtype
-    check_output(
-        out, like=image, dtype=out_dtype, ngff=ngff, provenance=record_of_run, overwrite=overwrite
-    )
-    # The cluster starts (or is reached) before the output is created, so an unreachable
-    # scheduler or a missing GPU leaves nothing behind.
-    with _cluster(cluster, client) as client:
-        target = create_output(
-            out,
-            like=image,
-            dtype=out_dtype,
-            ngff=ngff,
-            provenance=record_of_run,
-            overwrite=overwrite,
-        )
-        run_id = str(target.attrs.get("srdvol", {}).get("run_id", ""))
-        predictor = ModelPredictor(model, patch=patch, autocast=_autocast(autocast))
-        lazy = denoise(
-            image,
-            predictor,
-            patch=patch,
-            overlap=overlap,
-            block=block,
-            window=window,
-            chunks=getattr(target, "shards", None) or target.chunks,
-        )
-        client.register_plugin(ModelPlugin(os.fspath(model)))
-        with rich_progress() as bar:
-            report = write(
-                lazy, target, ledger=_ledger_path(out), run_id=run_id, client=client, progress=bar
+    output = {
+        "like": image,
+        "dtype": out_dtype,
+        "ngff": ngff,
+        "provenance": record_of_run,
+        "overwrite": overwrite,
+        "keep": [model],
+    }
+    with hold(out, note=_say):
+        check_output(out, **output)
+        # The cluster starts (or is reached) before the output is created, so an unreachable
+        # scheduler or a missing GPU leaves nothing behind.
+        with _cluster(cluster, client) as client, storage_errors(out, resume=_RESUME):
+            target = create_output(out, **output)
+            run_id = str(target.attrs.get("srdvol", {}).get("run_id", ""))
+            predictor = ModelPredictor(model, patch=patch, autocast=_autocast(autocast))
+            lazy = denoise(
+                image,
+                predictor,
+                patch=patch,
+                overlap=overlap,
+                block=block,
+                window=window,
+                chunks=getattr(target, "shards", None) or target.chunks,
             )
-        write_pyramid(out, client=client)
+            client.register_plugin(ModelPlugin(os.fspath(model)))
+            with rich_progress() as bar:
+                report = write(
+                    lazy,
+                    target,
+                    ledger=_ledger_path(out),
+                    run_id=run_id,
+                    client=client,
+                    progress=bar,
+                )
+            write_pyramid(out, client=client)
     _say(
         f"wrote {out}: {report.computed} block(s) computed, {report.skipped} already done, "
         f"{report.seconds:.1f} s"
     )
     return report
+
+
+_RESUME = "run the same command again to resume"
 
 
 def _autocast(value: str | bool) -> str | bool:
@@ -600,6 +728,7 @@ def run_denoise(
     lr: float | None = None,
     seed: int = 0,
     overwrite: bool = False,
+    allow_missing_chunks: bool = False,
     cluster: Mapping[str, Any] | None = None,
     read: Mapping[str, Any] | None = None,
     **predict_options: Any,
@@ -607,14 +736,25 @@ def run_denoise(
     """``srdvol denoise``: train on IN unless a model is given, then predict into OUT.
 
     The trained model is kept beside OUT (:func:`default_model_path`); a rerun of the same
-    command resumes training and then the output where they stopped.
+    command resumes training and then the output where they stopped. Everything that can be
+    checked before training is: the input, the output path against the input and the model,
+    the output location, the GPUs, the output lock and an existing output.
     """
+    from srdvol.lock import hold
     from srdvol.output import check_output, check_output_path, make_run_id
+    from srdvol.training import state_path
 
     read = dict(read or {})
-    image = _open_input(source, read)
-    check_output_path(out, source)
+    image = _open_input(source, read, allow_missing_chunks=allow_missing_chunks)
+    model_given = model is not None
+    model = model if model is not None else default_model_path(out)
+    check_output_path(out, source, keep=[model, state_path(model)])
+    if not model_given:
+        _check_model_path(model, source)
     _check_cluster_options(cluster or {})
+    dtype = predict_options.get("dtype", "float32")
+    out_dtype = str(image.dtype) if dtype == "input" else dtype
+    _check_output_location(out, image=image, dtype=out_dtype)
     training = {
         "sampling": sampling,
         "steps": steps,
@@ -624,57 +764,58 @@ def run_denoise(
         "patch": list(patch) if patch else None,
     }
     provenance: dict[str, Any] = {"command": "denoise", "training": training}
-    model_given = model is not None
-    if model is None:
-        model = default_model_path(out)
-        run_id = make_run_id(
-            {
-                "input": os.fspath(source),
-                "read": read,
-                **provenance,
-                "predict": {k: str(v) for k, v in predict_options.items()},
-            }
-        )
-        dtype = predict_options.get("dtype", "float32")
-        check_output(
-            out,
-            like=image,
-            dtype=str(image.dtype) if dtype == "input" else dtype,
-            ngff=predict_options.get("ngff", "0.5"),
-            provenance={"run_id": run_id},
-            overwrite=overwrite,
-        )
-        provenance["run_id"] = run_id
-    with _cluster(cluster) as client:  # one cluster, started first, trains and predicts
+    with hold(out, note=_say):
         if not model_given:
-            resume = Path(model).exists() or _state_exists(model)
-            run_train(
-                source,
-                model,
-                client=client,
-                read=read,
-                patch=patch,
-                sampling=sampling,
-                steps=steps,
-                batch_size=batch_size,
-                lr=lr,
-                seed=seed,
-                resume=resume,
-                overwrite=resume,
+            run_id = make_run_id(
+                {
+                    "input": os.fspath(source),
+                    "read": read,
+                    **provenance,
+                    "predict": {k: str(v) for k, v in predict_options.items()},
+                }
             )
-        return run_predict(
-            source,
-            out,
-            model=model,
-            patch=patch,
-            overwrite=overwrite,
-            read=read,
-            provenance=provenance,
-            image=image,
-            client=client,
-            data_checked=not model_given,  # training sampled the same chunks and checked them
-            **predict_options,
-        )
+            check_output(
+                out,
+                like=image,
+                dtype=out_dtype,
+                ngff=predict_options.get("ngff", "0.5"),
+                provenance={"run_id": run_id},
+                overwrite=overwrite,
+                keep=[model, state_path(model)],
+            )
+            provenance["run_id"] = run_id
+        with _cluster(cluster) as client:  # one cluster, started first, trains and predicts
+            if not model_given:
+                resume = Path(model).exists() or state_path(model).exists()
+                run_train(
+                    source,
+                    model,
+                    client=client,
+                    read=read,
+                    validated=True,
+                    patch=patch,
+                    sampling=sampling,
+                    steps=steps,
+                    batch_size=batch_size,
+                    lr=lr,
+                    seed=seed,
+                    resume=resume,
+                    overwrite=resume,
+                )
+            return run_predict(
+                source,
+                out,
+                model=model,
+                patch=patch,
+                overwrite=overwrite,
+                read=read,
+                provenance=provenance,
+                image=image,
+                client=client,
+                data_checked=not model_given,  # training sampled the same chunks and checked them
+                validated=True,
+                **predict_options,
+            )
 
 
 def _check_cluster_options(cluster: Mapping[str, Any]) -> None:
@@ -683,12 +824,6 @@ def _check_cluster_options(cluster: Mapping[str, Any]) -> None:
 
     if not cluster.get("scheduler"):
         resolve_gpus(cluster.get("gpus"))
-
-
-def _state_exists(model: str | os.PathLike[str]) -> bool:
-    from srdvol.training import state_path
-
-    return state_path(model).exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ __all__ = [
     "Predictor",
     "as_patch",
     "check_frames",
+    "check_model",
     "predict_array",
     "predict_block",
 ]
@@ -324,6 +325,49 @@ def load_cached(path: str | os.PathLike[str], *, device: str = "auto") -> tuple[
             network = network.to(dev).eval()
             _CACHE[key] = (network, record)
         return _CACHE[key]
+
+
+#: Size (y, x) of the test input :func:`check_model` runs through the network.
+CHECK_PLANE = (16, 16)
+
+
+def check_model(model_path: str | os.PathLike[str], *, device: str = "cpu") -> Any:
+    """Load a model file and run one small forward pass; refuse it unless the output is finite.
+
+    Loading verifies the weights (checksum in the record, NaN/Inf; see
+    :func:`srdvol.model.checkpoint.check_weights`); the forward pass on a fixed random input
+    of ``(patch_t, 16, 16)`` in normalised units catches weights that are finite but damaged
+    (an overflow to Inf). Run it before any block is written.
+
+    Returns
+    -------
+    ModelRecord
+        The model's record.
+
+    Raises
+    ------
+    ModelMismatchError
+        If the weights are damaged or the test output is not finite.
+    StoreNotFoundError
+        If the file does not exist.
+    """
+    import torch
+
+    path = os.fspath(model_path)
+    network, record = load_cached(path, device=device)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((1, 1, record.network.patch_t, *CHECK_PLANE), generator=generator)
+    with torch.inference_mode():
+        y = network(x.to(next(network.parameters()).device))
+    if not bool(torch.isfinite(y).all()):
+        bad = int((~torch.isfinite(y)).sum())
+        raise ModelMismatchError(
+            path,
+            f"the model gives {bad} NaN or Inf value(s) on a small test input, so its weights "
+            "are damaged",
+            "copy the model again from where it was trained, or retrain",
+        )
+    return record
 
 
 class ModelPredictor:

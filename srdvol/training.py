@@ -52,10 +52,11 @@ import xarray as xr
 from torch import nn
 
 from srdvol.errors import ConfigError, OutputExistsError, StoreNotFoundError
-from srdvol.model.checkpoint import ModelRecord, Normalization, save_model
+from srdvol.model.checkpoint import ModelRecord, Normalization, save_model, weights_checksum
 from srdvol.model.network import NetworkConfig, build_network
 from srdvol.normalize import Statistics, normalize, sample_statistics
 from srdvol.patches import PatchSampler
+from srdvol.storecheck import probe_writable
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -660,6 +661,7 @@ def prepare_training(
             "pass --resume to continue that training, --overwrite to replace it, or choose "
             "another model path",
         )
+    probe_writable(model_file.parent, subject=model_file)  # not after hours of training
 
     open_options = {"level": level, "axes": axes, "channel": channel}
     image = _open(source, **open_options)  # type: ignore[arg-type]
@@ -902,6 +904,7 @@ def _record(
         training_data=data,
         steps=trainer.step_count,
         seed=plan.seed,
+        weights_sha256=weights_checksum(trainer.network.state_dict()),  # as save_model writes
     )
 
 

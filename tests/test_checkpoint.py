@@ -23,6 +23,7 @@ from srdvol.model.checkpoint import (
     read_record,
     save_model,
     save_tensors,
+    weights_checksum,
 )
 from srdvol.model.network import NetworkConfig, build_network
 
@@ -54,14 +55,16 @@ def test_round_trip_gives_identical_outputs_and_record(tmp_path: Path) -> None:
     record = _record()
     network = _trained(record)
     path = tmp_path / "model.safetensors"
-    save_model(path, network, record)
+    written = save_model(path, network, record)
+    assert written == record.model_copy(update={"weights_sha256": written.weights_sha256})
+    assert written.weights_sha256 == weights_checksum(network.state_dict())
     loaded, loaded_record = load_model(path)
-    assert loaded_record == record
+    assert loaded_record == written
     assert not loaded.training
     x = torch.randn(1, 1, 16, 11, 9)
     with torch.no_grad():
         assert torch.equal(loaded(x), network.eval()(x))
-    assert read_record(path) == record
+    assert read_record(path) == written
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temporaries
 
 
@@ -175,3 +178,70 @@ def test_generic_tensors_round_trip(tmp_path: Path) -> None:
     assert metadata == {"step": 5, "lr": [1e-4]}
     assert loaded.keys() == tensors.keys()
     assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+
+
+def _corrupt(path: Path, data: bytes) -> None:
+    """Overwrite bytes inside the largest float32 tensor's data (after the JSON header)."""
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    begin, end = max(
+        (
+            entry["data_offsets"]
+            for key, entry in header.items()
+            if key != "__metadata__" and entry["dtype"] == "F32"
+        ),
+        key=lambda span: span[1] - span[0],
+    )
+    data = data[: end - begin]
+    offset = 8 + length + begin
+    with path.open("r+b") as stream:
+        stream.seek(offset)
+        stream.write(data)
+
+
+def test_corrupted_weights_fail_the_checksum(tmp_path: Path) -> None:
+    import numpy as np
+
+    path = tmp_path / "model.safetensors"
+    save_model(path, _trained(_record()), _record())
+    read_record(path)  # the header is intact
+    _corrupt(path, np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ModelMismatchError, match="do not match the checksum") as info:
+        load_model(path)
+    assert str(info.value).startswith(f"{path}: its weights")
+
+
+def _without_checksum(path: Path, network: torch.nn.Module, record: ModelRecord) -> None:
+    """Write a model file the way srdvol did before records held a weights checksum."""
+    old = record.model_dump(mode="json")
+    old.pop("weights_sha256")
+    save_tensors(path, network.state_dict(), metadata={"format": FORMAT, "srdvol": old})
+
+
+def test_old_model_files_without_a_checksum_still_load(tmp_path: Path) -> None:
+    record = _record()
+    network = _trained(record)
+    path = tmp_path / "old.safetensors"
+    _without_checksum(path, network, record)
+    assert (
+        "weights_sha256"
+        not in json.loads(path.read_bytes()[8 : 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]])[
+            "__metadata__"
+        ]["srdvol"]
+    )
+    loaded, loaded_record = load_model(path)
+    assert loaded_record.weights_sha256 is None
+    x = torch.randn(1, 1, 16, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), network.eval()(x))
+
+
+def test_old_model_with_nan_bytes_is_refused(tmp_path: Path) -> None:
+    import numpy as np
+
+    path = tmp_path / "old.safetensors"
+    _without_checksum(path, _trained(_record()), _record())
+    _corrupt(path, np.full(1024, np.nan, dtype="<f4").tobytes())
+    with pytest.raises(ModelMismatchError, match="NaN or Inf values"):
+        load_model(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -252,3 +253,33 @@ def test_bad_input_is_one_clear_sentence_and_writes_nothing(
     assert "Traceback" not in err + out
     assert sorted(p.name for p in bad_inputs.iterdir()) == files_before  # nothing written
     assert {p.name: store_digest(p) for p in bad_inputs.iterdir() if p.is_dir()} == before
+
+
+def test_train_overwrite_replaces_an_existing_model(bad_inputs, tmp_path, monkeypatch, capsys):
+    from srdvol.model.checkpoint import read_record
+
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "m.safetensors"
+    shutil.copy(bad_inputs / "m16.safetensors", model)  # a tiny network
+    argv = ["train", str(bad_inputs / "in.zarr"), str(model), "--patch", "16,16,16"]
+    code, _, err = run_cli(capsys, *argv, "--steps", "1", "--batch-size", "1")
+    assert code == 2 and "--overwrite to replace it" in err
+    code, _, err = run_cli(capsys, *argv, "--steps", "1", "--batch-size", "1", "--overwrite")
+    assert code == 0, err
+    record = read_record(model)
+    assert record.network.channels == (8, 16, 32, 64)  # the default network replaced the tiny one
+    assert record.steps == 1 and record.weights_sha256
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [("dtype = 'int8'\n", "'dtype'"), ("autocast = 'maybe'\n", "'autocast'")],
+)
+def test_config_file_choices_are_checked(tmp_path, capsys, text, words):
+    config = tmp_path / "run.toml"
+    config.write_text(text)
+    code, _, err = run_cli(
+        capsys, "predict", "in.zarr", "out.zarr", "--model", "m", "--config", str(config)
+    )
+    assert code == 2 and err.count("\n") == 1
+    assert "run.toml" in err and words in err

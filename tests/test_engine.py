@@ -149,6 +149,33 @@ def test_nan_block_is_named():
         lazy.compute(scheduler="sync")
 
 
+class OverflowsOnBright:
+    """A stand-in model that overflows to Inf on patches brighter than 1000 (finite input)."""
+
+    def __call__(self, patches):
+        bright = patches.max(axis=(1, 2, 3), keepdims=True) > 1000
+        return np.where(bright, np.float32(np.inf), patches).astype(np.float32)
+
+
+def test_a_block_whose_prediction_is_not_finite_stops_the_run_and_is_named(tmp_path):
+    arr = noisy((16, 8, 8))
+    arr[:, 4:, 4:] += 5000  # only the patches of block (0, 1, 1) see it
+    out = make_output(tmp_path / "out.zarr", arr.shape, (16, 4, 4))
+    lazy = denoise(
+        arr,
+        OverflowsOnBright(),
+        dims="tyx",
+        patch=(16, 4, 4),
+        chunks=(16, 4, 4),
+        block=(16, 4, 4),
+        overlap=0,
+    )
+    pattern = r"block \(0, 1, 1\) \(t=0:16, y=4:8, x=4:8\): the model's output holds 256 NaN"
+    with pytest.raises(BlockDataError, match=pattern):
+        write(lazy, out, ledger=tmp_path / "l.json")
+    assert not out[:, 4:, 4:].any()  # nothing of that block was written
+
+
 # --- writer -----------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import zarr
 
 from srdvol.errors import DataError, InputError, StoreNotFoundError, UnsupportedDtypeError
-from srdvol.io import describe_image, open_image
+from srdvol.io import NamedReads, describe_image, open_image
 
 LAYOUTS = [
     ("tyx", (16, 24, 20), (8, 16, 16)),
@@ -61,8 +62,9 @@ def test_array_is_opened_read_only(make_image, store_digest):
     path, _ = make_image()
     before = store_digest(path)
     image = open_image(path)
-    # the zarr array inside the dask graph must refuse writes
-    arrays = [v for v in image.data.dask.values() if isinstance(v, zarr.Array)]
+    # the zarr array inside the dask graph (behind the reader that names failing chunks)
+    # must refuse writes
+    arrays = [v.array for v in image.data.dask.values() if isinstance(v, NamedReads)]
     assert arrays, "the dask graph should hold the zarr array"
     assert all(a.read_only for a in arrays)
     with pytest.raises(Exception, match=r"(?i)read.?only"):
@@ -204,6 +206,52 @@ def _channel_out_of_range(tmp_path, make_image, make_plain_array):
     return make_image(axes="tcyx", shape=(16, 2, 8, 8))[0], {"channel": 2}
 
 
+def _level_metadata(path: str) -> Path:
+    """The metadata file of level 0 of an image written by make_image."""
+    level = open_image(path).attrs["array_path"]
+    folder = Path(path) / level
+    return folder / "zarr.json" if (folder / "zarr.json").exists() else folder / ".zarray"
+
+
+def _malformed_array_json(tmp_path, make_image, make_plain_array):
+    path = make_image()[0]
+    meta = _level_metadata(path)
+    meta.write_text(meta.read_text().replace('"shape"', "shape"))
+    return path, {}
+
+
+def _array_json_without_shape(tmp_path, make_image, make_plain_array):
+    path = make_image()[0]
+    meta = _level_metadata(path)
+    document = json.loads(meta.read_text())
+    del document["shape"]
+    meta.write_text(json.dumps(document))
+    return path, {}
+
+
+def _malformed_v2_zarray(tmp_path, make_image, make_plain_array):
+    path = make_image(ngff="0.4")[0]
+    meta = _level_metadata(path)
+    meta.write_text(meta.read_text()[:-20])
+    return path, {}
+
+
+def _malformed_group_json(tmp_path, make_image, make_plain_array):
+    path = make_image()[0]
+    meta = Path(path) / "zarr.json"
+    meta.write_text(meta.read_text().replace('"attributes"', "attributes"))
+    return path, {}
+
+
+def _no_datasets(tmp_path, make_image, make_plain_array):
+    path = make_image()[0]
+    group = zarr.open_group(path, mode="r+")
+    ome = dict(group.attrs["ome"])
+    ome["multiscales"] = [{**ome["multiscales"][0], "datasets": []}]
+    group.attrs["ome"] = ome
+    return path, {}
+
+
 BAD = [
     (_not_a_store, StoreNotFoundError, r"not a Zarr store.*point srdvol at an OME-Zarr image"),
     (_missing, StoreNotFoundError, r"no such file or directory; check the path"),
@@ -216,6 +264,11 @@ BAD = [
     (_group_without_multiscales, InputError, r"no OME-Zarr multiscales.*raw --axes tzyx"),
     (_level_out_of_range, InputError, r"level 3 does not exist.*--level between 0 and 0"),
     (_channel_out_of_range, InputError, r"channel 2 does not exist.*--channel between 0 and 1"),
+    (_malformed_array_json, InputError, r"/zarr.json: the array metadata cannot be read \(JSON"),
+    (_array_json_without_shape, InputError, r"/zarr.json: .* cannot be read \(KeyError: 'shape'"),
+    (_malformed_v2_zarray, InputError, r"/.zarray: the array metadata cannot be read"),
+    (_malformed_group_json, InputError, r"/zarr.json: the Zarr metadata cannot be read \(JSON"),
+    (_no_datasets, InputError, r"lists no datasets.*repair the image's metadata"),
 ]
 
 
@@ -228,9 +281,32 @@ def test_bad_input(tmp_path, make_image, make_plain_array, store_digest, build, 
     with pytest.raises(error, match=pattern) as caught:
         open_image(path, **kwargs)
     message = str(caught.value)
-    assert message.startswith(f"{path}: "), message
+    assert message.startswith((f"{path}: ", f"{path}/")), message  # the store or a file in it
     assert message.endswith("."), message
     assert os.path.exists(path) == existed  # reading created nothing
     assert sorted(p.name for p in tmp_path.iterdir()) == listing
     if existed:
         assert store_digest(path) == before
+
+
+@pytest.mark.parametrize("ngff", ["0.4", "0.5"])
+def test_a_damaged_chunk_is_named_wherever_it_is_read(make_image, ngff):
+    import pickle
+
+    path, _ = make_image(shape=(32, 8, 8), chunks=(16, 8, 8), ngff=ngff)
+    image = open_image(path)
+    array = zarr.open_array(f"{path}/{image.attrs['array_path']}", mode="r")
+    key = array.metadata.encode_chunk_key((1, 0, 0))
+    chunk = Path(path) / image.attrs["array_path"] / key
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    subject = f"{path}/{image.attrs['array_path']}/{key}"
+    pattern = rf"^{subject}: the chunk at t=16:32, y=0:8, x=0:8 cannot be read or decoded"
+    with pytest.raises(DataError, match=pattern) as caught:
+        image.isel(t=slice(10, 20)).compute()  # dask reads chunk by chunk
+    assert "restore this chunk from a good copy" in str(caught.value)
+    (reads,) = [v for v in image.data.dask.values() if isinstance(v, NamedReads)]
+    with pytest.raises(DataError, match=pattern):
+        reads[10:20, :, :]  # one read spanning the good and the bad chunk finds the bad one
+    again = pickle.loads(pickle.dumps(caught.value))  # as it travels back from a Dask worker
+    assert type(again) is DataError and str(again) == str(caught.value)
+    np.testing.assert_array_equal(image.isel(t=slice(0, 16)).values, array[0:16])

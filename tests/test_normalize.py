@@ -132,3 +132,17 @@ def test_normalize_round_trip_and_scale() -> None:
     np.testing.assert_allclose(z, [-1.0, 0.0, 2.0])
     np.testing.assert_allclose(denormalize(z, stats), x)
     assert Statistics.from_dict(stats.to_dict()) == stats
+
+
+def test_compare_statistics_warns_only_when_far_from_the_training_data():
+    from srdvol.normalize import compare_statistics
+
+    trained = Statistics(mean=100.0, std=10.0)
+    for near in (Statistics(109.0, 10.0), Statistics(91.0, 6.0), Statistics(100.0, 19.0)):
+        assert compare_statistics(near, trained) is None
+    shifted = compare_statistics(Statistics(73.0, 10.0), trained, subject="in.zarr")
+    assert shifted.startswith("in.zarr: the input's intensities (mean 73, std 10) are far")
+    assert "(mean 100, std 10: -2.7 training std apart, 1x the spread)" in shifted
+    assert "retrain on this data" in shifted
+    assert compare_statistics(Statistics(100.0, 25.0), trained) is not None  # 2.5x the spread
+    assert compare_statistics(Statistics(100.0, 4.0), trained) is not None  # 0.4x

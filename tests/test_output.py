@@ -293,11 +293,35 @@ def _other_run(tmp_path, path):
     return out, {}
 
 
-def _not_srdvol(tmp_path, path):
+def _not_zarr(tmp_path, path):
     out = tmp_path / "results"
     out.mkdir()
     (out / "keep.txt").write_text("someone's data")
     return str(out), {}
+
+
+def _not_zarr_with_overwrite(tmp_path, path):
+    out, _ = _not_zarr(tmp_path, path)
+    return out, {"overwrite": True}
+
+
+def _not_srdvol(tmp_path, path):
+    out = tmp_path / "other.zarr"
+    zarr.open_group(out, mode="w").attrs["tool"] = "someone else's"
+    return str(out), {}
+
+
+def _is_the_model(tmp_path, path):
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"weights")
+    return str(model), {"overwrite": True, "keep": [str(model)]}
+
+
+def _holds_the_model(tmp_path, path):
+    folder = tmp_path / "models.zarr"
+    zarr.open_group(folder, mode="w")  # even a Zarr store: it holds the model
+    (folder / "m.safetensors").write_bytes(b"weights")
+    return str(folder), {"overwrite": True, "keep": [str(folder / "m.safetensors")]}
 
 
 def _bad_ngff(tmp_path, path):
@@ -313,7 +337,11 @@ REFUSALS = [
     (_same, OutputPathError, r"the output is the input image.*choose an output path outside"),
     (_contains_input_with_overwrite, OutputPathError, r"contains the input image"),
     (_other_run, OutputExistsError, r"another srdvol run.*pass --overwrite"),
+    (_not_zarr, OutputPathError, r"not a Zarr store.*never deletes it"),
+    (_not_zarr_with_overwrite, OutputPathError, r"not a Zarr store.*not even with --overwrite"),
     (_not_srdvol, OutputExistsError, r"not a srdvol output.*pass --overwrite"),
+    (_is_the_model, OutputPathError, r"the output is the model file"),
+    (_holds_the_model, OutputPathError, r"a folder that holds the model file"),
     (_bad_ngff, ConfigError, r"--ngff.*use --ngff 0.5"),
     (_bad_dtype, ConfigError, r"--dtype.*use --dtype float32"),
 ]

@@ -34,12 +34,14 @@ __all__ = [
     "ModelRecord",
     "Normalization",
     "check_compatible",
+    "check_weights",
     "load_model",
     "load_tensors",
     "model_checksum",
     "read_record",
     "save_model",
     "save_tensors",
+    "weights_checksum",
 ]
 
 #: Value of the ``format`` header key that marks a srdvol model file, with its layout version.
@@ -92,6 +94,10 @@ class ModelRecord(BaseModel):
     """Random seed of the training run."""
     created: str = Field(default_factory=_now)
     """When the model was written (ISO 8601, UTC)."""
+    weights_sha256: str | None = None
+    """SHA-256 of the weights (:func:`weights_checksum`), set by :func:`save_model` and checked
+    by :func:`load_model`; ``None`` in files written before srdvol recorded it (they load
+    without the check)."""
 
     @model_validator(mode="after")
     def _patch_fits_network(self) -> ModelRecord:
@@ -197,7 +203,23 @@ def _unwrap(network: nn.Module) -> nn.Module:
         network = inner
 
 
-def save_model(path: str | os.PathLike[str], network: nn.Module, record: ModelRecord) -> None:
+def weights_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order (hex).
+
+    Independent of the device and of the file layout, so it identifies the weights themselves:
+    a byte flipped inside the file's tensor data changes it.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def save_model(
+    path: str | os.PathLike[str], network: nn.Module, record: ModelRecord
+) -> ModelRecord:
     """Write a trained network and its record to one model file (atomically).
 
     Parameters
@@ -208,10 +230,17 @@ def save_model(path: str | os.PathLike[str], network: nn.Module, record: ModelRe
         The trained network (a bare module, or wrapped in DDP / ``torch.compile``).
     record
         How it was trained; ``record.network`` must describe ``network``.
+
+    Returns
+    -------
+    ModelRecord
+        The record as written: ``record`` with ``weights_sha256`` set.
     """
     state = _unwrap(network).state_dict()
-    metadata = {_FORMAT_KEY: FORMAT, _RECORD_KEY: record.model_dump(mode="json")}
+    written = record.model_copy(update={"weights_sha256": weights_checksum(state)})
+    metadata = {_FORMAT_KEY: FORMAT, _RECORD_KEY: written.model_dump(mode="json")}
     save_tensors(path, state, metadata=metadata)
+    return written
 
 
 def read_record(path: str | os.PathLike[str]) -> ModelRecord:
@@ -276,10 +305,12 @@ def load_model(
     StoreNotFoundError
         If the file does not exist.
     ModelMismatchError
-        If it is not a srdvol model or its weights do not fit its own record.
+        If it is not a srdvol model, its weights do not fit its own record, differ from the
+        record's checksum, or hold NaN/Inf values (see :func:`check_weights`).
     """
     tensors, metadata = load_tensors(path, map_location=map_location)
     record = _record(path, metadata)
+    check_weights(tensors, record, subject=path)
     network = build_network(record.network).to(map_location)
     try:
         network.load_state_dict(tensors, strict=True)
@@ -291,6 +322,37 @@ def load_model(
             "the file is damaged or from an incompatible srdvol; retrain",
         ) from None
     return network.eval(), record
+
+
+def check_weights(
+    tensors: dict[str, torch.Tensor],
+    record: ModelRecord,
+    *,
+    subject: str | os.PathLike[str] | None = None,
+) -> None:
+    """Check loaded weights against the record's checksum (when it has one) and for NaN/Inf.
+
+    Raises
+    ------
+    ModelMismatchError
+        If the checksum differs (the file was damaged after it was written) or a weight is not
+        finite.
+    """
+    named = subject if subject is not None else "model"
+    if record.weights_sha256 is not None and weights_checksum(tensors) != record.weights_sha256:
+        raise ModelMismatchError(
+            named,
+            "its weights do not match the checksum in its record, so the file was damaged "
+            "after it was written",
+            "copy the model again from where it was trained, or retrain",
+        )
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelMismatchError(
+                named,
+                f"its weights hold NaN or Inf values (tensor {name}), so the file is damaged",
+                "copy the model again from where it was trained, or retrain",
+            )
 
 
 def check_compatible(
