@@ -141,7 +141,10 @@ def info_text(
         lines.append(f"problem    {problem}")
     if facts.get("problems"):
         return "\n".join(lines)
-    image = _open_input(source, {"level": level, "axes": axes, "channel": channel})
+    from srdvol.io import open_image
+
+    # describe_image has listed the chunks already (and reported missing ones above).
+    image = open_image(source, level=level, axes=axes, channel=channel)
     out_dtype = _check_output_options(image, dtype=dtype, ngff=ngff)
     lines += _denoise_lines(image, patch=patch, block=block, overlap=overlap, dtype=out_dtype)
     lines += _output_lines(image, dtype=out_dtype, ngff=ngff)

@@ -422,7 +422,7 @@ def _can_mount() -> bool:
     return probe.returncode == 0
 
 
-# One private mount namespace holds every case: ro/ (read-only), small/ (64 KiB) and full/
+# One private mount namespace holds every case: ro/ (read-only), small/ (32 KiB) and full/
 # (48 KiB) are fresh tmpfs mounts; the driver runs each srdvol command in one process (one
 # interpreter start for all of them) and reports each one's exit code and stderr.
 _DRIVER = """
@@ -471,7 +471,7 @@ def in_namespace(faults, tmp_path_factory):
     driver = tmp_path_factory.mktemp("driver") / "driver.py"
     driver.write_text(_DRIVER)
     # full/: the output's metadata fits (a few 4 KiB pages), its first 64 KiB chunk does not
-    mounts = {"ro": "ro", "small": "size=64k", "full": "size=48k"}
+    mounts = {"ro": "ro", "small": "size=32k", "full": "size=48k"}
     for name in mounts:
         (faults / name).mkdir()
     before = digests(faults)
@@ -507,7 +507,7 @@ def in_namespace(faults, tmp_path_factory):
     [
         ("read-only predict", "ro/out.zarr", "read-only file system"),
         ("read-only train", "ro/m.safetensors", "read-only file system"),
-        ("too little space", "small/out.zarr", "the disk has 64.0 KiB free"),
+        ("too little space", "small/out.zarr", "the disk has 32.0 KiB free"),
     ],
 )
 def test_unwritable_or_full_locations_are_found_before_any_work(in_namespace, case, subject, words):
