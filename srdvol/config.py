@@ -31,6 +31,7 @@ from srdvol.tiling import Window
 
 __all__ = [
     "COMMANDS",
+    "DEFAULT_DASHBOARD_ADDRESS",
     "ConfigFile",
     "Sampling",
     "Window",
@@ -38,6 +39,10 @@ __all__ = [
     "load_config_file",
     "parse_triple",
 ]
+
+#: Where a local cluster serves its dashboard unless the user asks for another address: this
+#: machine only (reach it through an SSH tunnel, or pass --dashboard-address 0.0.0.0:8787).
+DEFAULT_DASHBOARD_ADDRESS = "127.0.0.1:8787"
 
 #: Commands whose options a configuration file may set in a table of their own.
 COMMANDS = ("denoise", "train", "predict", "simulate", "evaluate", "info", "demo")
