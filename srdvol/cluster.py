@@ -306,6 +306,18 @@ class TorchThreadsPlugin(WorkerPlugin):
         """Nothing to release."""
 
 
+class _CancelledOnClose(logging.Filter):
+    """Drop distributed's warning that a task still running was cancelled by the worker's
+    close (what an interrupted run does on purpose); other records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("Async instruction for") and text.endswith("CancelledError"))
+
+
+_CANCELLED_ON_CLOSE = _CancelledOnClose()
+
+
 class SignalPlugin(WorkerPlugin):
     """Worker plugin: SIGINT and SIGTERM only ask a running training to stop and save.
 
@@ -313,7 +325,8 @@ class SignalPlugin(WorkerPlugin):
     included. Without this plugin they die at once with a traceback (and a distributed training
     loses the steps since its last checkpoint); with it they record the request
     (:mod:`srdvol.interrupt`), training ranks stop at the next step and save their state, and
-    the worker stays up until the client that started it shuts it down.
+    the worker stays up until the client that started it shuts it down (quietly: the warning
+    about the task its close cancelled is dropped).
     """
 
     name = "srdvol-signals"
@@ -324,6 +337,7 @@ class SignalPlugin(WorkerPlugin):
         from srdvol import interrupt
 
         interrupt.install(raise_now=False)
+        logging.getLogger("distributed.worker.state_machine").addFilter(_CANCELLED_ON_CLOSE)
 
     def teardown(self, worker: Any) -> None:
         """Nothing to release."""

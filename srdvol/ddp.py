@@ -877,7 +877,8 @@ def _run_segments(
             raise
         except BaseException:
             with contextlib.suppress(Exception):
-                client.run(_drop_session, job_id, workers=addresses)
+                alive = [a for a in addresses if a in live_workers(client)]
+                client.run(_drop_session, job_id, workers=alive, on_error="ignore")
             raise
         finally:
             client.cancel([f for f in futures if not f.done()], force=True)

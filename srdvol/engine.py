@@ -4,7 +4,14 @@
 (halo on t, y, x only, ``boundary="none"``; array edges are handled inside the block function from
 global offsets). :func:`write` stores that array block by block into a pre-created output array,
 keeping at most ``wave`` blocks in flight, and records finished blocks in a :class:`Ledger` so that
-a rerun after a crash or a kill computes only what is missing.
+a rerun after a crash, a kill or a Ctrl-C computes only what is missing.
+
+What bounds memory on a cluster: by default every block of the job is submitted at once when the
+job's graph fits :data:`UPFRONT_TASKS` (so the dashboard's totals are the whole job from the
+start), and the scheduler's root-task queuing (``distributed.scheduler.worker-saturation``, 1.1
+by default) sends a worker new input reads only as it finishes blocks, in dask's priority order,
+which completes one block before it starts many others; larger jobs go in waves of that budget.
+An explicit ``wave`` keeps at most that many blocks submitted at once.
 """
 
 from __future__ import annotations
@@ -13,13 +20,11 @@ import base64
 import json
 import math
 import os
-import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +34,10 @@ import numpy as np
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
+from srdvol import interrupt
 from srdvol.axes import MOVIE_AXES, parse_axes
 from srdvol.errors import (
+    ClusterError,
     ConfigError,
     DataError,
     InputError,
@@ -46,12 +53,14 @@ __all__ = [
     "Progress",
     "WriteReport",
     "denoise",
-    "rich_progress",
     "write",
 ]
 
 #: Default budget for one block's working buffers (core + halo, float32 sums).
 DEFAULT_BLOCK_MEMORY = 512 * 2**20
+#: Most tasks :func:`write` hands the scheduler at once when no ``wave`` is given (the whole
+#: job when it fits): ~1e5 tasks is what one scheduler handles well; half leaves room.
+UPFRONT_TASKS = 50_000
 
 
 class BlockDataError(DataError):
@@ -503,13 +512,17 @@ def write(
         Identifies the run in the ledger (e.g. the provenance run id); a different id refuses
         to resume.
     wave
-        Most blocks in flight at once (default: twice the worker threads).
+        Most blocks in flight (submitted and not yet written) at once. Default on a cluster:
+        the whole job when its tasks fit :data:`UPFRONT_TASKS`, else waves of that size, with
+        the scheduler's root-task queuing bounding what runs; in this process: twice
+        ``threads``.
     client
         A ``distributed.Client``; None computes in this process with ``threads`` threads.
     threads
         Threads for the in-process path.
     progress
-        Called with a :class:`Progress` after every finished block (see :func:`rich_progress`).
+        Called with a :class:`Progress` first with the totals, then after every finished block
+        (e.g. a :class:`srdvol.progress.DenoisingProgress`).
     ledger_interval
         Seconds between ledger file writes.
 
@@ -518,6 +531,14 @@ def write(
     WriteReport
         Counts of computed and skipped blocks, voxels written, time, and the most blocks that were
         in flight at once.
+
+    Raises
+    ------
+    ClusterError
+        A block's worker died again and again (distributed retries a block whose worker dies).
+    KeyboardInterrupt
+        Ctrl-C or SIGTERM: pending blocks are cancelled, the ledger is written, and a note says
+        how many blocks are kept.
     """
     data = lazy.data if _is_dataarray(lazy) else lazy
     _check_alignment(data, target)
@@ -538,8 +559,9 @@ def write(
         book.flush()
     todo = [i for i in range(total) if book is None or not book.is_done(i)]
     skipped = total - len(todo)
+    subgraph = _block_graphs(data)
     if wave is None:
-        wave = 2 * (_client_threads(client) if client is not None else max(1, threads))
+        wave = _default_wave(data, subgraph, client=client, threads=threads)
     wave = max(1, int(wave))
     started = time.monotonic()
     computed = voxels = peak = 0
@@ -562,8 +584,6 @@ def write(
                 )
             )
 
-    subgraph = _block_graphs(data)
-
     def task(flat: int) -> Any:
         index = tuple(int(i) for i in np.unravel_index(flat, grid))
         region = tuple(
@@ -572,7 +592,8 @@ def write(
         )
         key = (data.name, *index)
         block = Delayed(key, subgraph(key))
-        return dask.delayed(_store_block, pure=False)(block, target, region)
+        name = f"srdvol-write-{data.name.rsplit('-', 1)[-1][:12]}-{flat}"
+        return dask.delayed(_store_block, pure=False)(block, target, region, dask_key_name=name)
 
     if progress is not None:
         progress(
@@ -581,6 +602,10 @@ def write(
     runner = _run_distributed if client is not None else _run_threads
     try:
         peak = runner(todo, task, finished, wave=wave, client=client, threads=threads)
+    except KeyboardInterrupt as exc:
+        where = f" and recorded in {book.path}" if book is not None else ""
+        interrupt.keep(exc, f"{skipped + computed} of {total} blocks written{where}")
+        raise
     finally:
         if book is not None:
             book.flush()
@@ -607,18 +632,25 @@ def _block_graphs(data: da.Array) -> Callable[[tuple[Any, ...]], dict[Any, Any]]
 
 
 def _client_threads(client: Any) -> int:
-    workers = (
-        client.scheduler_info(n_workers=-1)["workers"]
-        if _accepts_n_workers(client)
-        else (client.scheduler_info()["workers"])
-    )
+    from srdvol.cluster import live_workers
+
+    workers = live_workers(client)
     return max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
 
 
-def _accepts_n_workers(client: Any) -> bool:
-    import inspect
-
-    return "n_workers" in inspect.signature(client.scheduler_info).parameters
+def _default_wave(
+    data: da.Array,
+    subgraph: Callable[[tuple[Any, ...]], dict[Any, Any]],
+    *,
+    client: Any,
+    threads: int,
+) -> int:
+    """Blocks in flight when ``wave`` is not given (see the module docstring)."""
+    if client is None:
+        return 2 * max(1, threads)
+    first = (data.name, *(0,) * data.ndim)
+    per_block = len(subgraph(first)) + 1  # its reads, halo pieces, the model, the store
+    return max(2 * _client_threads(client), UPFRONT_TASKS // per_block)
 
 
 def _run_threads(
@@ -634,7 +666,8 @@ def _run_threads(
     peak = 0
     pending: dict[Any, int] = {}
     queue = iter(todo)
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, threads))
+    try:
         while True:
             for flat in queue:
                 pending[pool.submit(dask.compute, task(flat), scheduler="sync")] = flat
@@ -646,13 +679,14 @@ def _run_threads(
             done, _ = wait_futures(list(pending), return_when=FIRST_COMPLETED)
             for fut in done:
                 flat = pending.pop(fut)
-                try:
-                    (n,) = fut.result()
-                except BaseException:
-                    for other in pending:
-                        other.cancel()
-                    raise
+                (n,) = fut.result()
                 finished(flat, n)
+    except BaseException:
+        # An error or a Ctrl-C: queued blocks never start; running ones end on their own.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 def _run_distributed(
@@ -664,7 +698,7 @@ def _run_distributed(
     client: Any,
     threads: int,
 ) -> int:
-    from distributed import as_completed
+    from distributed import KilledWorker, as_completed
 
     # Refill in half-waves: each client.compute call optimises its blocks' graphs together.
     peak = 0
@@ -688,7 +722,17 @@ def _run_distributed(
     try:
         for fut in stream:
             flat = pending.pop(fut)
-            n = fut.result()
+            try:
+                n = fut.result()
+            except KilledWorker as exc:
+                raise ClusterError(
+                    f"block {flat}",
+                    "the workers computing it died again and again (distributed retried it; "
+                    f"last on {exc.last_worker.address if exc.last_worker else 'a worker'}), "
+                    "most often from running out of memory",
+                    "rerun the same command to resume, with a smaller --block or more memory "
+                    "per worker",
+                ) from None
             finished(flat, n)
             if wave - len(pending) >= refill and pos < len(queue):
                 stream.update(submit(wave - len(pending)))
@@ -697,39 +741,3 @@ def _run_distributed(
         client.cancel(list(pending))
         raise
     return peak
-
-
-@contextmanager
-def rich_progress(description: str = "denoising") -> Iterator[Callable[[Progress], None]]:
-    """A rich progress bar (blocks done, voxels/s, ETA) usable as :func:`write`'s callback.
-
-    Examples
-    --------
-    >>> with rich_progress() as bar:  # doctest: +SKIP
-    ...     write(lazy, target, progress=bar)
-    """
-    from rich.progress import BarColumn, TextColumn
-    from rich.progress import Progress as Bar
-
-    lock = threading.Lock()
-    with Bar(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} blocks"),
-        TextColumn("{task.fields[rate]}"),
-        TextColumn("ETA {task.fields[eta]}"),
-    ) as bar:
-        task_id = bar.add_task(description, total=None, rate="-", eta="-")
-
-        def update(p: Progress) -> None:
-            eta = "-" if p.eta is None else time.strftime("%H:%M:%S", time.gmtime(p.eta))
-            with lock:
-                bar.update(
-                    task_id,
-                    completed=p.done,
-                    total=p.total,
-                    rate=f"{p.voxels_per_s / 1e6:.2f} Mvox/s",
-                    eta=eta,
-                )
-
-        yield update

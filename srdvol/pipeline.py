@@ -281,8 +281,9 @@ def run_predict(
     ``data_checked`` skips the NaN/Inf sample of the input when the caller has just run it
     (training samples the same chunks). Returns the writer's :class:`~srdvol.engine.WriteReport`.
     """
+    from srdvol import progress
     from srdvol.cluster import ModelPlugin
-    from srdvol.engine import denoise, rich_progress, write
+    from srdvol.engine import denoise, write
     from srdvol.model.checkpoint import check_compatible, model_checksum, read_record
     from srdvol.normalize import sample_statistics
     from srdvol.output import check_output, check_output_path, create_output, write_pyramid
@@ -340,7 +341,7 @@ def run_predict(
             chunks=getattr(target, "shards", None) or target.chunks,
         )
         client.register_plugin(ModelPlugin(os.fspath(model)))
-        with rich_progress() as bar:
+        with progress.denoising() as bar:
             report = write(
                 lazy, target, ledger=_ledger_path(out), run_id=run_id, client=client, progress=bar
             )
@@ -501,7 +502,7 @@ def run_demo(
         batch_size=DEMO["batch_size"],
         seed=0,
         overwrite=overwrite,
-        cluster={"workers": workers, "dashboard_address": ":0"},
+        cluster={"workers": workers, "dashboard_address": "127.0.0.1:0"},
         read={},
     )
     result = evaluate_stores(denoised, truth=truth, noisy=noisy)

@@ -82,6 +82,11 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
 
+def _figure(value: float) -> str:
+    """A rate with one decimal, or three significant digits below 1 (never a bare 0.0)."""
+    return f"{value:.1f}" if value >= 1 else f"{value:.3g}"
+
+
 class Tracker:
     """One progress display; subclasses say what a report holds and how it reads.
 
@@ -131,6 +136,7 @@ class Tracker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lines = 0
+        self._last_line: tuple[int, float] | None = None
         if not enabled:
             return
         if console is None and stream is None:
@@ -221,6 +227,7 @@ class Tracker:
             stream.write(self.text() + "\n")
             stream.flush()
             self._lines += 1
+            self._last_line = (self.done, self._clock())
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self._interval):
@@ -263,7 +270,9 @@ class Tracker:
                 self._bar.stop()
                 self._bar = None
             elif self._stream is not None:
-                self._write_line()
+                last = self._last_line
+                if last is None or last[0] != self.done or self._clock() - last[1] >= 1.0:
+                    self._write_line()  # the final line, unless one for this count just went out
                 self._stream = None
 
     def __enter__(self) -> Tracker:
@@ -307,7 +316,7 @@ class TrainingProgress(Tracker):
 
     def rate_text(self) -> str:
         rate = self.samples_per_s()
-        return f"{'-' if rate is None else f'{rate:.1f}'} samples/s"
+        return f"{'-' if rate is None else _figure(rate)} samples/s"
 
     def update(self, step: int, *, total: int | None = None, loss: float | None = None) -> None:
         """Report that ``step`` steps are done (in all, including resumed ones)."""
@@ -338,7 +347,7 @@ class DenoisingProgress(Tracker):
         if self._reported_at is None or self.voxels <= 0:
             return "- Mvox/s"
         seconds = self._reported_at - self.started
-        return f"{self.voxels / max(seconds, 1e-9) / 1e6:.2f} Mvox/s"
+        return f"{_figure(self.voxels / max(seconds, 1e-9) / 1e6)} Mvox/s"
 
     def update(
         self, done: int, *, total: int | None = None, voxels: int = 0, skipped: int | None = None
