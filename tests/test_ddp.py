@@ -269,32 +269,6 @@ def test_planning_refuses_and_overwrites_like_single_process_training(
 # ------------------------------------------------------------------------------ worker liveness
 
 
-def test_a_cached_snapshot_without_workers_does_not_stop_a_run(cluster, tmp_path, monkeypatch):
-    """Client.scheduler_info() can come back with no workers (its shared cache is refreshed
-    every 2 s without the worker list); srdvol must not take that for dead workers."""
-    from distributed.client import SchedulerInfo
-
-    from srdvol.ddp import train_distributed
-    from srdvol.simulate import simulate
-
-    empty = SchedulerInfo({**dict(cluster.scheduler_info()), "workers": {}})
-    monkeypatch.setattr(cluster, "scheduler_info", lambda *args, **kwargs: empty)
-    cluster._scheduler_identity = empty
-    assert cluster.scheduler_info(n_workers=-1)["workers"] == {}  # the injection is in place
-    simulate(tmp_path / "in.zarr", truth=tmp_path / "t.zarr", frames=32, size=(24, 24), seed=1)
-    record = train_distributed(
-        cluster,
-        tmp_path / "in.zarr",
-        tmp_path / "m.srdvol",
-        network=_tiny_network(),
-        steps=4,
-        checkpoint_every=2,
-        **{**TINY, "axes": None},
-    )
-    assert record.steps == 4
-    assert (tmp_path / "m.srdvol").exists()
-
-
 def _segment_states(dask_scheduler) -> dict[str, str]:
     from srdvol.ddp import SEGMENT_PREFIX
 
@@ -305,10 +279,21 @@ def _segment_states(dask_scheduler) -> dict[str, str]:
     }
 
 
-def test_training_shows_on_the_dashboard_as_segments(cluster, tmp_path, make_plain_array):
-    """All segments (ranks x checkpoint intervals) are known to the scheduler from the start
-    and finish one by one, so the dashboard's bar shows training advance."""
+def test_an_empty_cached_snapshot_does_not_stop_training_and_segments_show_progress(
+    cluster, tmp_path, make_plain_array, monkeypatch
+):
+    """Client.scheduler_info() can come back with no workers (its shared cache is refreshed
+    every 2 s without the worker list); srdvol must not take that for dead workers. And all
+    segments (ranks x checkpoint intervals) are known to the scheduler from the start and finish
+    one by one, so the dashboard's bar shows training advance."""
+    from distributed.client import SchedulerInfo
+
     from srdvol.ddp import train_distributed
+
+    empty = SchedulerInfo({**dict(cluster.scheduler_info()), "workers": {}})
+    monkeypatch.setattr(cluster, "scheduler_info", lambda *args, **kwargs: empty)
+    cluster._scheduler_identity = empty
+    assert cluster.scheduler_info(n_workers=-1)["workers"] == {}  # the injection is in place
 
     source, _ = make_plain_array("movie.zarr", shape=(32, 24, 24), dtype="uint16")
     seen: dict[int, dict[str, str]] = {}
@@ -328,10 +313,18 @@ def test_training_shows_on_the_dashboard_as_segments(cluster, tmp_path, make_pla
         **TINY,
     )
     assert record.steps == 6
+    assert (tmp_path / "m.srdvol").exists()
     assert len(seen[1]) == 6  # 2 ranks x 3 segments, all submitted up front
     assert sum(state == "memory" for state in seen[1].values()) == 0
     assert sum(state == "memory" for state in seen[5].values()) == 4  # segments 1-2 of each rank
-    assert all(key.rsplit("-s", 1)[1] in "012" for key in seen[1])
+    assert sorted(key.rsplit("-", 2)[-2:][1] for key in seen[1]) == [
+        "s0",
+        "s0",
+        "s1",
+        "s1",
+        "s2",
+        "s2",
+    ]
 
 
 def _pids(client: Client) -> dict[str, int]:

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import io
-import os
 import re
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,70 +148,6 @@ def test_writer_reports_into_the_progress_family(tmp_path):
     assert all(BLOCK_LINE.match(line) for line in lines), lines
 
 
-# ------------------------------------------------------------------------------ batch jobs
-
-
-def _srdvol() -> str:
-    return str(Path(sys.executable).parent / "srdvol")
-
-
-def _lines_while_running(argv: list[str], log: Path, pattern: re.Pattern[str]) -> list[str]:
-    """Run ``argv`` with stdout and stderr into ``log`` (a batch job); return the progress lines
-    found in the file while the process was still running."""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", SRDVOL_PROGRESS_INTERVAL="0.3")
-    seen: list[str] = []
-    with log.open("w") as handle:
-        proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env)
-        try:
-            while proc.poll() is None:
-                current = [line for line in log.read_text().splitlines() if pattern.match(line)]
-                if proc.poll() is None:  # still running after the read: these came before the end
-                    seen = current
-                time.sleep(0.1)
-            assert proc.wait(timeout=300) == 0, log.read_text()
-        finally:
-            proc.kill()
-    return seen
-
-
-@pytest.fixture(scope="module")
-def small_movie(tmp_path_factory):
-    from srdvol.model.network import NetworkConfig
-    from srdvol.simulate import simulate
-    from srdvol.training import train
-
-    root = tmp_path_factory.mktemp("batch")
-    simulate(root / "in.zarr", truth=root / "truth.zarr", frames=64, size=(32, 32), seed=0)
-    train(
-        root / "in.zarr",
-        root / "tiny.safetensors",
-        patch=(16, 16, 16),
-        steps=1,
-        batch_size=1,
-        network=NetworkConfig.tiny(16),
-        progress=False,
-    )
-    return root
-
-
-@pytest.mark.slow
-def test_train_in_a_batch_job_logs_progress_before_it_ends(small_movie, tmp_path):
-    argv = [_srdvol(), "train", str(small_movie / "in.zarr"), str(tmp_path / "m.safetensors")]
-    argv += ["--patch", "16,16,16", "--steps", "6", "--batch-size", "1"]
-    seen = _lines_while_running(argv, tmp_path / "train.log", TRAIN_LINE)
-    assert seen, (tmp_path / "train.log").read_text()
-    assert all(int(TRAIN_LINE.match(line).group(2)) == 6 for line in seen)  # type: ignore[union-attr]
-    final = (tmp_path / "train.log").read_text().splitlines()
-    assert [line for line in final if TRAIN_LINE.match(line)][-1].startswith("training step 6/6")
-
-
-@pytest.mark.slow
-def test_predict_in_a_batch_job_logs_progress_before_it_ends(small_movie, tmp_path):
-    argv = [_srdvol(), "predict", str(small_movie / "in.zarr"), str(tmp_path / "out.zarr")]
-    argv += ["--model", str(small_movie / "tiny.safetensors"), "--block", "16,32,32"]
-    argv += ["--workers", "1", "--dashboard-address", "127.0.0.1:0"]
-    seen = _lines_while_running(argv, tmp_path / "predict.log", BLOCK_LINE)
-    assert seen, (tmp_path / "predict.log").read_text()
-    assert all(BLOCK_LINE.match(line).group(2) == "4" for line in seen)  # type: ignore[union-attr]
-    final = (tmp_path / "predict.log").read_text().splitlines()
-    assert [line for line in final if BLOCK_LINE.match(line)][-1].startswith("denoising 4/4")
+# Batch jobs: tests/test_interrupt.py runs `srdvol train` and `srdvol predict` with stdout and
+# stderr redirected to a file, polls the file while they run, checks these lines there before the
+# run ends (the process must still be alive), and only then signals them.
