@@ -15,7 +15,14 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from srdvol.config import Sampling, Window, config_defaults, load_config_file, parse_triple
+from srdvol.config import (
+    DEFAULT_DASHBOARD_ADDRESS,
+    Sampling,
+    Window,
+    config_defaults,
+    load_config_file,
+    parse_triple,
+)
 from srdvol.errors import SrdvolError
 
 __all__ = ["app", "main"]
@@ -86,7 +93,13 @@ WorkersOpt = Annotated[
 GpusOpt = Annotated[
     str | None, typer.Option("--gpus", help="GPUs: all (default when present), none, or 0,1.")
 ]
-DashboardOpt = Annotated[str, typer.Option("--dashboard-address", help="Dask dashboard address.")]
+DashboardOpt = Annotated[
+    str,
+    typer.Option(
+        "--dashboard-address",
+        help="Dask dashboard address (this machine only unless you give e.g. 0.0.0.0:8787).",
+    ),
+]
 LevelOpt = Annotated[int, typer.Option("--level", min=0, help="Multiscale level to read.")]
 ChannelOpt = Annotated[int | None, typer.Option("--channel", min=0, help="Only this channel.")]
 AxesOpt = Annotated[
@@ -240,7 +253,7 @@ def train(
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
     gpus: GpusOpt = None,
-    dashboard_address: DashboardOpt = ":8787",
+    dashboard_address: DashboardOpt = DEFAULT_DASHBOARD_ADDRESS,
     level: LevelOpt = 0,
     channel: ChannelOpt = None,
     axes: AxesOpt = None,
@@ -280,7 +293,7 @@ def predict(
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
     gpus: GpusOpt = None,
-    dashboard_address: DashboardOpt = ":8787",
+    dashboard_address: DashboardOpt = DEFAULT_DASHBOARD_ADDRESS,
     level: LevelOpt = 0,
     channel: ChannelOpt = None,
     axes: AxesOpt = None,
@@ -327,7 +340,7 @@ def denoise(
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
     gpus: GpusOpt = None,
-    dashboard_address: DashboardOpt = ":8787",
+    dashboard_address: DashboardOpt = DEFAULT_DASHBOARD_ADDRESS,
     level: LevelOpt = 0,
     channel: ChannelOpt = None,
     axes: AxesOpt = None,

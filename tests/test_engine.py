@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import dask.array as da
@@ -194,21 +195,6 @@ def test_writer_threads_resume_and_wave(tmp_path):
         write(lazy, out, ledger=ledger, run_id="another run")
 
 
-def test_rich_progress_bar_reports_blocks(tmp_path, capsys):
-    from srdvol.engine import rich_progress
-
-    arr = noisy((16, 8, 16))
-    out = make_output(tmp_path / "o.zarr", arr.shape, (16, 8, 8))
-    lazy = denoise(
-        arr, AffineModel(), dims="tyx", patch=(16, 4, 4), chunks=(16, 8, 8), block=(16, 8, 8)
-    )
-    with rich_progress("testing") as bar:
-        report = write(lazy, out, progress=bar)
-    assert report.computed == 2
-    text = capsys.readouterr().out
-    assert "testing" in text and "2/2 blocks" in text and "Mvox/s" in text
-
-
 def test_writer_refuses_unaligned_blocks(tmp_path):
     arr = noisy((32, 20, 20))
     out = make_output(tmp_path / "o.zarr", arr.shape, (32, 20, 20))
@@ -383,6 +369,105 @@ def test_writer_on_local_cluster(tmp_path, client):
     np.testing.assert_allclose(out[...], ref, rtol=1e-5)
     again = write(lazy, out, client=client, ledger=tmp_path / "out.zarr" / "ledger.json")
     assert (again.computed, again.skipped) == (0, total)
+
+
+class _InFlight:
+    """Scheduler plugin: the most blocks whose model output (``_denoise_block``) is being computed
+    or held at once, and the most store tasks the scheduler knew at once."""
+
+    name = "srdvol-test-in-flight"
+
+    def __init__(self) -> None:
+        self.live: set[str] = set()
+        self.known: set[str] = set()
+        self.peak = self.peak_known = 0
+
+    def transition(self, key, start, finish, *args, **kwargs) -> None:
+        text = str(key)
+        if "_denoise_block" in text:
+            if finish in ("processing", "memory"):
+                self.live.add(text)
+            else:
+                self.live.discard(text)
+            self.peak = max(self.peak, len(self.live))
+        elif text.startswith("srdvol-write-"):
+            if finish == "forgotten":
+                self.known.discard(text)
+            else:
+                self.known.add(text)
+            self.peak_known = max(self.peak_known, len(self.known))
+
+
+@pytest.mark.slow
+def test_writer_submits_the_whole_job_and_the_scheduler_bounds_what_runs(tmp_path, client):
+    """Without ``wave`` every block is submitted at once (the dashboard's totals are the whole
+    job), yet only a few blocks are computed or held at a time: root-task queuing."""
+    arr = noisy((64, 1, 64, 64), seed=5)
+    src = tmp_path / "in.zarr"
+    zarr.create_array(str(src), data=arr, chunks=(16, 1, 16, 16))
+    out = make_output(tmp_path / "out.zarr", arr.shape, (16, 1, 16, 16))
+    lazy = denoise(
+        da.from_zarr(zarr.open_array(str(src), mode="r")),
+        AffineModel(2, 1),
+        dims="tzyx",
+        patch=(16, 8, 8),
+        chunks=out.chunks,
+        block=(16, 16, 16),
+    )
+    total = int(np.prod(lazy.numblocks))
+    watch = _InFlight()
+    scheduler = client.cluster.scheduler
+    scheduler.add_plugin(watch)
+    try:
+        report = write(lazy, out, client=client)
+    finally:
+        scheduler.remove_plugin(name=watch.name)
+    assert total == 64 and report.computed == total
+    assert report.max_in_flight == total  # all submitted up front
+    assert watch.peak_known == total  # so the scheduler (and its dashboard) saw the whole job
+    threads = sum(w.nthreads for w in scheduler.workers.values())
+    assert watch.peak <= 2 * threads + 2, watch.peak  # yet few blocks ran or waited in memory
+    np.testing.assert_allclose(out[...], 2 * arr + 1, rtol=2e-6)
+
+
+@pytest.mark.slow
+def test_a_block_whose_workers_keep_dying_is_one_clear_sentence(tmp_path):
+    """distributed retries a block whose worker died; when it stops retrying (here at once),
+    the writer names the block and the fix instead of a KilledWorker traceback."""
+    import dask
+    import distributed
+
+    from srdvol.errors import ClusterError
+
+    arr = noisy((32, 8, 8))
+    out = make_output(tmp_path / "out.zarr", arr.shape, (16, 8, 8))
+    lazy = denoise(arr, AffineModel(delay=30), dims="tyx", patch=(16, 8, 8), chunks=(16, 8, 8))
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as c,
+    ):
+        c.wait_for_workers(1, timeout=60)
+        pid = next(iter(c.run(os.getpid).values()))
+
+        def kill_when_running() -> None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if any(ws.processing for ws in cluster.scheduler.workers.values()):
+                    os.kill(pid, signal.SIGKILL)
+                    return
+                time.sleep(0.05)
+
+        killer = threading.Thread(target=kill_when_running, daemon=True)
+        killer.start()
+        with pytest.raises(ClusterError) as info:
+            write(lazy, out, client=c)
+        killer.join()
+    message = str(info.value)
+    assert message.startswith("block ") and "died again and again" in message
+    assert "--block" in message and "rerun the same command" in message
 
 
 @pytest.mark.slow
