@@ -20,11 +20,13 @@ import base64
 import json
 import math
 import os
+import threading
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,7 +170,7 @@ def denoise(
     result = _lazy(
         data,
         plan,
-        predictor=predictor,
+        predictor=_PatchCounter(predictor),
         window_kind=Window(window),
         overlap=overlap,
         batch_size=batch_size,
@@ -289,6 +291,116 @@ def _denoise_block(
             batch_size=batch_size,
         )
     return np.moveaxis(out, (-3, -2, -1), movie)
+
+
+# ---------------------------------------------------------------------------------------------
+# Patches predicted inside running blocks (progress while a long block runs)
+
+#: Event topic on which workers report the patches they predicted.
+PATCH_TOPIC = "srdvol-patches"
+#: Least seconds between two patch reports of one process.
+PATCH_REPORT_EVERY = 1.0
+
+_patch_lock = threading.Lock()
+_patch_pending: dict[str, int] = {}
+_patch_sent = 0.0
+#: Receives (array name, patches) in this process (the writer's in-process path).
+_patch_sink: Callable[[str, int], None] | None = None
+
+
+class _PatchCounter:
+    """A :class:`~srdvol.predict.Predictor` that counts the patches it predicts and reports them
+    (to the writer that runs the block), so that a block which takes minutes still shows
+    progress. Attributes (``patch``, ``batch_size``) are the wrapped predictor's."""
+
+    def __init__(self, inner: Predictor) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __call__(self, patches: np.ndarray) -> np.ndarray:
+        out = self.inner(patches)
+        _count_patches(len(patches))
+        return out
+
+    def __dask_tokenize__(self) -> Any:
+        return ("srdvol-patch-counter", dask.base.tokenize(self.inner))
+
+    def __repr__(self) -> str:
+        return repr(self.inner)
+
+
+def _count_patches(n: int) -> None:
+    global _patch_sent
+    name = _running_array()
+    if name is None:
+        return
+    with _patch_lock:
+        _patch_pending[name] = _patch_pending.get(name, 0) + int(n)
+        now = time.monotonic()
+        if now - _patch_sent < PATCH_REPORT_EVERY:
+            return
+        _patch_sent = now
+        batch = dict(_patch_pending)
+        _patch_pending.clear()
+    _send_patches(batch)
+
+
+def _running_array() -> str | None:
+    """The dask array whose block this thread computes (a worker task), or "" in-process."""
+    try:
+        from distributed.worker import thread_state
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return ""
+    key = getattr(thread_state, "key", None)
+    if key is None:
+        return "" if _patch_sink is not None else None
+    return str(key[0] if isinstance(key, tuple) else key)
+
+
+def _send_patches(batch: dict[str, int]) -> None:
+    sink = _patch_sink
+    if sink is not None and "" in batch:
+        sink("", batch.pop(""))
+    if not batch:
+        return
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except ValueError:  # not in a worker
+        return
+    for name, n in batch.items():
+        worker.log_event(PATCH_TOPIC, {"array": name, "patches": n})
+
+
+@contextmanager
+def _patch_reports(client: Any, name: str, on_patches: Callable[[int], None]) -> Iterator[None]:
+    """Call ``on_patches(n)`` as blocks of array ``name`` report predicted patches."""
+    global _patch_sink
+
+    def from_worker(event: Any) -> None:
+        msg = event[1]
+        if isinstance(msg, dict) and msg.get("array") == name:
+            on_patches(int(msg.get("patches", 0)))
+
+    if client is not None:
+        client.subscribe_topic(PATCH_TOPIC, from_worker)
+    else:
+        with _patch_lock:
+            _patch_pending.pop("", None)  # left over from an earlier in-process write
+        _patch_sink = lambda _name, n: on_patches(n)  # noqa: E731
+    try:
+        yield
+    finally:
+        if client is not None:
+            with suppress(Exception):
+                client.unsubscribe_topic(PATCH_TOPIC)
+        else:
+            _patch_sink = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,7 +531,8 @@ def _write_text(path: str, text: str) -> None:
 
 @dataclass(frozen=True)
 class Progress:
-    """A snapshot passed to progress callbacks after every finished block."""
+    """A snapshot passed to progress callbacks: with the totals first, after every finished
+    block, and about every second while long blocks run (``patches`` grows)."""
 
     done: int
     total: int
@@ -427,6 +540,8 @@ class Progress:
     skipped: int
     voxels: int
     elapsed: float
+    #: Patches the model has predicted in this run so far (finished and running blocks).
+    patches: int = 0
 
     @property
     def voxels_per_s(self) -> float:
@@ -564,7 +679,18 @@ def write(
         wave = _default_wave(data, subgraph, client=client, threads=threads)
     wave = max(1, int(wave))
     started = time.monotonic()
-    computed = voxels = peak = 0
+    computed = voxels = peak = patches = 0
+
+    def snapshot() -> Progress:
+        return Progress(
+            done=skipped + computed,
+            total=total,
+            computed=computed,
+            skipped=skipped,
+            voxels=voxels,
+            elapsed=time.monotonic() - started,
+            patches=patches,
+        )
 
     def finished(flat: int, n: int) -> None:
         nonlocal computed, voxels
@@ -573,16 +699,13 @@ def write(
         if book is not None:
             book.mark(flat)
         if progress is not None:
-            progress(
-                Progress(
-                    done=skipped + computed,
-                    total=total,
-                    computed=computed,
-                    skipped=skipped,
-                    voxels=voxels,
-                    elapsed=time.monotonic() - started,
-                )
-            )
+            progress(snapshot())
+
+    def predicted(n: int) -> None:
+        nonlocal patches
+        patches += n
+        if progress is not None:
+            progress(snapshot())
 
     def task(flat: int) -> Any:
         index = tuple(int(i) for i in np.unravel_index(flat, grid))
@@ -601,7 +724,8 @@ def write(
         )
     runner = _run_distributed if client is not None else _run_threads
     try:
-        peak = runner(todo, task, finished, wave=wave, client=client, threads=threads)
+        with _patch_reports(client, data.name, predicted):
+            peak = runner(todo, task, finished, wave=wave, client=client, threads=threads)
     except KeyboardInterrupt as exc:
         where = f" and recorded in {book.path}" if book is not None else ""
         interrupt.keep(exc, f"{skipped + computed} of {total} blocks written{where}")

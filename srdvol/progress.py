@@ -7,6 +7,7 @@ number of seconds), at each milestone (a training checkpoint) and at the end::
 
     training step 120/2000 loss 0.0123 5.2 samples/s ETA 0:06:01 elapsed 0:00:23
     denoising 12/48 blocks 3.4 Mvox/s ETA 0:00:40 elapsed 0:00:13
+    denoising 0/1 blocks 1234 patches - Mvox/s ETA - elapsed 0:01:30   (a long first block)
 
 Rates and ETAs are measured on this process's clock over this run (steps or blocks already done
 by an earlier, resumed run do not count), so a distributed run shows the real global rate.
@@ -330,7 +331,9 @@ class TrainingProgress(Tracker):
 class DenoisingProgress(Tracker):
     """Blocks written: ``denoising 12/48 blocks 3.4 Mvox/s ETA 0:00:40``.
 
-    Callable with the writer's :class:`srdvol.engine.Progress` snapshots, so an instance is
+    While blocks run, the patches the model has predicted so far show too (``denoising 0/1
+    blocks 1234 patches ...``), so a block that takes minutes is seen to advance. Callable with
+    the writer's :class:`srdvol.engine.Progress` snapshots, so an instance is
     :func:`srdvol.engine.write`'s ``progress`` argument.
     """
 
@@ -338,10 +341,14 @@ class DenoisingProgress(Tracker):
 
     def __init__(self, **kwargs: Any) -> None:
         self.voxels = 0
+        self.patches = 0
         super().__init__(**kwargs)
 
     def count_text(self) -> str:
         return f"{super().count_text()} blocks"
+
+    def extra_text(self) -> str:
+        return f"{self.patches} patches" if self.patches else ""
 
     def rate_text(self) -> str:
         if self._reported_at is None or self.voxels <= 0:
@@ -350,27 +357,41 @@ class DenoisingProgress(Tracker):
         return f"{_figure(self.voxels / max(seconds, 1e-9) / 1e6)} Mvox/s"
 
     def update(
-        self, done: int, *, total: int | None = None, voxels: int = 0, skipped: int | None = None
+        self,
+        done: int,
+        *,
+        total: int | None = None,
+        voxels: int = 0,
+        skipped: int | None = None,
+        patches: int | None = None,
     ) -> None:
-        """Report ``done`` blocks of ``total`` (``skipped`` of them by an earlier run) and the
-        voxels written in this run."""
+        """Report ``done`` blocks of ``total`` (``skipped`` of them by an earlier run), the
+        voxels written and the patches predicted in this run."""
         with self._lock:
             if skipped is not None and self._reported_at is None:
                 self.start_done = int(skipped)  # finished by an earlier run: not part of the rate
+            if patches is not None:
+                self.patches = int(patches)
             first = self._advance(done, total)
             self.voxels = int(voxels)
             self._show(line=first)
 
     def __call__(self, snapshot: Any) -> None:
-        """Take a :class:`srdvol.engine.Progress` (done, total, skipped, voxels)."""
-        if snapshot.computed == 0:  # the writer's opening report: totals, nothing done yet
+        """Take a :class:`srdvol.engine.Progress` (done, total, skipped, voxels, patches)."""
+        if snapshot.computed == 0:  # the totals, or patches of blocks still running
             with self._lock:
                 self.total = int(snapshot.total)
-                self.done = self.start_done = int(snapshot.skipped)
+                if self._reported_at is None:
+                    self.done = self.start_done = int(snapshot.skipped)
+                self.patches = int(getattr(snapshot, "patches", 0))
                 self._show(line=False)
             return
         self.update(
-            snapshot.done, total=snapshot.total, voxels=snapshot.voxels, skipped=snapshot.skipped
+            snapshot.done,
+            total=snapshot.total,
+            voxels=snapshot.voxels,
+            skipped=snapshot.skipped,
+            patches=getattr(snapshot, "patches", None),
         )
 
 

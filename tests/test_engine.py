@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -178,7 +179,9 @@ def test_writer_threads_resume_and_wave(tmp_path):
     assert report.voxels == arr.size
     assert 1 <= report.max_in_flight <= 3
     assert seen[-1].done == total and seen[-1].eta == 0
-    assert [p.done for p in seen] == list(range(total + 1))
+    blocks = [p.done for p in seen if p.patches == 0 or p.computed > 0]
+    assert sorted(set(blocks)) == list(range(total + 1))  # the totals, then every block
+    assert all(b.computed >= a.computed for a, b in itertools.pairwise(seen))
     ref = predict_array(arr, PatchMeanModel(), patch=(16, 6, 6), overlap=0.25, dims="tzyx")
     np.testing.assert_allclose(out[...], ref, rtol=1e-5)
     assert (
@@ -193,6 +196,37 @@ def test_writer_threads_resume_and_wave(tmp_path):
     assert (again.computed, again.skipped) == (0, total)
     with pytest.raises(OutputExistsError, match="other parameters"):
         write(lazy, out, ledger=ledger, run_id="another run")
+
+
+def _one_slow_block(tmp_path, name):
+    """One block of 27 patches that the model predicts 2 at a time, 0.15 s per call (2 s)."""
+    arr = noisy((32, 16, 16), seed=6)
+    out = make_output(tmp_path / name, arr.shape, (32, 16, 16))
+    lazy = denoise(
+        da.from_array(arr, chunks=(32, 16, 16)),
+        AffineModel(2, 1, delay=0.15),
+        dims="tyx",
+        patch=(16, 8, 8),
+        overlap=0.5,
+        chunks=out.chunks,
+        batch_size=2,
+    )
+    assert lazy.numblocks == (1, 1, 1)
+    return arr, out, lazy
+
+
+@pytest.mark.parametrize("where", ["threads", "cluster"])
+def test_a_long_block_reports_its_patches_before_it_finishes(tmp_path, request, where):
+    arr, out, lazy = _one_slow_block(tmp_path, "o.zarr")
+    client = request.getfixturevalue("client") if where == "cluster" else None
+    seen = []
+    report = write(lazy, out, client=client, progress=seen.append)
+    assert report.computed == 1
+    running = [p for p in seen if p.computed == 0 and p.patches > 0]
+    assert running, seen  # the only block was seen to advance while it ran
+    assert all(b.patches >= a.patches for a, b in itertools.pairwise(seen))
+    assert seen[-1].patches <= 27
+    np.testing.assert_allclose(out[...], 2 * arr + 1, rtol=2e-6)
 
 
 def test_writer_refuses_unaligned_blocks(tmp_path):

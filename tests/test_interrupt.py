@@ -31,7 +31,9 @@ PROGRESS = re.compile(r"^(training step|denoising) (\d+)/(\d+)")
 TRAIN_LINE = re.compile(
     r"^training step \d+/4 loss [0-9.e+-]+ [0-9.e+-]+ samples/s ETA \d+:\d\d:\d\d elapsed "
 )
-BLOCK_LINE = re.compile(r"^denoising \d+/10 blocks [0-9.e+-]+ Mvox/s ETA \d+:\d\d:\d\d elapsed ")
+BLOCK_LINE = re.compile(
+    r"^denoising \d+/10 blocks (\d+ patches )?[0-9.e+-]+ Mvox/s ETA \d+:\d\d:\d\d elapsed "
+)
 TRAIN = ["--patch", "16,16,16", "--steps", "4", "--batch-size", "1"]
 
 

@@ -18,7 +18,8 @@ TRAIN_LINE = re.compile(
     r"elapsed \d+:\d\d:\d\d$"
 )
 BLOCK_LINE = re.compile(
-    r"^denoising (\d+)/(\d+) blocks ([0-9.]+|-) Mvox/s ETA (\d+:\d\d:\d\d|-) elapsed \d+:\d\d:\d\d$"
+    r"^denoising (\d+)/(\d+) blocks (\d+ patches )?([0-9.]+|-) Mvox/s ETA (\d+:\d\d:\d\d|-) "
+    r"elapsed \d+:\d\d:\d\d$"
 )
 
 
