@@ -888,16 +888,20 @@ def _run_segments(
 def _stop(job: _Job, job_id: str, last: list[Future], plan: TrainingPlan) -> str:
     """After a Ctrl-C/SIGTERM: ask every rank to stop at its next step, wait for the saved
     state (a second signal cuts this short), say what was kept."""
-    with interrupt.deferred():
-        with contextlib.suppress(Exception):
-            job.client.run(_request_stop, job_id, workers=[a for a, _ in job.ranks])
-        deadline = time.monotonic() + STOP_GRACE
-        while time.monotonic() < deadline and not all(f.done() for f in last):
-            job.drain()
-            if job.workers.lost():
-                break
-            time.sleep(_POLL)
-        job.drain()
+    try:
+        with interrupt.deferred():
+            with contextlib.suppress(Exception):
+                job.client.run(_request_stop, job_id, workers=[a for a, _ in job.ranks])
+            deadline = time.monotonic() + STOP_GRACE
+            while time.monotonic() < deadline and not all(f.done() for f in last):
+                job.drain()
+                if job.workers.lost():
+                    break
+                time.sleep(_POLL)
+            interrupt.clear()  # the request is handled here, not again on leaving the scope
+    except KeyboardInterrupt:
+        pass  # a second signal: stop waiting; say what is known to be saved
+    job.drain()
     saved = [f.result() for f in last[:1] if f.status == "finished"]
     step = saved[0]["saved_step"] if saved else None
     if step is None and job.watch.checkpoint:

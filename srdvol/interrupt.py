@@ -63,7 +63,8 @@ _raise_now = True
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     global _requested
     first = _requested is None
-    _requested = signum
+    if first:
+        _requested = signum  # the signal that asked first decides the exit code
     if not _raise_now:
         return  # a worker process: record only, the client decides
     if _deferred and first:
@@ -121,22 +122,28 @@ def handling() -> Iterator[None]:
 def deferred() -> Iterator[None]:
     """Inside: the first SIGINT/SIGTERM only sets :func:`requested`; a second one raises.
 
-    In a plain Python session (no :func:`handling`), Python's own Ctrl-C handler is swapped for
-    srdvol's while inside, so a training step is never cut in half.
+    A request still pending when the outermost scope ends normally (the signal came during the
+    last step) is raised there. In a plain Python session (no :func:`handling`), Python's own
+    Ctrl-C handler is swapped for srdvol's while inside, so a training step is never cut in half.
     """
-    global _deferred
+    global _deferred, _raise_now
     swapped: dict[int, Any] = {}
+    raise_now = _raise_now
     if (
         threading.current_thread() is threading.main_thread()
         and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     ):
         swapped[signal.SIGINT] = signal.signal(signal.SIGINT, _on_signal)
+        _raise_now = True  # our handler stands in for Python's, which raises
     _deferred += 1
     try:
         yield
     finally:
         _deferred -= 1
         _restore(swapped)
+        _raise_now = raise_now
+    if _deferred == 0 and _raise_now and _requested is not None:
+        raise interruption()
 
 
 def requested() -> int | None:
@@ -151,8 +158,12 @@ def clear() -> None:
 
 
 def interruption(note: str | None = None) -> Interrupted:
-    """The exception to raise after stopping at a safe point, with ``note`` on what was kept."""
+    """The exception to raise after stopping at a safe point, with ``note`` on what was kept.
+
+    It consumes the request: a later loop in this process starts without one.
+    """
     exc = Interrupted(_requested or signal.SIGINT)
+    clear()
     if note:
         exc.add_note(note)
     return exc

@@ -918,15 +918,21 @@ def run_training(
         on_checkpoint=on_checkpoint,
     )
     end = plan.steps if stop_after is None else min(plan.steps, stop_after)
-    with interrupt.deferred():
-        reached = run.advance(
-            end,
-            checkpoint_every=checkpoint_every,
-            progress=progress,
-            should_stop=lambda: agree(interrupt.requested() is not None, world_size, run.device),
-        )
-    if reached < end:
-        raise interrupt.interruption(run.kept())
+    try:
+        with interrupt.deferred():
+            reached = run.advance(
+                end,
+                checkpoint_every=checkpoint_every,
+                progress=progress,
+                should_stop=lambda: agree(
+                    interrupt.requested() is not None, world_size, run.device
+                ),
+            )
+            if reached < end:
+                raise interrupt.interruption()
+    except KeyboardInterrupt as exc:  # stopped at a step, or a second Ctrl-C cut a step short
+        interrupt.keep(exc, run.kept())
+        raise
     return run.finish()
 
 

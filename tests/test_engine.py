@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
+from distributed.diagnostics.plugin import SchedulerPlugin
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -405,13 +406,14 @@ def test_writer_on_local_cluster(tmp_path, client):
     assert (again.computed, again.skipped) == (0, total)
 
 
-class _InFlight:
+class _InFlight(SchedulerPlugin):
     """Scheduler plugin: the most blocks whose model output (``_denoise_block``) is being computed
     or held at once, and the most store tasks the scheduler knew at once."""
 
     name = "srdvol-test-in-flight"
 
     def __init__(self) -> None:
+        super().__init__()
         self.live: set[str] = set()
         self.known: set[str] = set()
         self.peak = self.peak_known = 0

@@ -23,8 +23,6 @@ import zarr
 from srdvol import interrupt
 from srdvol.training import state_path
 
-pytestmark = pytest.mark.slow
-
 PROGRESS = re.compile(r"^(training step|denoising) (\d+)/(\d+)")
 # The plain progress lines of a batch job (stderr is a file here), as tests/test_progress.py
 # checks them in detail.
@@ -106,6 +104,92 @@ SIGNALS = [
 ]
 
 
+# ------------------------------------------------------------------------------ the mechanism
+
+
+def _raise_signal(sig: int) -> None:
+    os.kill(os.getpid(), sig)
+    time.sleep(0.5)  # Python runs the handler between bytecodes, here at the latest
+
+
+def test_the_first_signal_in_a_loop_is_a_request_and_a_second_one_raises():
+    with interrupt.handling():
+        with interrupt.deferred():
+            _raise_signal(signal.SIGTERM)  # recorded, not raised: the loop ends its step first
+            assert interrupt.requested() == signal.SIGTERM
+            with pytest.raises(interrupt.Interrupted) as info:
+                _raise_signal(signal.SIGINT)  # a second one stops at once
+            assert interrupt.exit_code(info.value) == 130
+            stop = interrupt.interruption("training state at step 3 of 8 saved to m.state")
+        assert interrupt.exit_code(stop) == 143  # the signal that asked first
+        assert interrupt.kept(stop) == ["training state at step 3 of 8 saved to m.state"]
+        assert interrupt.requested() is None  # consumed: the next run starts clean
+        with pytest.raises(interrupt.Interrupted):
+            _raise_signal(signal.SIGINT)  # outside a loop: at once
+
+
+def test_a_request_left_when_a_loop_ends_is_raised_on_leaving_it():
+    with interrupt.handling(), pytest.raises(interrupt.Interrupted) as info:
+        with interrupt.deferred():
+            _raise_signal(signal.SIGINT)  # arrives during the last step
+    assert isinstance(info.value, KeyboardInterrupt)
+    assert interrupt.requested() is None
+
+
+def test_a_plain_python_session_gets_a_graceful_ctrl_c_in_training_loops():
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with interrupt.deferred():
+        _raise_signal(signal.SIGINT)
+        assert interrupt.requested() == signal.SIGINT
+        interrupt.interruption()  # what the loop raises; consumes the request
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_single_process_training_stops_at_a_step_boundary_and_says_where(tmp_path):
+    """A real SIGINT during in-process training: the step in progress ends, the state is
+    saved, and the exception notes it; resuming gives the uninterrupted weights."""
+    from srdvol.model.network import NetworkConfig
+    from srdvol.patches import PatchSampler
+    from srdvol.simulate import simulate
+    from srdvol.training import train
+
+    simulate(tmp_path / "in.zarr", truth=tmp_path / "t.zarr", frames=32, size=(32, 32), seed=0)
+    options = {
+        "patch": (16, 16, 16),
+        "steps": 6,
+        "batch_size": 1,
+        "network": NetworkConfig.tiny(16),
+        "progress": False,
+    }
+    train(tmp_path / "in.zarr", tmp_path / "full", **options)
+    calls = {"n": 0}
+    sample = PatchSampler.sample
+
+    def signal_during_step_3(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives while step 3 draws its batch
+        return sample(self, *args, **kwargs)
+
+    PatchSampler.sample = signal_during_step_3  # type: ignore[method-assign]
+    try:
+        with pytest.raises(KeyboardInterrupt) as info:
+            train(tmp_path / "in.zarr", tmp_path / "part", **options)
+    finally:
+        PatchSampler.sample = sample  # type: ignore[method-assign]
+    assert torch.load(state_path(tmp_path / "part"), weights_only=True)["trainer"]["step"] == 3
+    assert interrupt.kept(info.value) == [
+        f"training state at step 3 of 6 saved to {state_path((tmp_path / 'part').absolute())}"
+    ]
+    train(tmp_path / "in.zarr", tmp_path / "part", resume=True, **options)
+    full, part = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    for name in full:
+        assert torch.equal(full[name], part[name]), name
+
+
+# ------------------------------------------------------------------------------ the command line
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A small recording, a longer one for prediction, a tiny model, and reference results."""
@@ -165,6 +249,7 @@ def _chunk_bytes(store: Path) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sig", "group", "code"), SIGNALS)
 def test_interrupted_training_saves_its_state_and_resumes_to_the_same_weights(
     data, tmp_path, sig, group, code
@@ -196,6 +281,7 @@ def test_interrupted_training_saves_its_state_and_resumes_to_the_same_weights(
         assert torch.equal(got[name], expected[name]), name
 
 
+@pytest.mark.slow
 def test_interrupted_distributed_training_saves_the_state_of_every_rank(data, tmp_path):
     model = tmp_path / "m.safetensors"
     argv = _srdvol("train", str(data / "in.zarr"), str(model), *TRAIN, "--workers", "2")
@@ -213,6 +299,7 @@ def test_interrupted_distributed_training_saves_the_state_of_every_rank(data, tm
     # Resuming a distributed run to the uninterrupted weights: tests/test_ddp.py (same code path).
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sig", "group", "code"), SIGNALS)
 def test_interrupted_prediction_keeps_its_blocks_and_a_rerun_writes_the_same_bytes(
     data, tmp_path, sig, group, code
@@ -250,6 +337,7 @@ def _worker_processes(pid: int) -> list[psutil.Process]:
     ]
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_prediction_is_recovered_or_named_and_a_rerun_completes(data, tmp_path):
     out = tmp_path / "out.zarr"
     argv = _srdvol("predict", str(data / "long.zarr"), str(out), *_predict_options())
