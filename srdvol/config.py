@@ -101,7 +101,9 @@ class ConfigFile(BaseModel):
     scheduler: str | None = Field(None, description="Address of a running Dask scheduler.")
     workers: int | None = Field(None, ge=1, description="Local CPU worker processes.")
     gpus: str | None = Field(None, description="GPUs to use: all, none, or a list like 0,1.")
-    dashboard_address: str | None = Field(None, description="Dashboard address, e.g. :8787.")
+    dashboard_address: str | None = Field(
+        None, description="Dashboard address, e.g. 127.0.0.1:8787."
+    )
     level: int | None = Field(None, ge=0, description="Multiscale level to read.")
     channel: int | None = Field(None, ge=0, description="Only this channel.")
     axes: str | None = Field(None, description="Axes of a plain Zarr array, e.g. tzyx.")

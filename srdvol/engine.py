@@ -6,12 +6,13 @@ global offsets). :func:`write` stores that array block by block into a pre-creat
 keeping at most ``wave`` blocks in flight, and records finished blocks in a :class:`Ledger` so that
 a rerun after a crash, a kill or a Ctrl-C computes only what is missing.
 
-What bounds memory on a cluster: by default every block of the job is submitted at once when the
-job's graph fits :data:`UPFRONT_TASKS` (so the dashboard's totals are the whole job from the
-start), and the scheduler's root-task queuing (``distributed.scheduler.worker-saturation``, 1.1
-by default) sends a worker new input reads only as it finishes blocks, in dask's priority order,
-which completes one block before it starts many others; larger jobs go in waves of that budget.
-An explicit ``wave`` keeps at most that many blocks submitted at once.
+What bounds memory on a cluster: ``wave``, the most blocks submitted and not yet written. By
+default a job whose input and output fit in a quarter of the workers' memory
+(:data:`UPFRONT_MEMORY_FRACTION`) is submitted whole, within :data:`UPFRONT_TASKS` (so the
+dashboard's totals are the whole job from the start); the scheduler's root-task queuing
+(``distributed.scheduler.worker-saturation``) then decides what runs, and whatever map_overlap
+holds for blocks not yet run fits in memory by that rule. Any bigger job goes in waves of twice
+the worker threads, as an explicit ``wave`` does.
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ DEFAULT_BLOCK_MEMORY = 512 * 2**20
 #: Most tasks :func:`write` hands the scheduler at once when no ``wave`` is given (the whole
 #: job when it fits): ~1e5 tasks is what one scheduler handles well; half leaves room.
 UPFRONT_TASKS = 50_000
+#: Submit a whole job at once only when its input and output together take at most this share
+#: of the workers' memory: the scheduler's root-task queuing bounds what *runs*, but the halo
+#: pieces that map_overlap cuts for blocks not yet run wait in memory (measured: 475 such pieces
+#: held for 64 blocks, 1,586 for 256), so a big job goes in bounded waves instead.
+UPFRONT_MEMORY_FRACTION = 0.25
 
 
 class BlockDataError(DataError):
@@ -628,9 +634,9 @@ def write(
         to resume.
     wave
         Most blocks in flight (submitted and not yet written) at once. Default on a cluster:
-        the whole job when its tasks fit :data:`UPFRONT_TASKS`, else waves of that size, with
-        the scheduler's root-task queuing bounding what runs; in this process: twice
-        ``threads``.
+        the whole job (up to :data:`UPFRONT_TASKS` tasks) when its input and output fit in
+        :data:`UPFRONT_MEMORY_FRACTION` of the workers' memory, else twice the worker threads;
+        in this process: twice ``threads``.
     client
         A ``distributed.Client``; None computes in this process with ``threads`` threads.
     threads
@@ -772,9 +778,16 @@ def _default_wave(
     """Blocks in flight when ``wave`` is not given (see the module docstring)."""
     if client is None:
         return 2 * max(1, threads)
+    from srdvol.cluster import live_workers
+
+    workers = live_workers(client)
+    slots = 2 * max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
+    memory = sum(int(w.get("memory_limit") or 0) for w in workers.values())
+    if not memory or 2 * data.nbytes > UPFRONT_MEMORY_FRACTION * memory:
+        return slots  # a big job: bounded waves
     first = (data.name, *(0,) * data.ndim)
     per_block = len(subgraph(first)) + 1  # its reads, halo pieces, the model, the store
-    return max(2 * _client_threads(client), UPFRONT_TASKS // per_block)
+    return max(slots, UPFRONT_TASKS // per_block)
 
 
 def _run_threads(

@@ -67,6 +67,7 @@ def _signal_when(
             assert proc.poll() is None, f"the run ended before the signal:\n{log.read_text()}"
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
+        assert proc.poll() is None, f"the line came only at the end:\n{log.read_text()}"
         act(proc)
         return proc.wait(timeout=300)
     finally:
