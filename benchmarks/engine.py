@@ -93,7 +93,9 @@ def run_copy(src: zarr.Array, dst_path: Path, client: object) -> dict[str, float
     return {"seconds": seconds, "tasks": tasks, "peak": rss.peak}
 
 
-def run_engine(src: zarr.Array, dst_path: Path, client: object, wave: int) -> dict[str, float]:
+def run_engine(
+    src: zarr.Array, dst_path: Path, client: object, wave: int | None
+) -> dict[str, float]:
     dst = zarr.create_array(str(dst_path), shape=src.shape, chunks=src.chunks, dtype="float32")
     lazy = denoise(
         da.from_zarr(src),
@@ -107,7 +109,7 @@ def run_engine(src: zarr.Array, dst_path: Path, client: object, wave: int) -> di
     tasks = len(dict(lazy.__dask_graph__())) + math.prod(lazy.numblocks)  # + one store per block
     with PeakRSS() as rss:
         start = time.perf_counter()
-        report = write(lazy, dst, client=client, wave=wave, ledger=dst_path / "ledger.json")
+        report = write(lazy, dst, client=client, wave=wave or None, ledger=dst_path / "ledger.json")
         seconds = time.perf_counter() - start
     check = dst[0, 0, :64, :64]
     if not np.array_equal(check, src[0, 0, :64, :64].astype(np.float32)):
@@ -142,7 +144,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--wave", type=int, default=4)
+    parser.add_argument(
+        "--wave", type=int, default=4, help="blocks in flight; 0: the writer's default (all)"
+    )
     parser.add_argument(
         "--graph-sides",
         type=int,
@@ -191,7 +195,7 @@ def main() -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"\nworkers: {args.workers} processes x 1 thread, chunks {CHUNKS}, patch {PATCH}, "
-        f"overlap 0.25, block {BLOCK}, wave {args.wave}\n"
+        f"overlap 0.25, block {BLOCK}, wave {args.wave or 'default (all blocks up front)'}\n"
     )
     print("| input (uint16) | pipeline | seconds | input MB/s | tasks per GB | peak RSS MiB |")
     print("|---|---|---|---|---|---|")

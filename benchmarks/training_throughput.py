@@ -6,8 +6,8 @@ small synthetic movie to a temporary Zarr store, then for each worker count star
 cluster (:func:`srdvol.cluster.open_cluster`) and trains with
 :func:`srdvol.ddp.train_distributed`. Reported per run:
 
-- samples/s: patches per second summed over ranks, from rank 0's per-step reports, median over
-  the steps after the first few (warm-up);
+- samples/s: patches of all ranks per second of the client's wall time between rank 0's reports,
+  after the first few steps (warm-up);
 - the wall time of the whole call (statistics sample, rendezvous, training, model write).
 
 On a GPU machine pass ``--gpus all`` to use one worker per GPU.
@@ -16,7 +16,6 @@ On a GPU machine pass ``--gpus all`` to use one worker per GPU.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -60,7 +59,7 @@ def run(
     gpus: str | None,
 ) -> dict[str, float]:
     """Train once on ``workers`` ranks; return samples/s and wall time."""
-    reports: list[Progress] = []
+    reports: list[tuple[float, Progress]] = []
     with open_cluster(
         gpus=parse_gpus(gpus) if gpus else "none",
         workers=workers,
@@ -81,15 +80,17 @@ def run(
             checkpoint_every=steps,
             overwrite=True,
             progress=False,
-            on_progress=reports.append,
+            on_progress=lambda report: reports.append((time.perf_counter(), report)),
         )
         wall = time.perf_counter() - start
-    warm = min(3, max(0, len(reports) - 1))
-    rates = [r.samples_per_s for r in reports[warm:]]
+    # Global rate on the client's clock between reports, after 3 warm-up steps.
+    warm = min(3, max(0, len(reports) - 2))
+    (t0, first), (t1, last) = reports[warm], reports[-1]
+    step_s = (t1 - t0) / max(1, last.step - first.step)
     return {
         "workers": workers,
-        "samples_per_s": statistics.median(rates),
-        "step_s": statistics.median(batch * workers / r for r in rates),
+        "samples_per_s": batch * workers / step_s,
+        "step_s": step_s,
         "wall_s": wall,
     }
 

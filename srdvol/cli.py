@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from srdvol.config import (
+    DEFAULT_DASHBOARD_ADDRESS,
     Autocast,
     Ngff,
     OutputDtype,
@@ -100,7 +101,13 @@ GpusOpt = Annotated[
         "GPUs (0,1 = the first two CUDA_VISIBLE_DEVICES shows) or ids like GPU-<uuid>.",
     ),
 ]
-DashboardOpt = Annotated[str, typer.Option("--dashboard-address", help="Dask dashboard address.")]
+DashboardOpt = Annotated[
+    str,
+    typer.Option(
+        "--dashboard-address",
+        help="Dask dashboard address (this machine only unless you give e.g. 0.0.0.0:8787).",
+    ),
+]
 LevelOpt = Annotated[int, typer.Option("--level", min=0, help="Multiscale level to read.")]
 ChannelOpt = Annotated[int | None, typer.Option("--channel", min=0, help="Only this channel.")]
 AxesOpt = Annotated[
@@ -274,7 +281,7 @@ def train(
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
     gpus: GpusOpt = None,
-    dashboard_address: DashboardOpt = ":8787",
+    dashboard_address: DashboardOpt = DEFAULT_DASHBOARD_ADDRESS,
     level: LevelOpt = 0,
     channel: ChannelOpt = None,
     axes: AxesOpt = None,
@@ -317,7 +324,7 @@ def predict(
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
     gpus: GpusOpt = None,
-    dashboard_address: DashboardOpt = ":8787",
+    dashboard_address: DashboardOpt = DEFAULT_DASHBOARD_ADDRESS,
     level: LevelOpt = 0,
     channel: ChannelOpt = None,
     axes: AxesOpt = None,
@@ -366,7 +373,7 @@ def denoise(
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
     gpus: GpusOpt = None,
-    dashboard_address: DashboardOpt = ":8787",
+    dashboard_address: DashboardOpt = DEFAULT_DASHBOARD_ADDRESS,
     level: LevelOpt = 0,
     channel: ChannelOpt = None,
     axes: AxesOpt = None,
@@ -415,14 +422,31 @@ def demo(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``srdvol`` console script."""
+    """Entry point of the ``srdvol`` console script.
+
+    Ctrl-C (SIGINT) and SIGTERM end a command with exit code 130 or 143 and one line saying what
+    was kept and the command that resumes; training saves its state first. (typer turns a
+    KeyboardInterrupt raised inside a command into an exit code that ``standalone_mode=False``
+    *returns*; ignoring that return value made an interrupted run exit 0 without a word, so the
+    command is invoked here directly.)
+    """
+    from srdvol import interrupt
+
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     # Dask's INFO logs (worker start/stop, plugins) would bury srdvol's own output; worker
     # processes read this from the environment. An explicit user setting wins.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if debug else "warning")
     try:
-        app(args=args, prog_name="srdvol", standalone_mode=False)
+        with interrupt.handling():
+            _invoke(args)
+    except KeyboardInterrupt as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        console.print(_interrupted(exc, args), soft_wrap=True)
+        raise SystemExit(interrupt.exit_code(exc)) from None
     except SrdvolError as exc:
         if debug:
             raise
@@ -430,10 +454,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(exc.exit_code) from None
     except typer.Exit as exc:
         raise SystemExit(exc.exit_code) from None
-    except (typer.Abort, KeyboardInterrupt):
-        console.print("srdvol: interrupted; run the same command again to resume.")
-        raise SystemExit(130) from None
-    except typer.TyperException as exc:  # usage errors: typer prints them like click does
+    except typer.Abort:
+        raise SystemExit(1) from None
+    except typer.TyperException as exc:  # usage errors: shown like click does
         exc.show()  # type: ignore[attr-defined]
         raise SystemExit(getattr(exc, "exit_code", 2)) from None
     except Exception as exc:  # an error we did not foresee: still no raw traceback
@@ -445,6 +468,32 @@ def main(argv: list[str] | None = None) -> None:
             soft_wrap=True,
         )
         raise SystemExit(1) from None
+
+
+def _invoke(args: list[str]) -> None:
+    """Parse and run one command, letting a KeyboardInterrupt through (typer's own main would
+    turn it into a returned exit code)."""
+    command = typer.main.get_command(app)
+    with command.make_context("srdvol", list(args)) as ctx:
+        command.invoke(ctx)
+
+
+def _interrupted(exc: BaseException, args: list[str]) -> str:
+    """One line: which signal, what was kept, the command that resumes."""
+    import shlex
+
+    from srdvol import interrupt
+
+    words = [a for a in args if a != "--debug"]
+    command = next((a for a in words if not a.startswith("-")), "")
+    if command == "train" and "--resume" not in words:
+        words = [*words, "--resume"]
+    kept = "; ".join(interrupt.kept(exc)) or "nothing was written yet"
+    again = shlex.join(["srdvol", *words])
+    return (
+        f"srdvol: interrupted by {interrupt.signal_name(interrupt.exit_code(exc) - 128)}: "
+        f"{kept}; to resume, run: {again}"
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,15 @@ srdvol either attaches to a scheduler the user already runs (dask-jobqueue, Kube
 
 A model is loaded once per worker by :class:`ModelPlugin`; its weights travel as a file path, never
 through the scheduler.
+
+Which workers are alive is always asked of the scheduler itself (:func:`live_workers`), never read
+from ``Client.scheduler_info()``: that returns the client's shared cached identity, which the
+client's own periodic refresh (every 2 s, without the worker list) can overwrite with an empty
+``workers`` dict between the fetch and the read. A worker counts as gone only when two direct
+answers some seconds apart both lack it (:class:`WorkerWatch`).
+
+A local cluster listens on 127.0.0.1 (scheduler, workers and dashboard) unless the caller asks
+for another address.
 """
 
 from __future__ import annotations
@@ -21,21 +30,28 @@ import logging
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import dask
 from distributed import Client, Nanny, Scheduler, SpecCluster, WorkerPlugin
 
+from srdvol.config import DEFAULT_DASHBOARD_ADDRESS
 from srdvol.errors import ClusterError, ConfigError, GPUUnavailableError
 
 __all__ = [
+    "DEFAULT_DASHBOARD_ADDRESS",
+    "LOCAL_HOST",
     "ModelPlugin",
+    "SignalPlugin",
     "TorchThreadsPlugin",
+    "WorkerWatch",
     "check_addresses",
     "cpu_worker_spec",
     "dashboard_link",
     "gpu_worker_spec",
+    "live_workers",
     "open_cluster",
     "parse_gpus",
     "resolve_gpus",
@@ -54,6 +70,97 @@ _DEVICE_PREFIXES = ("GPU-", "MIG-")
 # Environment variables that size the BLAS/OpenMP pools numpy and torch start with.
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 PRE_SPAWN_TRIM = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
+#: Interface of a local cluster's scheduler and workers: this machine only.
+LOCAL_HOST = "127.0.0.1"
+#: Seconds a worker must stay absent from the scheduler's answers before it counts as gone.
+CONFIRM_LOST = 3.0
+
+
+# --------------------------------------------------------------------------------------------
+# Which workers are alive
+
+
+def live_workers(client: Client) -> dict[str, dict[str, Any]]:
+    """Return ``{address: identity}`` of the workers the scheduler has right now.
+
+    Asks the scheduler directly (one ``identity`` call), never the client's cached
+    ``scheduler_info()``, which its periodic refresh can empty at any moment. Every srdvol
+    question "which workers are alive, how many threads" goes through here.
+
+    Parameters
+    ----------
+    client
+        A synchronous ``distributed.Client``.
+    """
+    info = client.sync(client.scheduler.identity, n_workers=-1)
+    return dict(info.get("workers") or {})
+
+
+class WorkerWatch:
+    """Tell which of some workers are gone, on confirmed evidence only.
+
+    A worker is *lost* once two direct answers of the scheduler (:func:`live_workers`) at least
+    ``confirm`` seconds apart both lack it; one missing sighting is only a suspicion (a worker
+    the Nanny restarts comes back under a new address, so the old one never reappears). The
+    scheduler is asked at most every ``every`` seconds; an answer that cannot be had (the
+    scheduler is busy or unreachable) decides nothing.
+
+    Parameters
+    ----------
+    client
+        Client of the cluster.
+    addresses
+        The workers to watch.
+    confirm, every
+        Seconds between the sighting and its confirmation; least seconds between two questions.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        addresses: Iterable[str],
+        *,
+        confirm: float = CONFIRM_LOST,
+        every: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.addresses = list(addresses)
+        self.confirm = float(confirm)
+        self.every = float(every)
+        self._clock = clock
+        self._missing_since: dict[str, float] = {}
+        self._asked = -float("inf")
+        self._lost: list[str] = []
+
+    def lost(self, *, now: bool = False) -> list[str]:
+        """Workers confirmed gone (asks the scheduler when ``every`` seconds have passed, or
+        at once when ``now``)."""
+        moment = self._clock()
+        if not now and moment - self._asked < self.every:
+            return list(self._lost)
+        self._asked = moment
+        try:
+            alive = live_workers(self.client)
+        except (OSError, TimeoutError) as exc:
+            logger.debug("the scheduler did not say which workers are alive: %s", exc)
+            return list(self._lost)
+        for address in self.addresses:
+            if address in alive:
+                self._missing_since.pop(address, None)
+            else:
+                self._missing_since.setdefault(address, moment)
+        self._lost = [
+            a
+            for a in self.addresses
+            if a in self._missing_since and moment - self._missing_since[a] >= self.confirm
+        ]
+        return list(self._lost)
+
+    @property
+    def suspects(self) -> list[str]:
+        """Workers missing from the latest answer (confirmed or not)."""
+        return [a for a in self.addresses if a in self._missing_since]
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,6 +357,43 @@ class TorchThreadsPlugin(WorkerPlugin):
         """Nothing to release."""
 
 
+class _CancelledOnClose(logging.Filter):
+    """Drop distributed's warning that a task still running was cancelled by the worker's
+    close (what an interrupted run does on purpose); other records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("Async instruction for") and text.endswith("CancelledError"))
+
+
+_CANCELLED_ON_CLOSE = _CancelledOnClose()
+
+
+class SignalPlugin(WorkerPlugin):
+    """Worker plugin: SIGINT and SIGTERM only ask a running training to stop and save.
+
+    Ctrl-C in a terminal signals the whole process group, srdvol's local worker processes
+    included. Without this plugin they die at once with a traceback (and a distributed training
+    loses the steps since its last checkpoint); with it they record the request
+    (:mod:`srdvol.interrupt`), training ranks stop at the next step and save their state, and
+    the worker stays up until the client that started it shuts it down (quietly: the warning
+    about the task its close cancelled is dropped).
+    """
+
+    name = "srdvol-signals"
+    idempotent = True
+
+    def setup(self, worker: Any) -> None:
+        """Install the recording handler (runs in the worker process's main thread)."""
+        from srdvol import interrupt
+
+        interrupt.install(raise_now=False)
+        logging.getLogger("distributed.worker.state_machine").addFilter(_CANCELLED_ON_CLOSE)
+
+    def teardown(self, worker: Any) -> None:
+        """Nothing to release."""
+
+
 class ModelPlugin(WorkerPlugin):
     """Worker plugin that loads a model file once per worker, before any task needs it.
 
@@ -315,7 +459,7 @@ def _default_memory_limit(n_workers: int) -> int:
 def gpu_worker_spec(
     gpu_ids: Sequence[str | int],
     *,
-    host: str = "127.0.0.1",
+    host: str = LOCAL_HOST,
     memory_limit: int | str | None = None,
     threads: int | None = None,
 ) -> dict[str, dict[str, Any]]:
@@ -368,7 +512,7 @@ def gpu_worker_spec(
                 "env": env,
                 "host": host,
                 "memory_limit": limit,
-                "plugins": (TorchThreadsPlugin(cpu_threads),),
+                "plugins": (TorchThreadsPlugin(cpu_threads), SignalPlugin()),
             },
         }
     return spec
@@ -378,7 +522,7 @@ def cpu_worker_spec(
     n_workers: int,
     *,
     threads: int | None = None,
-    host: str = "127.0.0.1",
+    host: str = LOCAL_HOST,
     memory_limit: int | str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Build a :class:`distributed.SpecCluster` worker spec of CPU worker processes.
@@ -412,7 +556,7 @@ def cpu_worker_spec(
                 "env": dict(env),
                 "host": host,
                 "memory_limit": limit,
-                "plugins": (TorchThreadsPlugin(per_worker),),
+                "plugins": (TorchThreadsPlugin(per_worker), SignalPlugin()),
             },
         }
         for i in range(n_workers)
@@ -520,6 +664,43 @@ def dashboard_link(client: Client) -> str | None:
     return str(client.dashboard_link) if served else None
 
 
+class _ClosedPageNoise(logging.Filter):
+    """Drop tornado's report of bokeh's AssertionError when a dashboard page is closed.
+
+    Closing a browser tab on the dashboard makes bokeh's websocket ``on_close`` read the
+    connection's session after it was detached; tornado then logs "Uncaught exception GET
+    /status/ws" with a 30-line traceback on ``tornado.application`` at ERROR, which dask's
+    logging configuration prints into the user's terminal. Nothing is wrong (the page is gone);
+    every other record of that logger passes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, AssertionError):
+            return True
+        tb = exc.__traceback__
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            if code.co_name == "on_close" and code.co_filename.replace(os.sep, "/").endswith(
+                "bokeh/server/views/ws.py"
+            ):
+                return False
+            tb = tb.tb_next
+        return True
+
+
+_NOISE_FILTER = _ClosedPageNoise()
+
+
+def quiet_dashboard_noise() -> None:
+    """Keep closed dashboard pages from printing a traceback (see :class:`_ClosedPageNoise`).
+
+    The dashboard of a local cluster runs in this process, so the filter goes on this
+    process's ``tornado.application`` logger; adding it twice is harmless.
+    """
+    logging.getLogger("tornado.application").addFilter(_NOISE_FILTER)
+
+
 def _serves_dashboard(dask_scheduler: Any) -> bool:
     # The scheduler always runs an HTTP server (health, metrics); the bokeh dashboard is an
     # application added to it only when enabled and bokeh is importable.
@@ -533,9 +714,9 @@ def open_cluster(
     gpus: GPUChoice = None,
     workers: int | None = None,
     threads_per_worker: int | None = None,
-    dashboard_address: str | None = ":8787",
+    dashboard_address: str | None = DEFAULT_DASHBOARD_ADDRESS,
     memory_limit: int | str | None = None,
-    host: str = "127.0.0.1",
+    host: str = LOCAL_HOST,
     timeout: float = 10.0,
 ) -> Iterator[Client]:
     """Connect to a Dask scheduler or start a local cluster; yield a client and clean up.
@@ -554,12 +735,14 @@ def open_cluster(
     threads_per_worker
         torch/BLAS threads in each worker (default: CPU cores / workers).
     dashboard_address
-        Where the local scheduler serves its dashboard (``":0"`` for any free port, ``None``
-        for none).
+        Where the local scheduler serves its dashboard: :data:`DEFAULT_DASHBOARD_ADDRESS`
+        (127.0.0.1:8787, this machine only), ``"127.0.0.1:0"`` for any free port,
+        ``"0.0.0.0:8787"`` for every interface, ``None`` for none. A bare port (``":8787"``)
+        means every interface, as in distributed.
     memory_limit
         Memory per worker (bytes or ``"16GB"``); default: RAM / workers.
     host
-        Interface of the local scheduler and workers.
+        Interface of the local scheduler and workers (loopback by default).
     timeout
         Seconds to wait when connecting to ``scheduler``.
 
@@ -600,6 +783,7 @@ def open_cluster(
             f"the worker processes did not start ({type(exc).__name__}: {exc})",
             "check free memory and ports, or pass --scheduler to use an existing cluster",
         ) from exc
+    quiet_dashboard_noise()
     try:
         with Client(cluster) as client:
             link = dashboard_link(client)

@@ -31,6 +31,7 @@ from srdvol.tiling import Window
 
 __all__ = [
     "COMMANDS",
+    "DEFAULT_DASHBOARD_ADDRESS",
     "Autocast",
     "ConfigFile",
     "Ngff",
@@ -41,6 +42,10 @@ __all__ = [
     "load_config_file",
     "parse_triple",
 ]
+
+#: Where a local cluster serves its dashboard unless the user asks for another address: this
+#: machine only (reach it through an SSH tunnel, or pass --dashboard-address 0.0.0.0:8787).
+DEFAULT_DASHBOARD_ADDRESS = "127.0.0.1:8787"
 
 #: Commands whose options a configuration file may set in a table of their own.
 COMMANDS = ("denoise", "train", "predict", "simulate", "evaluate", "info", "demo")
@@ -125,7 +130,9 @@ class ConfigFile(BaseModel):
         description="GPUs to use: all, none, or a list of positions among the visible GPUs "
         "(0,1) or ids (GPU-<uuid>).",
     )
-    dashboard_address: str | None = Field(None, description="Dashboard address, e.g. :8787.")
+    dashboard_address: str | None = Field(
+        None, description="Dashboard address, e.g. 127.0.0.1:8787."
+    )
     level: int | None = Field(None, ge=0, description="Multiscale level to read.")
     channel: int | None = Field(None, ge=0, description="Only this channel.")
     axes: str | None = Field(None, description="Axes of a plain Zarr array, e.g. tzyx.")

@@ -4,7 +4,15 @@
 (halo on t, y, x only, ``boundary="none"``; array edges are handled inside the block function from
 global offsets). :func:`write` stores that array block by block into a pre-created output array,
 keeping at most ``wave`` blocks in flight, and records finished blocks in a :class:`Ledger` so that
-a rerun after a crash or a kill computes only what is missing.
+a rerun after a crash, a kill or a Ctrl-C computes only what is missing.
+
+What bounds memory on a cluster: ``wave``, the most blocks submitted and not yet written. By
+default a job whose input and output fit in a quarter of the workers' memory
+(:data:`UPFRONT_MEMORY_FRACTION`) is submitted whole, within :data:`UPFRONT_TASKS` (so the
+dashboard's totals are the whole job from the start); the scheduler's root-task queuing
+(``distributed.scheduler.worker-saturation``) then decides what runs, and whatever map_overlap
+holds for blocks not yet run fits in memory by that rule. Any bigger job goes in waves of twice
+the worker threads, as an explicit ``wave`` does.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +37,10 @@ import numpy as np
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
+from srdvol import interrupt
 from srdvol.axes import MOVIE_AXES, parse_axes
 from srdvol.errors import (
+    ClusterError,
     ConfigError,
     DataError,
     InputError,
@@ -46,12 +56,19 @@ __all__ = [
     "Progress",
     "WriteReport",
     "denoise",
-    "rich_progress",
     "write",
 ]
 
 #: Default budget for one block's working buffers (core + halo, float32 sums).
 DEFAULT_BLOCK_MEMORY = 512 * 2**20
+#: Most tasks :func:`write` hands the scheduler at once when no ``wave`` is given (the whole
+#: job when it fits): ~1e5 tasks is what one scheduler handles well; half leaves room.
+UPFRONT_TASKS = 50_000
+#: Submit a whole job at once only when its input and output together take at most this share
+#: of the workers' memory: the scheduler's root-task queuing bounds what *runs*, but the halo
+#: pieces that map_overlap cuts for blocks not yet run wait in memory (measured: 475 such pieces
+#: held for 64 blocks, 1,586 for 256), so a big job goes in bounded waves instead.
+UPFRONT_MEMORY_FRACTION = 0.25
 
 
 class BlockDataError(DataError):
@@ -159,7 +176,7 @@ def denoise(
     result = _lazy(
         data,
         plan,
-        predictor=predictor,
+        predictor=_PatchCounter(predictor),
         window_kind=Window(window),
         overlap=overlap,
         batch_size=batch_size,
@@ -292,6 +309,116 @@ def _denoise_block(
 
 
 # ---------------------------------------------------------------------------------------------
+# Patches predicted inside running blocks (progress while a long block runs)
+
+#: Event topic on which workers report the patches they predicted.
+PATCH_TOPIC = "srdvol-patches"
+#: Least seconds between two patch reports of one process.
+PATCH_REPORT_EVERY = 1.0
+
+_patch_lock = threading.Lock()
+_patch_pending: dict[str, int] = {}
+_patch_sent = 0.0
+#: Receives (array name, patches) in this process (the writer's in-process path).
+_patch_sink: Callable[[str, int], None] | None = None
+
+
+class _PatchCounter:
+    """A :class:`~srdvol.predict.Predictor` that counts the patches it predicts and reports them
+    (to the writer that runs the block), so that a block which takes minutes still shows
+    progress. Attributes (``patch``, ``batch_size``) are the wrapped predictor's."""
+
+    def __init__(self, inner: Predictor) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __call__(self, patches: np.ndarray) -> np.ndarray:
+        out = self.inner(patches)
+        _count_patches(len(patches))
+        return out
+
+    def __dask_tokenize__(self) -> Any:
+        return ("srdvol-patch-counter", dask.base.tokenize(self.inner))
+
+    def __repr__(self) -> str:
+        return repr(self.inner)
+
+
+def _count_patches(n: int) -> None:
+    global _patch_sent
+    name = _running_array()
+    if name is None:
+        return
+    with _patch_lock:
+        _patch_pending[name] = _patch_pending.get(name, 0) + int(n)
+        now = time.monotonic()
+        if now - _patch_sent < PATCH_REPORT_EVERY:
+            return
+        _patch_sent = now
+        batch = dict(_patch_pending)
+        _patch_pending.clear()
+    _send_patches(batch)
+
+
+def _running_array() -> str | None:
+    """The dask array whose block this thread computes (a worker task), or "" in-process."""
+    try:
+        from distributed.worker import thread_state
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return ""
+    key = getattr(thread_state, "key", None)
+    if key is None:
+        return "" if _patch_sink is not None else None
+    return str(key[0] if isinstance(key, tuple) else key)
+
+
+def _send_patches(batch: dict[str, int]) -> None:
+    sink = _patch_sink
+    if sink is not None and "" in batch:
+        sink("", batch.pop(""))
+    if not batch:
+        return
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except ValueError:  # not in a worker
+        return
+    for name, n in batch.items():
+        worker.log_event(PATCH_TOPIC, {"array": name, "patches": n})
+
+
+@contextmanager
+def _patch_reports(client: Any, name: str, on_patches: Callable[[int], None]) -> Iterator[None]:
+    """Call ``on_patches(n)`` as blocks of array ``name`` report predicted patches."""
+    global _patch_sink
+
+    def from_worker(event: Any) -> None:
+        msg = event[1]
+        if isinstance(msg, dict) and msg.get("array") == name:
+            on_patches(int(msg.get("patches", 0)))
+
+    if client is not None:
+        client.subscribe_topic(PATCH_TOPIC, from_worker)
+    else:
+        with _patch_lock:
+            _patch_pending.pop("", None)  # left over from an earlier in-process write
+        _patch_sink = lambda _name, n: on_patches(n)  # noqa: E731
+    try:
+        yield
+    finally:
+        if client is not None:
+            with suppress(Exception):
+                client.unsubscribe_topic(PATCH_TOPIC)
+        else:
+            _patch_sink = None
+
+
+# ---------------------------------------------------------------------------------------------
 # Ledger of finished blocks
 
 
@@ -419,7 +546,8 @@ def _write_text(path: str, text: str) -> None:
 
 @dataclass(frozen=True)
 class Progress:
-    """A snapshot passed to progress callbacks after every finished block."""
+    """A snapshot passed to progress callbacks: with the totals first, after every finished
+    block, and about every second while long blocks run (``patches`` grows)."""
 
     done: int
     total: int
@@ -427,6 +555,8 @@ class Progress:
     skipped: int
     voxels: int
     elapsed: float
+    #: Patches the model has predicted in this run so far (finished and running blocks).
+    patches: int = 0
 
     @property
     def voxels_per_s(self) -> float:
@@ -512,13 +642,17 @@ def write(
         Identifies the run in the ledger (e.g. the provenance run id); a different id refuses
         to resume.
     wave
-        Most blocks in flight at once (default: twice the worker threads).
+        Most blocks in flight (submitted and not yet written) at once. Default on a cluster:
+        the whole job (up to :data:`UPFRONT_TASKS` tasks) when its input and output fit in
+        :data:`UPFRONT_MEMORY_FRACTION` of the workers' memory, else twice the worker threads;
+        in this process: twice ``threads``.
     client
         A ``distributed.Client``; None computes in this process with ``threads`` threads.
     threads
         Threads for the in-process path.
     progress
-        Called with a :class:`Progress` after every finished block (see :func:`rich_progress`).
+        Called with a :class:`Progress` first with the totals, then after every finished block
+        (e.g. a :class:`srdvol.progress.DenoisingProgress`).
     ledger_interval
         Seconds between ledger file writes.
 
@@ -527,6 +661,14 @@ def write(
     WriteReport
         Counts of computed and skipped blocks, voxels written, time, and the most blocks that were
         in flight at once.
+
+    Raises
+    ------
+    ClusterError
+        A block's worker died again and again (distributed retries a block whose worker dies).
+    KeyboardInterrupt
+        Ctrl-C or SIGTERM: pending blocks are cancelled, the ledger is written, and a note says
+        how many blocks are kept.
     """
     data = lazy.data if _is_dataarray(lazy) else lazy
     _check_alignment(data, target)
@@ -547,11 +689,23 @@ def write(
         book.flush()
     todo = [i for i in range(total) if book is None or not book.is_done(i)]
     skipped = total - len(todo)
+    subgraph = _block_graphs(data)
     if wave is None:
-        wave = 2 * (_client_threads(client) if client is not None else max(1, threads))
+        wave = _default_wave(data, subgraph, client=client, threads=threads)
     wave = max(1, int(wave))
     started = time.monotonic()
-    computed = voxels = peak = 0
+    computed = voxels = peak = patches = 0
+
+    def snapshot() -> Progress:
+        return Progress(
+            done=skipped + computed,
+            total=total,
+            computed=computed,
+            skipped=skipped,
+            voxels=voxels,
+            elapsed=time.monotonic() - started,
+            patches=patches,
+        )
 
     def finished(flat: int, n: int) -> None:
         nonlocal computed, voxels
@@ -560,18 +714,13 @@ def write(
         if book is not None:
             book.mark(flat)
         if progress is not None:
-            progress(
-                Progress(
-                    done=skipped + computed,
-                    total=total,
-                    computed=computed,
-                    skipped=skipped,
-                    voxels=voxels,
-                    elapsed=time.monotonic() - started,
-                )
-            )
+            progress(snapshot())
 
-    subgraph = _block_graphs(data)
+    def predicted(n: int) -> None:
+        nonlocal patches
+        patches += n
+        if progress is not None:
+            progress(snapshot())
 
     def task(flat: int) -> Any:
         index = tuple(int(i) for i in np.unravel_index(flat, grid))
@@ -581,7 +730,8 @@ def write(
         )
         key = (data.name, *index)
         block = Delayed(key, subgraph(key))
-        return dask.delayed(_store_block, pure=False)(block, target, region)
+        name = f"srdvol-write-{data.name.rsplit('-', 1)[-1][:12]}-{flat}"
+        return dask.delayed(_store_block, pure=False)(block, target, region, dask_key_name=name)
 
     if progress is not None:
         progress(
@@ -589,7 +739,12 @@ def write(
         )
     runner = _run_distributed if client is not None else _run_threads
     try:
-        peak = runner(todo, task, finished, wave=wave, client=client, threads=threads)
+        with _patch_reports(client, data.name, predicted):
+            peak = runner(todo, task, finished, wave=wave, client=client, threads=threads)
+    except KeyboardInterrupt as exc:
+        where = f" and recorded in {book.path}" if book is not None else ""
+        interrupt.keep(exc, f"{skipped + computed} of {total} blocks written{where}")
+        raise
     finally:
         if book is not None:
             book.flush()
@@ -616,18 +771,32 @@ def _block_graphs(data: da.Array) -> Callable[[tuple[Any, ...]], dict[Any, Any]]
 
 
 def _client_threads(client: Any) -> int:
-    workers = (
-        client.scheduler_info(n_workers=-1)["workers"]
-        if _accepts_n_workers(client)
-        else (client.scheduler_info()["workers"])
-    )
+    from srdvol.cluster import live_workers
+
+    workers = live_workers(client)
     return max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
 
 
-def _accepts_n_workers(client: Any) -> bool:
-    import inspect
+def _default_wave(
+    data: da.Array,
+    subgraph: Callable[[tuple[Any, ...]], dict[Any, Any]],
+    *,
+    client: Any,
+    threads: int,
+) -> int:
+    """Blocks in flight when ``wave`` is not given (see the module docstring)."""
+    if client is None:
+        return 2 * max(1, threads)
+    from srdvol.cluster import live_workers
 
-    return "n_workers" in inspect.signature(client.scheduler_info).parameters
+    workers = live_workers(client)
+    slots = 2 * max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
+    memory = sum(int(w.get("memory_limit") or 0) for w in workers.values())
+    if not memory or 2 * data.nbytes > UPFRONT_MEMORY_FRACTION * memory:
+        return slots  # a big job: bounded waves
+    first = (data.name, *(0,) * data.ndim)
+    per_block = len(subgraph(first)) + 1  # its reads, halo pieces, the model, the store
+    return max(slots, UPFRONT_TASKS // per_block)
 
 
 def _run_threads(
@@ -643,7 +812,8 @@ def _run_threads(
     peak = 0
     pending: dict[Any, int] = {}
     queue = iter(todo)
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, threads))
+    try:
         while True:
             for flat in queue:
                 pending[pool.submit(dask.compute, task(flat), scheduler="sync")] = flat
@@ -655,13 +825,14 @@ def _run_threads(
             done, _ = wait_futures(list(pending), return_when=FIRST_COMPLETED)
             for fut in done:
                 flat = pending.pop(fut)
-                try:
-                    (n,) = fut.result()
-                except BaseException:
-                    for other in pending:
-                        other.cancel()
-                    raise
+                (n,) = fut.result()
                 finished(flat, n)
+    except BaseException:
+        # An error or a Ctrl-C: queued blocks never start; running ones end on their own.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 def _run_distributed(
@@ -673,7 +844,7 @@ def _run_distributed(
     client: Any,
     threads: int,
 ) -> int:
-    from distributed import as_completed
+    from distributed import KilledWorker, as_completed
 
     # Refill in half-waves: each client.compute call optimises its blocks' graphs together.
     peak = 0
@@ -697,7 +868,17 @@ def _run_distributed(
     try:
         for fut in stream:
             flat = pending.pop(fut)
-            n = fut.result()
+            try:
+                n = fut.result()
+            except KilledWorker as exc:
+                raise ClusterError(
+                    f"block {flat}",
+                    "the workers computing it died again and again (distributed retried it; "
+                    f"last on {exc.last_worker.address if exc.last_worker else 'a worker'}), "
+                    "most often from running out of memory",
+                    "rerun the same command to resume, with a smaller --block or more memory "
+                    "per worker",
+                ) from None
             finished(flat, n)
             if wave - len(pending) >= refill and pos < len(queue):
                 stream.update(submit(wave - len(pending)))
@@ -706,39 +887,3 @@ def _run_distributed(
         client.cancel(list(pending))
         raise
     return peak
-
-
-@contextmanager
-def rich_progress(description: str = "denoising") -> Iterator[Callable[[Progress], None]]:
-    """A rich progress bar (blocks done, voxels/s, ETA) usable as :func:`write`'s callback.
-
-    Examples
-    --------
-    >>> with rich_progress() as bar:  # doctest: +SKIP
-    ...     write(lazy, target, progress=bar)
-    """
-    from rich.progress import BarColumn, TextColumn
-    from rich.progress import Progress as Bar
-
-    lock = threading.Lock()
-    with Bar(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} blocks"),
-        TextColumn("{task.fields[rate]}"),
-        TextColumn("ETA {task.fields[eta]}"),
-    ) as bar:
-        task_id = bar.add_task(description, total=None, rate="-", eta="-")
-
-        def update(p: Progress) -> None:
-            eta = "-" if p.eta is None else time.strftime("%H:%M:%S", time.gmtime(p.eta))
-            with lock:
-                bar.update(
-                    task_id,
-                    completed=p.done,
-                    total=p.total,
-                    rate=f"{p.voxels_per_s / 1e6:.2f} Mvox/s",
-                    eta=eta,
-                )
-
-        yield update

@@ -630,8 +630,9 @@ def run_predict(
     samples the same chunks); ``validated`` skips the input and output-location checks that
     ``denoise`` ran before training. Returns the writer's :class:`~srdvol.engine.WriteReport`.
     """
+    from srdvol import progress
     from srdvol.cluster import ModelPlugin
-    from srdvol.engine import denoise, rich_progress, write
+    from srdvol.engine import denoise, write
     from srdvol.lock import hold
     from srdvol.model.checkpoint import check_compatible, model_checksum, read_record
     from srdvol.output import check_output, check_output_path, create_output, write_pyramid
@@ -694,7 +695,7 @@ def run_predict(
                 chunks=getattr(target, "shards", None) or target.chunks,
             )
             client.register_plugin(ModelPlugin(os.fspath(model)))
-            with rich_progress() as bar:
+            with progress.denoising() as bar:
                 report = write(
                     lazy,
                     target,
@@ -873,7 +874,7 @@ def run_demo(
         cluster={
             "workers": workers,
             "threads_per_worker": DEMO["threads"],
-            "dashboard_address": ":0",
+            "dashboard_address": "127.0.0.1:0",
         },
         read={},
     )

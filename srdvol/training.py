@@ -65,7 +65,10 @@ __all__ = [
     "DEFAULT_STEPS",
     "Trainer",
     "TrainingPlan",
+    "TrainingRun",
+    "agree",
     "choose_sampling",
+    "kept_text",
     "load_state",
     "lr_factor",
     "prepare_training",
@@ -248,6 +251,8 @@ def run_loop(
     stop_after: int | None = None,
     progress: bool = False,
     losses: list[float] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[float]:
     """Train from ``trainer.step_count`` up to ``steps`` (or ``stop_after``) and return the losses.
 
@@ -265,22 +270,36 @@ def run_loop(
         Stop (and checkpoint) once this many steps are done, even if ``steps`` is larger;
         a later resume then continues the same schedule.
     progress
-        Show a progress bar with the loss and the time left.
+        Show the progress of the steps (:func:`srdvol.progress.training`: a bar in a terminal,
+        plain lines in a batch log).
     losses
         Loss history to extend in place (from a resumed state).
+    on_step
+        Called after every step with the step number and the mean loss of the recent steps.
+    should_stop
+        Asked before every step; when it answers True the loop checkpoints the steps done
+        since the last checkpoint and returns early (a Ctrl-C, a distributed stop request).
 
     Returns
     -------
     list of float
         The loss of every step done so far, oldest first (``losses`` itself when given).
     """
+    from srdvol import progress as progress_family
+
     history = losses if losses is not None else []
     end = steps if stop_after is None else min(steps, stop_after)
     every = max(1, int(checkpoint_every)) if checkpoint_every else 0
     report = max(1, steps // 20)
-    with _progress(progress, total=steps, done=trainer.step_count) as advance:
+    saved_at = trainer.step_count
+    per_step = int(getattr(sampler, "batch_size", 1) or 1) * trainer.world_size
+    with progress_family.training(
+        steps, done=trainer.step_count, samples_per_step=per_step, enabled=progress
+    ) as bar:
         started, done = time.perf_counter(), 0
         while trainer.step_count < end:
+            if should_stop is not None and should_stop():
+                break
             loss = trainer.step(sampler.sample())
             if not math.isfinite(loss):
                 lr = trainer.optimizer.param_groups[0]["lr"]
@@ -292,63 +311,28 @@ def run_loop(
             history.append(loss)
             done += 1
             step = trainer.step_count
-            advance(loss)
+            recent = history[-report:]
+            mean = sum(recent) / len(recent)
+            bar.update(step, loss=mean)
+            if on_step is not None:
+                on_step(step, mean)
             if step % report == 0 or step == end:
-                recent = history[-report:]
                 log.info(
                     "step %d/%d loss %.5f lr %.2e (%.2f s/step)",
                     step,
                     steps,
-                    sum(recent) / len(recent),
+                    mean,
                     trainer.optimizer.param_groups[0]["lr"],
                     (time.perf_counter() - started) / done,
                 )
             if on_checkpoint is not None and ((every and step % every == 0) or step == end):
                 on_checkpoint(step)
+                saved_at = step
+                bar.milestone()
+        if on_checkpoint is not None and trainer.step_count != saved_at:
+            on_checkpoint(trainer.step_count)  # stopped early: keep every step done
+            bar.milestone()
     return history
-
-
-@contextmanager
-def _progress(enabled: bool, *, total: int, done: int) -> Any:
-    """Yield ``advance(loss)``; a rich progress bar with loss and ETA when ``enabled``."""
-    if not enabled:
-        yield lambda loss: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (
-        TextColumn("training"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns) as bar:
-        task = bar.add_task("train", total=total, completed=done, loss="-")
-        yield lambda loss: bar.update(task, advance=1, loss=f"{loss:.4f}")
-
-
-@contextmanager
-def _reproducible(seed: int, device: torch.device) -> Any:
-    """Seed torch and use deterministic kernels on the CPU, restoring the caller's settings."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if device.type == "cpu":
-            torch.use_deterministic_algorithms(True)
-        try:
-            yield
-        finally:
-            torch.use_deterministic_algorithms(previous)
 
 
 def _subject(image: xr.DataArray) -> str:
@@ -712,6 +696,179 @@ def prepare_training(
     )
 
 
+class TrainingRun:
+    """One rank's training in progress: network, optimiser, patch stream and loss history.
+
+    Built from a :class:`TrainingPlan` (resuming from its saved state), advanced step by step
+    with :meth:`advance` as often as needed, and ended with :meth:`finish`, which writes the model
+    on rank 0. Distributed training keeps one alive in each worker process between the segment
+    tasks that advance it; :func:`run_training` is the single-call form.
+
+    Torch's global random stream and deterministic-kernel setting are this run's own while it
+    runs (seeded from the plan, saved with the state) and the caller's in between, so other work
+    in the same process between two calls does not change the result.
+
+    Parameters
+    ----------
+    plan
+        From :func:`prepare_training` (a :meth:`TrainingPlan.portable` copy is fine).
+    device
+        Torch device of this rank.
+    rank, world_size, wrap
+        As for :func:`train`.
+    make_trainer
+        Called with :class:`Trainer`'s arguments; a subclass may report progress.
+    on_checkpoint
+        Called on rank 0 with the state path and the step after each state is written.
+    """
+
+    def __init__(
+        self,
+        plan: TrainingPlan,
+        *,
+        device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
+        make_trainer: Callable[..., Trainer] = Trainer,
+        on_checkpoint: Callable[[Path, int], None] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.device = torch.device(device)
+        self.on_checkpoint = on_checkpoint
+        self.image = plan.open_image()
+        self._rng: torch.Tensor | None = None
+        saved = plan.saved_state()
+        #: Step of the latest training state on disk (None: none written or resumed yet).
+        self.saved_step: int | None = None if saved is None else int(saved["trainer"]["step"])
+        with self._own_streams():
+            self.trainer = make_trainer(
+                build_network(plan.config),
+                stats=plan.stats,
+                sampling=plan.sampling,
+                lr=plan.lr,
+                steps=plan.steps,
+                seed=plan.seed,
+                device=self.device,
+                rank=rank,
+                world_size=world_size,
+                wrap=wrap,
+            )
+            self.sampler = PatchSampler(
+                self.image,
+                patch=plan.read,
+                seed=plan.seed,
+                rank=rank,
+                world_size=world_size,
+                batch_size=plan.batch_size,
+            )
+            self.losses: list[float] = []
+            if saved is not None:
+                self.trainer.load_state_dict(saved["trainer"])
+                _load_streams(saved["ranks"][rank], self.trainer, self.sampler)
+                self.losses = list(saved["losses"])
+                if rank == 0:
+                    log.info("resuming %s at step %d of %d", plan.model_path, self.step, plan.steps)
+
+    @property
+    def step(self) -> int:
+        """Steps done so far (including those of a resumed run)."""
+        return self.trainer.step_count
+
+    @contextmanager
+    def _own_streams(self) -> Any:
+        """Torch's global RNG and deterministic kernels (CPU) of this run, the caller's after."""
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        caller = torch.get_rng_state()
+        if self._rng is None:
+            torch.manual_seed(self.plan.seed)
+        else:
+            torch.set_rng_state(self._rng)
+        if self.device.type == "cpu":
+            torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            self._rng = torch.get_rng_state()
+            torch.set_rng_state(caller)
+            torch.use_deterministic_algorithms(deterministic)
+
+    def checkpoint(self, step: int | None = None) -> None:
+        """Write the training state (a collective call: every rank must make it)."""
+        streams = _gather(_streams(self.trainer, self.sampler), self.world_size)
+        if self.rank != 0:
+            return
+        state = {
+            "options": self.plan.options,
+            "stats": self.plan.stats.to_dict(),
+            "trainer": self.trainer.state_dict(),
+            "sampler": streams[0]["sampler"],
+            "ranks": streams,
+            "losses": self.losses,
+        }
+        _save_state(self.plan.state_path, state)
+        self.saved_step = self.step
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self.plan.state_path, self.step if step is None else step)
+
+    def advance(
+        self,
+        until: int,
+        *,
+        checkpoint_every: int | None = 100,
+        progress: bool = False,
+        on_step: Callable[[int, float], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> int:
+        """Train up to step ``until`` (checkpointing as :func:`run_loop` does); return the step
+        reached, which is less than ``until`` when ``should_stop`` said so."""
+        with self._own_streams():
+            run_loop(
+                self.trainer,
+                self.sampler,
+                steps=self.plan.steps,
+                checkpoint_every=checkpoint_every,
+                on_checkpoint=self.checkpoint,
+                stop_after=until,
+                progress=progress,
+                losses=self.losses,
+                on_step=on_step,
+                should_stop=should_stop,
+            )
+        return self.step
+
+    def finish(self) -> ModelRecord:
+        """The model's record; rank 0 writes the model file."""
+        record = _record(self.plan, self.image, self.trainer, self.losses)
+        if self.rank == 0:
+            _write_model(self.plan.model_path, self.trainer.network, record)
+        return record
+
+    def kept(self) -> str:
+        """What an interrupted run leaves behind, in words."""
+        return kept_text(self.saved_step, self.plan.steps, self.plan.state_path)
+
+
+def kept_text(step: int | None, steps: int, path: str | os.PathLike[str]) -> str:
+    """``"training state at step 3 of 8 saved to m.state"`` (or that none was saved)."""
+    if step is None:
+        return "no training step was saved yet"
+    return f"training state at step {step} of {steps} saved to {os.fspath(path)}"
+
+
+def agree(flag: bool, world_size: int, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when any rank says True (one small all-reduce; no-op for one rank)."""
+    if world_size == 1:
+        return bool(flag)
+    import torch.distributed as dist
+
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def run_training(
     plan: TrainingPlan,
     *,
@@ -727,6 +884,10 @@ def run_training(
     on_finish: Callable[[Trainer], None] | None = None,
 ) -> ModelRecord:
     """Run a :class:`TrainingPlan` on this rank: build, resume, train, checkpoint, write.
+
+    SIGINT or SIGTERM (Ctrl-C) during the steps ends the current step, saves the training state
+    and raises :class:`srdvol.interrupt.Interrupted` noting where the state is (every rank of a
+    distributed group stops at the same step).
 
     Parameters
     ----------
@@ -751,72 +912,36 @@ def run_training(
     ModelRecord
         The model's record (on every rank; only rank 0 writes the model file).
     """
-    image = plan.open_image()
-    saved = plan.saved_state()
-    torch_device = torch.device(device)
-    with _reproducible(plan.seed, torch_device):
-        trainer = make_trainer(
-            build_network(plan.config),
-            stats=plan.stats,
-            sampling=plan.sampling,
-            lr=plan.lr,
-            steps=plan.steps,
-            seed=plan.seed,
-            device=torch_device,
-            rank=rank,
-            world_size=world_size,
-            wrap=wrap,
-        )
-        sampler = PatchSampler(
-            image,
-            patch=plan.read,
-            seed=plan.seed,
-            rank=rank,
-            world_size=world_size,
-            batch_size=plan.batch_size,
-        )
-        losses: list[float] = []
-        if saved is not None:
-            trainer.load_state_dict(saved["trainer"])
-            _load_streams(saved["ranks"][rank], trainer, sampler)
-            losses = list(saved["losses"])
-            if rank == 0:
-                log.info(
-                    "resuming %s at step %d of %d", plan.model_path, trainer.step_count, plan.steps
-                )
+    from srdvol import interrupt
 
-        def checkpoint(step: int) -> None:
-            streams = _gather(_streams(trainer, sampler), world_size)
-            if rank != 0:
-                return
-            state = {
-                "options": plan.options,
-                "stats": plan.stats.to_dict(),
-                "trainer": trainer.state_dict(),
-                "sampler": streams[0]["sampler"],
-                "ranks": streams,
-                "losses": losses,
-            }
-            _save_state(plan.state_path, state)
-            if on_checkpoint is not None:
-                on_checkpoint(plan.state_path, step)
-
-        run_loop(
-            trainer,
-            sampler,
-            steps=plan.steps,
-            checkpoint_every=checkpoint_every,
-            on_checkpoint=checkpoint,
-            stop_after=stop_after,
-            progress=progress,
-            losses=losses,
-        )
+    run = TrainingRun(
+        plan,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        wrap=wrap,
+        make_trainer=make_trainer,
+        on_checkpoint=on_checkpoint,
+    )
+    end = plan.steps if stop_after is None else min(plan.steps, stop_after)
+    try:
+        with interrupt.deferred():
+            reached = run.advance(
+                end,
+                checkpoint_every=checkpoint_every,
+                progress=progress,
+                should_stop=lambda: agree(
+                    interrupt.requested() is not None, world_size, run.device
+                ),
+            )
+            if reached < end:
+                raise interrupt.interruption()
+    except KeyboardInterrupt as exc:  # stopped at a step, or a second Ctrl-C cut a step short
+        interrupt.keep(exc, run.kept())
+        raise
     if on_finish is not None:
-        on_finish(trainer)
-    record = _record(plan, image, trainer, losses)
-    if rank == 0:
-        _write_model(plan.model_path, trainer.network, record)
-    return record
+        on_finish(run.trainer)
+    return run.finish()
 
 
 def _streams(trainer: Trainer, sampler: PatchSampler) -> dict[str, Any]:

@@ -333,3 +333,140 @@ def test_model_plugin_loads_the_model_once_per_worker(monkeypatch, tmp_path):
         # a missing file fails at registration, with srdvol's message, not in the first task
         with pytest.raises(StoreNotFoundError, match="does not exist"):
             client.register_plugin(ModelPlugin(tmp_path / "missing.srdvol", device="cpu"))
+
+
+# ------------------------------------------------------------------------------ safe defaults
+
+
+def _listening(port: int) -> set[str]:
+    import psutil
+
+    return {
+        c.laddr.ip
+        for c in psutil.Process().net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    }
+
+
+def test_local_cluster_listens_on_loopback_by_default(monkeypatch):
+    from urllib.parse import urlparse
+
+    from srdvol.cluster import DEFAULT_DASHBOARD_ADDRESS, live_workers
+
+    assert DEFAULT_DASHBOARD_ADDRESS == "127.0.0.1:8787"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with open_cluster(workers=1, threads_per_worker=1) as client:  # every default
+        scheduler = urlparse(client.scheduler.address)
+        dashboard = urlparse(dashboard_link(client))
+        assert scheduler.hostname == dashboard.hostname == "127.0.0.1"
+        # the scheduler and its dashboard run in this process: what do their sockets bind?
+        assert _listening(scheduler.port) == {"127.0.0.1"}
+        assert _listening(dashboard.port) == {"127.0.0.1"}  # not 0.0.0.0 / every interface
+        assert all(a.startswith("tcp://127.0.0.1:") for a in live_workers(client))
+
+
+# ------------------------------------------------------------------------------ which workers live
+
+
+def test_live_workers_asks_the_scheduler_not_the_clients_cache(monkeypatch):
+    from distributed.client import SchedulerInfo
+
+    from srdvol.cluster import live_workers
+
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        address = next(iter(cluster.scheduler.workers))
+        empty = SchedulerInfo({**dict(client.scheduler_info()), "workers": {}})
+        client._scheduler_identity = empty  # what the client's 2 s refresh can leave there
+        monkeypatch.setattr(client, "scheduler_info", lambda *args, **kwargs: empty)
+        assert client.scheduler_info()["workers"] == {}
+        workers = live_workers(client)
+        assert list(workers) == [address]
+        assert workers[address]["nthreads"] == 1
+
+
+def test_a_worker_is_lost_only_when_two_answers_apart_lack_it():
+    from srdvol.cluster import WorkerWatch
+
+    now = [0.0]
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        alive = next(iter(cluster.scheduler.workers))
+        gone = "tcp://127.0.0.1:9"  # never a worker of this cluster
+        watch = WorkerWatch(client, [alive, gone], confirm=3.0, every=0.0, clock=lambda: now[0])
+        assert watch.lost() == []  # one missing sighting is a suspicion only
+        assert watch.suspects == [gone]
+        now[0] = 2.0
+        assert watch.lost() == []
+        now[0] = 3.5
+        assert watch.lost() == [gone]  # absent from answers 3.5 s apart: confirmed
+        assert alive not in watch.lost()
+
+
+# ------------------------------------------------------------------------------ dashboard noise
+
+
+def _closed_page_record():
+    """The record tornado logs when bokeh's websocket on_close meets a detached session: made
+    by bokeh's own code (a browser closing a dashboard tab triggers the same)."""
+    import logging
+    import sys
+
+    from bokeh.server.connection import ServerConnection
+    from bokeh.server.views.ws import WSHandler
+
+    connection = ServerConnection.__new__(ServerConnection)
+    connection._session = None  # detached, as after client_lost
+    handler = WSHandler.__new__(WSHandler)
+    handler.connection = connection
+    handler.close_code, handler.close_reason = 1001, None
+    try:
+        WSHandler.on_close(handler)
+    except AssertionError:
+        exc_info = sys.exc_info()
+    else:
+        pytest.fail("bokeh no longer fails there; the filter may be dropped")
+    return logging.LogRecord(
+        "tornado.application",
+        logging.ERROR,
+        __file__,
+        1,
+        "Uncaught exception GET %s",
+        ("/status/ws",),
+        exc_info,
+    )
+
+
+def test_a_closed_dashboard_page_prints_no_traceback(capsys):
+    import logging
+
+    from srdvol.cluster import quiet_dashboard_noise
+
+    logger = logging.getLogger("tornado.application")
+    quiet_dashboard_noise()
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        logger.handle(_closed_page_record())
+        assert seen == []  # bokeh's closed-page AssertionError is dropped
+        try:
+            raise AssertionError("a real bug")
+        except AssertionError:
+            logger.exception("Uncaught exception GET /other")
+        logger.error("something else went wrong")
+        assert [r.getMessage() for r in seen] == [
+            "Uncaught exception GET /other",
+            "something else went wrong",
+        ]
+    finally:
+        logger.removeHandler(handler)

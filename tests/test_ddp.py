@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -260,3 +261,156 @@ def test_planning_refuses_and_overwrites_like_single_process_training(
     plan = plan_training(cluster, source, model, overwrite=True, workers=1, **planning)
     assert not plan["plan"].resume
     assert not state_path(model).exists()
+
+
+# ------------------------------------------------------------------------------ worker liveness
+
+
+def _segment_states(dask_scheduler) -> dict[str, str]:
+    from srdvol.ddp import SEGMENT_PREFIX
+
+    return {
+        str(key): ts.state
+        for key, ts in dask_scheduler.tasks.items()
+        if str(key).startswith(SEGMENT_PREFIX)
+    }
+
+
+def test_an_empty_cached_snapshot_does_not_stop_training_and_segments_show_progress(
+    cluster, tmp_path, make_plain_array, monkeypatch
+):
+    """Client.scheduler_info() can come back with no workers (its shared cache is refreshed
+    every 2 s without the worker list); srdvol must not take that for dead workers. And all
+    segments (ranks x checkpoint intervals) are known to the scheduler from the start and finish
+    one by one, so the dashboard's bar shows training advance."""
+    from distributed.client import SchedulerInfo
+
+    from srdvol.ddp import train_distributed
+
+    empty = SchedulerInfo({**dict(cluster.scheduler_info()), "workers": {}})
+    monkeypatch.setattr(cluster, "scheduler_info", lambda *args, **kwargs: empty)
+    cluster._scheduler_identity = empty
+    assert cluster.scheduler_info(n_workers=-1)["workers"] == {}  # the injection is in place
+
+    source, _ = make_plain_array("movie.zarr", shape=(32, 24, 24), dtype="uint16")
+    seen: dict[int, dict[str, str]] = {}
+
+    def look(report: Progress) -> None:
+        if report.step in (1, 5):
+            seen[report.step] = cluster.run_on_scheduler(_segment_states)
+
+    record = train_distributed(
+        cluster,
+        source,
+        tmp_path / "m.srdvol",
+        network=_tiny_network(),
+        steps=6,
+        checkpoint_every=2,
+        on_progress=look,
+        **TINY,
+    )
+    assert record.steps == 6
+    assert (tmp_path / "m.srdvol").exists()
+    assert len(seen[1]) == 6  # 2 ranks x 3 segments, all submitted up front
+    assert sum(state == "memory" for state in seen[1].values()) == 0
+    assert sum(state == "memory" for state in seen[5].values()) == 4  # segments 1-2 of each rank
+    assert sorted(key.rsplit("-", 2)[-2:][1] for key in seen[1]) == [
+        "s0",
+        "s0",
+        "s1",
+        "s1",
+        "s2",
+        "s2",
+    ]
+
+
+def _pids(client: Client) -> dict[str, int]:
+    return client.run(os.getpid)
+
+
+def test_a_killed_worker_process_ends_the_run_naming_worker_step_and_checkpoint(
+    cluster, tmp_path, make_plain_array
+):
+    import signal
+
+    from srdvol.cluster import live_workers
+    from srdvol.ddp import train_distributed
+    from srdvol.training import state_path
+
+    source, _ = make_plain_array("movie.zarr", shape=(32, 24, 24), dtype="uint16")
+    workers = live_workers(cluster)
+    rank_1 = sorted(workers, key=lambda a: (str(workers[a]["name"]), a))[1]
+    pid = _pids(cluster)[rank_1]
+    killed: list[int] = []
+
+    def kill_at_step_3(report: Progress) -> None:
+        if report.step >= 3 and not killed:
+            os.kill(pid, signal.SIGKILL)  # the worker process dies without a word
+            killed.append(report.step)
+
+    model = tmp_path / "m.srdvol"
+    start = time.monotonic()
+    with pytest.raises(TrainingInterruptedError) as info:
+        train_distributed(
+            cluster,
+            source,
+            model,
+            network=_tiny_network(),
+            steps=200,
+            checkpoint_every=2,
+            timeout=30,
+            on_progress=kill_at_step_3,
+            **TINY,
+        )
+    assert killed and time.monotonic() - start < 120
+    message = str(info.value)
+    assert message.startswith("distributed training: worker ")
+    assert f"({rank_1}, rank 1)" in message
+    assert re.search(r"stopped at step \d+ of 200", message), message
+    assert f"the last checkpoint is {state_path(model)} (step " in message
+    assert "resume" in message
+    cluster.wait_for_workers(2, timeout=60)  # the nanny brings a fresh worker up
+
+
+def test_ctrl_c_stops_every_rank_saves_the_state_and_resume_is_exact(
+    cluster, tmp_path, make_plain_array
+):
+    """A real SIGINT to this process while ranks train: they stop at the same step and save,
+    the exception says where the state is, and resuming ends with the uninterrupted weights."""
+    import signal
+
+    from srdvol import interrupt
+    from srdvol.ddp import train_distributed
+    from srdvol.training import state_path
+
+    source, _ = make_plain_array("movie.zarr", shape=(32, 24, 24), dtype="uint16")
+    options = {**TINY, "network": _tiny_network(), "steps": 8, "checkpoint_every": 4}
+    reference = tmp_path / "reference.srdvol"
+    train_distributed(cluster, source, reference, **options)
+
+    model = tmp_path / "model.srdvol"
+
+    def ctrl_c_at_step_2(report: Progress) -> None:
+        if report.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt) as info, interrupt.handling():
+        train_distributed(cluster, source, model, on_progress=ctrl_c_at_step_2, **options)
+    assert interrupt.exit_code(info.value) == 130
+    notes = interrupt.kept(info.value)
+    saved = torch.load(state_path(model), weights_only=True)
+    step = saved["trainer"]["step"]
+    assert 2 <= step < 8
+    assert notes == [f"training state at step {step} of 8 saved to {state_path(model)}"]
+    assert not model.exists()
+
+    cluster.wait_for_workers(2, timeout=60)
+    after: list[Progress] = []
+    resumed = train_distributed(
+        cluster, source, model, resume=True, on_progress=after.append, **options
+    )
+    assert resumed.steps == 8
+    assert [p.step for p in after] == list(range(step + 1, 9))
+    expected, got = _weights(reference), _weights(model)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)

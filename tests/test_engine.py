@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import dask.array as da
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
+from distributed.diagnostics.plugin import SchedulerPlugin
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -204,7 +207,9 @@ def test_writer_threads_resume_and_wave(tmp_path):
     assert report.voxels == arr.size
     assert 1 <= report.max_in_flight <= 3
     assert seen[-1].done == total and seen[-1].eta == 0
-    assert [p.done for p in seen] == list(range(total + 1))
+    blocks = [p.done for p in seen if p.patches == 0 or p.computed > 0]
+    assert sorted(set(blocks)) == list(range(total + 1))  # the totals, then every block
+    assert all(b.computed >= a.computed for a, b in itertools.pairwise(seen))
     ref = predict_array(arr, PatchMeanModel(), patch=(16, 6, 6), overlap=0.25, dims="tzyx")
     np.testing.assert_allclose(out[...], ref, rtol=1e-5)
     assert (
@@ -221,19 +226,35 @@ def test_writer_threads_resume_and_wave(tmp_path):
         write(lazy, out, ledger=ledger, run_id="another run")
 
 
-def test_rich_progress_bar_reports_blocks(tmp_path, capsys):
-    from srdvol.engine import rich_progress
-
-    arr = noisy((16, 8, 16))
-    out = make_output(tmp_path / "o.zarr", arr.shape, (16, 8, 8))
+def _one_slow_block(tmp_path, name):
+    """One block of 27 patches that the model predicts 2 at a time, 0.15 s per call (2 s)."""
+    arr = noisy((32, 16, 16), seed=6)
+    out = make_output(tmp_path / name, arr.shape, (32, 16, 16))
     lazy = denoise(
-        arr, AffineModel(), dims="tyx", patch=(16, 4, 4), chunks=(16, 8, 8), block=(16, 8, 8)
+        da.from_array(arr, chunks=(32, 16, 16)),
+        AffineModel(2, 1, delay=0.15),
+        dims="tyx",
+        patch=(16, 8, 8),
+        overlap=0.5,
+        chunks=out.chunks,
+        batch_size=2,
     )
-    with rich_progress("testing") as bar:
-        report = write(lazy, out, progress=bar)
-    assert report.computed == 2
-    text = capsys.readouterr().out
-    assert "testing" in text and "2/2 blocks" in text and "Mvox/s" in text
+    assert lazy.numblocks == (1, 1, 1)
+    return arr, out, lazy
+
+
+@pytest.mark.parametrize("where", ["threads", "cluster"])
+def test_a_long_block_reports_its_patches_before_it_finishes(tmp_path, request, where):
+    arr, out, lazy = _one_slow_block(tmp_path, "o.zarr")
+    client = request.getfixturevalue("client") if where == "cluster" else None
+    seen = []
+    report = write(lazy, out, client=client, progress=seen.append)
+    assert report.computed == 1
+    running = [p for p in seen if p.computed == 0 and p.patches > 0]
+    assert running, seen  # the only block was seen to advance while it ran
+    assert all(b.patches >= a.patches for a, b in itertools.pairwise(seen))
+    assert seen[-1].patches <= 27
+    np.testing.assert_allclose(out[...], 2 * arr + 1, rtol=2e-6)
 
 
 def test_writer_refuses_unaligned_blocks(tmp_path):
@@ -410,6 +431,131 @@ def test_writer_on_local_cluster(tmp_path, client):
     np.testing.assert_allclose(out[...], ref, rtol=1e-5)
     again = write(lazy, out, client=client, ledger=tmp_path / "out.zarr" / "ledger.json")
     assert (again.computed, again.skipped) == (0, total)
+
+
+class _InFlight(SchedulerPlugin):
+    """Scheduler plugin: the most blocks whose model output (``_denoise_block``) is being computed
+    or held at once, and the most store tasks the scheduler knew at once."""
+
+    name = "srdvol-test-in-flight"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: set[str] = set()
+        self.known: set[str] = set()
+        self.peak = self.peak_known = 0
+
+    def transition(self, key, start, finish, *args, **kwargs) -> None:
+        text = str(key)
+        if "_denoise_block" in text:
+            if finish in ("processing", "memory"):
+                self.live.add(text)
+            else:
+                self.live.discard(text)
+            self.peak = max(self.peak, len(self.live))
+        elif text.startswith("srdvol-write-"):
+            if finish == "forgotten":
+                self.known.discard(text)
+            else:
+                self.known.add(text)
+            self.peak_known = max(self.peak_known, len(self.known))
+
+
+def _many_blocks(tmp_path):
+    arr = noisy((64, 1, 64, 64), seed=5)
+    src = tmp_path / "in.zarr"
+    zarr.create_array(str(src), data=arr, chunks=(16, 1, 16, 16))
+    out = make_output(tmp_path / "out.zarr", arr.shape, (16, 1, 16, 16))
+    lazy = denoise(
+        da.from_zarr(zarr.open_array(str(src), mode="r")),
+        AffineModel(2, 1),
+        dims="tzyx",
+        patch=(16, 8, 8),
+        chunks=out.chunks,
+        block=(16, 16, 16),
+    )
+    return arr, out, lazy
+
+
+@pytest.mark.slow
+def test_writer_submits_a_job_that_fits_whole_and_a_big_one_in_bounded_waves(
+    tmp_path, client, monkeypatch
+):
+    """Without ``wave`` a job that fits in a quarter of the workers' memory is submitted at once
+    (the dashboard's totals are the whole job); a bigger one goes in waves of 2 x threads, so
+    what waits in memory stays bounded whatever the job's size."""
+    from srdvol import engine
+
+    arr, out, lazy = _many_blocks(tmp_path)
+    total = int(np.prod(lazy.numblocks))
+    scheduler = client.cluster.scheduler
+    threads = sum(w.nthreads for w in scheduler.workers.values())
+    watch = _InFlight()
+    scheduler.add_plugin(watch)
+    try:
+        whole = write(lazy, out, client=client)
+    finally:
+        scheduler.remove_plugin(name=watch.name)
+    assert total == 64 and whole.computed == total
+    assert whole.max_in_flight == total  # all submitted up front
+    assert watch.peak_known == total  # so the scheduler (and its dashboard) saw the whole job
+    assert watch.peak < total  # and only some of them ran or waited in memory at once
+    np.testing.assert_allclose(out[...], 2 * arr + 1, rtol=2e-6)
+
+    monkeypatch.setattr(engine, "UPFRONT_MEMORY_FRACTION", 1e-12)  # as if the job were huge
+    watch = _InFlight()
+    scheduler.add_plugin(watch)
+    try:
+        waves = write(
+            lazy, make_output(tmp_path / "o2.zarr", arr.shape, (16, 1, 16, 16)), client=client
+        )
+    finally:
+        scheduler.remove_plugin(name=watch.name)
+    assert waves.computed == total
+    assert waves.max_in_flight <= 2 * threads
+    assert watch.peak <= 2 * threads  # blocks computing or held
+    # the scheduler forgets a written block a moment after the client moves on
+    assert watch.peak_known <= 3 * threads
+
+
+@pytest.mark.slow
+def test_a_block_whose_workers_keep_dying_is_one_clear_sentence(tmp_path):
+    """distributed retries a block whose worker died; when it stops retrying (here at once),
+    the writer names the block and the fix instead of a KilledWorker traceback."""
+    import dask
+    import distributed
+
+    from srdvol.errors import ClusterError
+
+    arr = noisy((32, 8, 8))
+    out = make_output(tmp_path / "out.zarr", arr.shape, (16, 8, 8))
+    lazy = denoise(arr, AffineModel(delay=30), dims="tyx", patch=(16, 8, 8), chunks=(16, 8, 8))
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as c,
+    ):
+        c.wait_for_workers(1, timeout=60)
+        pid = next(iter(c.run(os.getpid).values()))
+
+        def kill_when_running() -> None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if any(ws.processing for ws in cluster.scheduler.workers.values()):
+                    os.kill(pid, signal.SIGKILL)
+                    return
+                time.sleep(0.05)
+
+        killer = threading.Thread(target=kill_when_running, daemon=True)
+        killer.start()
+        with pytest.raises(ClusterError) as info:
+            write(lazy, out, client=c)
+        killer.join()
+    message = str(info.value)
+    assert message.startswith("block ") and "died again and again" in message
+    assert "--block" in message and "rerun the same command" in message
 
 
 @pytest.mark.slow
