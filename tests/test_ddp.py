@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, SchedulerPlugin
 from torch import nn
 
 from srdvol.ddp import DDPContext, Progress, run_distributed
@@ -266,14 +266,24 @@ def test_planning_refuses_and_overwrites_like_single_process_training(
 # ------------------------------------------------------------------------------ worker liveness
 
 
-def _segment_states(dask_scheduler) -> dict[str, str]:
-    from srdvol.ddp import SEGMENT_PREFIX
+class _SegmentLog(SchedulerPlugin):
+    """Scheduler-side record of the training segments' transitions, in the order they happen
+    (the scheduler's own view: no race with the client's progress reports)."""
 
-    return {
-        str(key): ts.state
-        for key, ts in dask_scheduler.tasks.items()
-        if str(key).startswith(SEGMENT_PREFIX)
-    }
+    name = "srdvol-test-segment-log"
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def transition(self, key, start, finish, *args, **kwargs) -> None:
+        from srdvol.ddp import SEGMENT_PREFIX
+
+        if str(key).startswith(SEGMENT_PREFIX):
+            self.events.append((str(key), finish))
+
+
+def _segment_events(dask_scheduler) -> list[tuple[str, str]]:
+    return list(dask_scheduler.plugins[_SegmentLog.name].events)
 
 
 def test_an_empty_cached_snapshot_does_not_stop_training_and_segments_show_progress(
@@ -281,24 +291,20 @@ def test_an_empty_cached_snapshot_does_not_stop_training_and_segments_show_progr
 ):
     """Client.scheduler_info() can come back with no workers (its shared cache is refreshed
     every 2 s without the worker list); srdvol must not take that for dead workers. And all
-    segments (ranks x checkpoint intervals) are known to the scheduler from the start and finish
-    one by one, so the dashboard's bar shows training advance."""
+    segments (ranks x checkpoint intervals) are known to the scheduler before the first one
+    finishes, and they finish one by one in order, so the dashboard's bar shows training
+    advance."""
     from distributed.client import SchedulerInfo
 
     from srdvol.ddp import train_distributed
 
+    cluster.register_plugin(_SegmentLog())
     empty = SchedulerInfo({**dict(cluster.scheduler_info()), "workers": {}})
     monkeypatch.setattr(cluster, "scheduler_info", lambda *args, **kwargs: empty)
     cluster._scheduler_identity = empty
     assert cluster.scheduler_info(n_workers=-1)["workers"] == {}  # the injection is in place
 
     source, _ = make_plain_array("movie.zarr", shape=(32, 24, 24), dtype="uint16")
-    seen: dict[int, dict[str, str]] = {}
-
-    def look(report: Progress) -> None:
-        if report.step in (1, 5):
-            seen[report.step] = cluster.run_on_scheduler(_segment_states)
-
     record = train_distributed(
         cluster,
         source,
@@ -306,22 +312,21 @@ def test_an_empty_cached_snapshot_does_not_stop_training_and_segments_show_progr
         network=_tiny_network(),
         steps=6,
         checkpoint_every=2,
-        on_progress=look,
         **TINY,
     )
     assert record.steps == 6
     assert (tmp_path / "m.srdvol").exists()
-    assert len(seen[1]) == 6  # 2 ranks x 3 segments, all submitted up front
-    assert sum(state == "memory" for state in seen[1].values()) == 0
-    assert sum(state == "memory" for state in seen[5].values()) == 4  # segments 1-2 of each rank
-    assert sorted(key.rsplit("-", 2)[-2:][1] for key in seen[1]) == [
-        "s0",
-        "s0",
-        "s1",
-        "s1",
-        "s2",
-        "s2",
-    ]
+    events = cluster.run_on_scheduler(_segment_events)
+    keys = list(dict.fromkeys(key for key, _ in events))
+    assert len(keys) == 6  # 2 ranks x 3 segments
+    first_done = next(i for i, (_, state) in enumerate(events) if state == "memory")
+    known = {key for key, _ in events[:first_done]}
+    assert known == set(keys)  # all submitted up front: the dashboard's total is right at once
+    finished = [key for key, state in events if state == "memory"]
+    assert len(finished) == 6
+    for rank in ("r0", "r1"):
+        order = [k.rsplit("-", 1)[-1] for k in finished if k.rsplit("-", 2)[-2] == rank]
+        assert order == ["s0", "s1", "s2"]  # one segment after the other
 
 
 def _pids(client: Client) -> dict[str, int]:

@@ -309,7 +309,7 @@ def test_demo_runs_end_to_end_on_one_single_threaded_worker(tmp_path, monkeypatc
     monkeypatch.setattr(pipeline, "_cluster", spy)
     result = pipeline.run_demo(tmp_path / "demo", steps=2, workers=1)
     assert started == [
-        {"workers": 1, "threads_per_worker": 1, "dashboard_address": ":0"}
+        {"workers": 1, "threads_per_worker": 1, "dashboard_address": "127.0.0.1:0"}
     ]  # one torch thread: robust on a busy machine
     assert np.isfinite(result["estimate"]["snr_db"]) and np.isfinite(result["noisy"]["snr_db"])
     err = capsys.readouterr().err
