@@ -19,6 +19,7 @@ import xarray as xr
 import zarr
 from dask.base import tokenize
 
+from srdvol import blosc
 from srdvol.axes import parse_axes, validate_axes
 from srdvol.errors import (
     DataError,
@@ -29,6 +30,8 @@ from srdvol.errors import (
 )
 
 __all__ = ["MIN_FRAMES", "NamedReads", "check_image", "describe_image", "open_image"]
+
+blosc.install()  # a truncated chunk fails every read instead of decoding stray memory
 
 #: The smallest patch_t the network accepts; a shorter movie cannot be denoised.
 MIN_FRAMES = 16

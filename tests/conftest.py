@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,22 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from ome_zarr.format import FormatV04, FormatV05
     from ome_zarr.writer import write_image
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored():
+    """Every test starts with this process's SIGINT/SIGTERM handlers and leaves them so.
+
+    Importing ``dask_jobqueue`` replaces Python's Ctrl-C handler with one that calls
+    ``sys.exit()`` (its ``runner`` module does so at import), and a test that leaked it made the
+    interrupt tests of later modules see SystemExit instead of Ctrl-C.
+    """
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in before.items():
+        if signal.getsignal(sig) is not handler and handler is not None:
+            signal.signal(sig, handler)
+
 
 _UNITS = {"t": "second", "z": "micrometer", "y": "micrometer", "x": "micrometer"}
 

@@ -108,12 +108,20 @@ SIGNALS = [
 # ------------------------------------------------------------------------------ the mechanism
 
 
+@pytest.fixture
+def python_defaults():
+    """Python's own handlers, as in a fresh interpreter (a shell's ``cmd &`` starts pytest
+    with SIGINT ignored; conftest puts the previous handlers back afterwards)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _raise_signal(sig: int) -> None:
     os.kill(os.getpid(), sig)
     time.sleep(0.5)  # Python runs the handler between bytecodes, here at the latest
 
 
-def test_the_first_signal_in_a_loop_is_a_request_and_a_second_one_raises():
+def test_the_first_signal_in_a_loop_is_a_request_and_a_second_one_raises(python_defaults):
     with interrupt.handling():
         with interrupt.deferred():
             _raise_signal(signal.SIGTERM)  # recorded, not raised: the loop ends its step first
@@ -129,7 +137,7 @@ def test_the_first_signal_in_a_loop_is_a_request_and_a_second_one_raises():
             _raise_signal(signal.SIGINT)  # outside a loop: at once
 
 
-def test_a_request_left_when_a_loop_ends_is_raised_on_leaving_it():
+def test_a_request_left_when_a_loop_ends_is_raised_on_leaving_it(python_defaults):
     with interrupt.handling(), pytest.raises(interrupt.Interrupted) as info:
         with interrupt.deferred():
             _raise_signal(signal.SIGINT)  # arrives during the last step
@@ -137,7 +145,7 @@ def test_a_request_left_when_a_loop_ends_is_raised_on_leaving_it():
     assert interrupt.requested() is None
 
 
-def test_a_plain_python_session_gets_a_graceful_ctrl_c_in_training_loops():
+def test_a_plain_python_session_gets_a_graceful_ctrl_c_in_training_loops(python_defaults):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     with interrupt.deferred():
         _raise_signal(signal.SIGINT)
@@ -146,7 +154,9 @@ def test_a_plain_python_session_gets_a_graceful_ctrl_c_in_training_loops():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_single_process_training_stops_at_a_step_boundary_and_says_where(tmp_path):
+def test_single_process_training_stops_at_a_step_boundary_and_says_where(
+    tmp_path, python_defaults
+):
     """A real SIGINT during in-process training: the step in progress ends, the state is
     saved, and the exception notes it; resuming gives the uninterrupted weights."""
     from srdvol.model.network import NetworkConfig
@@ -285,17 +295,24 @@ def test_interrupted_training_saves_its_state_and_resumes_to_the_same_weights(
 @pytest.mark.slow
 def test_interrupted_distributed_training_saves_the_state_of_every_rank(data, tmp_path):
     model = tmp_path / "m.safetensors"
-    argv = _srdvol("train", str(data / "in.zarr"), str(model), *TRAIN, "--workers", "2")
+    # More steps than the other runs: two ranks of a tiny network can finish 4 steps between
+    # the first progress line and the signal on a fast machine.
+    steps = 60
+    options = [*TRAIN[:2], "--steps", str(steps), *TRAIN[4:]]
+    argv = _srdvol("train", str(data / "in.zarr"), str(model), *options, "--workers", "2")
     argv += ["--dashboard-address", "127.0.0.1:0"]
     log = tmp_path / "ddp.log"
-    rc = _signal_when(argv, log, _line_seen(TRAIN_LINE), _send(signal.SIGINT, True))
+    line = re.compile(TRAIN_LINE.pattern.replace("/4 ", f"/{steps} "))
+    rc = _signal_when(argv, log, _line_seen(line), _send(signal.SIGINT, True))
     text = log.read_text()
     assert rc == 130, text
     assert "Traceback" not in text
     saved = torch.load(state_path(model), weights_only=True)
     step = saved["trainer"]["step"]
-    assert 1 <= step < 4 and len(saved["ranks"]) == 2
-    assert f"training state at step {step} of 4 saved to {state_path(model)}" in _last_line(text)
+    assert 1 <= step < steps and len(saved["ranks"]) == 2
+    assert f"training state at step {step} of {steps} saved to {state_path(model)}" in (
+        _last_line(text)
+    )
     assert _last_line(text).endswith("--workers 2 --dashboard-address 127.0.0.1:0 --resume")
     # Resuming a distributed run to the uninterrupted weights: tests/test_ddp.py (same code path).
 
