@@ -34,8 +34,12 @@ def test_a_truncated_chunk_file_is_named_on_every_read(tmp_path, zarr_format):
     path = tmp_path / "a.zarr"
     compressor = numcodecs.Blosc() if zarr_format == 2 else zarr.codecs.BloscCodec()
     array = zarr.create_array(
-        path, shape=(32, 16, 16), chunks=(16, 16, 16), dtype="uint16",
-        zarr_format=zarr_format, compressors=compressor,
+        path,
+        shape=(32, 16, 16),
+        chunks=(16, 16, 16),
+        dtype="uint16",
+        zarr_format=zarr_format,
+        compressors=compressor,
     )
     array[:] = np.arange(32 * 16 * 16, dtype="uint16").reshape(32, 16, 16)
     chunk = path / ("1.0.0" if zarr_format == 2 else "c/1/0/0")
