@@ -43,9 +43,9 @@ def phase(name: str, rows: list[tuple[str, float, float]]) -> Iterator[None]:
 
 
 def main() -> None:
-    from srdvol.metrics import evaluate_stores
-    from srdvol.pipeline import DEMO, _cluster, info_text, run_predict, run_simulate, run_train
-    from srdvol.report import write_report
+    from srdvol.app.commands import DEMO, _cluster, info_text, run_predict, run_simulate, run_train
+    from srdvol.app.report import write_report
+    from srdvol.core.metrics import evaluate_stores
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=DEMO["steps"])

@@ -2,8 +2,8 @@
 
 Simulates the demo's recording (96 frames of 96x96 px at 0.3 Hz, photons 2) unless ``--data``
 names a store, then times training steps of the default network exactly as
-:class:`srdvol.training.Trainer` takes them (deterministic CPU kernels, as training runs), on
-batches from :class:`srdvol.patches.PatchSampler`. CPU time of this process is reported, not
+:class:`srdvol.training.loop.Trainer` takes them (deterministic CPU kernels, as training runs), on
+batches from :class:`srdvol.training.patches.PatchSampler`. CPU time of this process is reported, not
 wall time, so figures stay comparable on a machine that other jobs load (with one torch thread
 CPU time is what the step costs; the script prints the load average beside it).
 
@@ -51,7 +51,7 @@ def _cpu_ms(fn: Callable[[], Any], repeats: int) -> float:
 def _recording(args: argparse.Namespace, folder: Path) -> Path:
     if args.data is not None:
         return args.data
-    from srdvol.simulate import simulate
+    from srdvol.simulate.scene import simulate
 
     noisy = folder / "noisy.zarr"
     simulate(noisy, truth=folder / "truth.zarr", frames=96, size=(96, 96), rate_hz=0.3, photons=2.0)
@@ -60,8 +60,8 @@ def _recording(args: argparse.Namespace, folder: Path) -> Path:
 
 def stage_table(trainer: Any, sampler: Any, steps: int) -> list[tuple[str, float]]:
     """CPU ms per step of each stage of ``Trainer.step``, median over ``steps`` steps."""
-    from srdvol.normalize import normalize
-    from srdvol.sampling import spatial_loss
+    from srdvol.core.normalize import normalize
+    from srdvol.training.pairs import spatial_loss
 
     names = ("read patches", "normalise", "pairs + dihedral", "forward", "loss", "backward")
     names += ("clip gradients", "Adam + schedule")
@@ -146,11 +146,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     patch = tuple(int(v) for v in args.patch.split(","))
 
-    from srdvol.io import open_image
+    from srdvol.core.normalize import sample_statistics
     from srdvol.model.network import NetworkConfig, build_network
-    from srdvol.normalize import sample_statistics
-    from srdvol.patches import PatchSampler
-    from srdvol.training import Trainer
+    from srdvol.ngff.read import open_image
+    from srdvol.training.loop import Trainer
+    from srdvol.training.patches import PatchSampler
 
     with tempfile.TemporaryDirectory() as folder:
         image = open_image(_recording(args, Path(folder)))

@@ -1,7 +1,7 @@
 """Denoising quality on simulated 0.3 Hz calcium imaging: srdvol against classical filters.
 
 For each photon budget the script simulates a noisy movie with its ground truth
-(:func:`srdvol.simulate.simulate`), then scores, with :func:`srdvol.metrics.evaluate` (per-frame
+(:func:`srdvol.simulate.scene.simulate`), then scores, with :func:`srdvol.core.metrics.evaluate` (per-frame
 SNR in dB against the truth, detector offset removed; SSIM; cell-trace correlation):
 
 - the noisy input;
@@ -9,8 +9,8 @@ SNR in dB against the truth, detector offset removed; SSIM; cell-trace correlati
   sigmas (``sigma_t`` in 0, 0.5, 1 frames x ``sigma_yx`` in 0.5..3 px) chosen *with* the truth,
   i.e. an oracle-tuned baseline (``sigma_t = 0`` is the 2D per-frame filter);
 - a **median filter**, the best of 3x3 per frame and 3x3x3 in (t, y, x), also oracle-picked;
-- **srdvol**: :func:`srdvol.training.train` for ``--steps`` steps (spatial sampling, no truth), then
-  a whole-movie prediction with :func:`srdvol.predict.predict_array`.
+- **srdvol**: :func:`srdvol.training.loop.train` for ``--steps`` steps (spatial sampling, no truth), then
+  a whole-movie prediction with :func:`srdvol.predict.predictors.predict_array`.
 
 It prints one markdown table. The reference point from the project issue: upstream SRDTrans,
 675 CPU steps on 64³ patches, scored 12.0 dB where the Gaussian scored 17.2 dB (noisy 8.3 dB).
@@ -44,12 +44,12 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from srdvol.io import open_image
-from srdvol.metrics import evaluate, read_masks
+from srdvol.core.metrics import evaluate, read_masks
 from srdvol.model.network import NetworkConfig
-from srdvol.predict import ModelPredictor, predict_array
-from srdvol.simulate import simulate
-from srdvol.training import train
+from srdvol.ngff.read import open_image
+from srdvol.predict.predictors import ModelPredictor, predict_array
+from srdvol.simulate.scene import simulate
+from srdvol.training.loop import train
 
 SIGMA_T = (0.0, 0.5, 1.0)
 SIGMA_YX = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     if args.lr is None:
-        from srdvol.training import DEFAULT_LR
+        from srdvol.training.loop import DEFAULT_LR
 
         args.lr = DEFAULT_LR
     if args.threads:

@@ -1,10 +1,10 @@
-"""Distributed training throughput: samples/s of srdvol.ddp on 1 and 2 CPU worker processes.
+"""Distributed training throughput: samples/s of srdvol.dask.ddp on 1 and 2 CPU worker processes.
 
 Run ``python benchmarks/training_throughput.py`` (options: ``--steps``, ``--workers 1 2``,
 ``--threads``, ``--patch T Y X``, ``--batch``, ``--network small|tiny|default``). It writes a
 small synthetic movie to a temporary Zarr store, then for each worker count starts a local CPU
-cluster (:func:`srdvol.cluster.open_cluster`) and trains with
-:func:`srdvol.ddp.train_distributed`. Reported per run:
+cluster (:func:`srdvol.dask.cluster.open_cluster`) and trains with
+:func:`srdvol.dask.ddp.train_distributed`. Reported per run:
 
 - samples/s: patches of all ranks per second of the client's wall time between rank 0's reports,
   after the first few steps (warm-up);
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from srdvol.cluster import open_cluster, parse_gpus
-from srdvol.ddp import Progress, train_distributed
+from srdvol.dask.cluster import open_cluster, parse_gpus
+from srdvol.dask.ddp import Progress, train_distributed
 from srdvol.model.network import NetworkConfig
 
 NETWORKS = {

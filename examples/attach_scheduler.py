@@ -20,7 +20,7 @@ from pathlib import Path
 
 from distributed import LocalCluster
 
-from srdvol.cli import main as srdvol
+from srdvol.app.cli import main as srdvol
 
 
 def run(workdir: Path, *, steps: int = 30) -> None:

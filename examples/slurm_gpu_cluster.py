@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from srdvol.cli import main as srdvol
+from srdvol.app.cli import main as srdvol
 
 if TYPE_CHECKING:
     from dask_jobqueue import SLURMCluster

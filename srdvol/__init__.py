@@ -23,7 +23,11 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 __all__ = ["__version__", "denoise", "open", "train"]
 
-_LAZY = {"open": "srdvol.io", "train": "srdvol.training", "denoise": "srdvol.engine"}
+_LAZY = {
+    "open": "srdvol.ngff.read",
+    "train": "srdvol.training.loop",
+    "denoise": "srdvol.dask.graph",
+}
 _TARGET = {"open": "open_image", "train": "train", "denoise": "denoise"}
 
 

@@ -2,7 +2,7 @@
 
 Every error message is one sentence in three parts: what (file or option), the problem and the
 fix. Each class also inherits the builtin exception a Python user would catch for it, so
-``except ValueError`` keeps working for library users. Only :mod:`srdvol.cli` turns these into
+``except ValueError`` keeps working for library users. Only :mod:`srdvol.app.cli` turns these into
 an exit code and a message without a traceback.
 """
 

@@ -333,8 +333,8 @@ class DenoisingProgress(Tracker):
 
     While blocks run, the patches the model has predicted so far show too (``denoising 0/1
     blocks 1234 patches ...``), so a block that takes minutes is seen to advance. Callable with
-    the writer's :class:`srdvol.engine.Progress` snapshots, so an instance is
-    :func:`srdvol.engine.write`'s ``progress`` argument.
+    the writer's :class:`srdvol.dask.graph.Progress` snapshots, so an instance is
+    :func:`srdvol.dask.graph.write`'s ``progress`` argument.
     """
 
     label = "denoising"
@@ -377,7 +377,7 @@ class DenoisingProgress(Tracker):
             self._show(line=first)
 
     def __call__(self, snapshot: Any) -> None:
-        """Take a :class:`srdvol.engine.Progress` (done, total, skipped, voxels, patches)."""
+        """Take a :class:`srdvol.dask.graph.Progress` (done, total, skipped, voxels, patches)."""
         if snapshot.computed == 0:  # the totals, or patches of blocks still running
             with self._lock:
                 self.total = int(snapshot.total)

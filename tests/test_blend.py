@@ -1,11 +1,11 @@
-"""Tests for srdvol.blend: the weighted accumulator."""
+"""Tests for srdvol.core.blend: the weighted accumulator."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from srdvol.blend import Accumulator
+from srdvol.core.blend import Accumulator
 
 
 def test_weighted_average_matches_numpy_reference():

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import zarr
 
-from srdvol.blosc import CheckedBlosc, CheckedBloscCodec, check_blosc_frame
 from srdvol.errors import DataError
-from srdvol.io import open_image
+from srdvol.ngff.blosc import CheckedBlosc, CheckedBloscCodec, check_blosc_frame
+from srdvol.ngff.read import open_image
 
 
 def _frame() -> bytes:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from srdvol.cli import main
+from srdvol.app.cli import main
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -24,7 +24,10 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 
 def test_console_script_help_lists_every_command():
     result = subprocess.run(
-        [sys.executable, "-m", "srdvol.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "srdvol.app.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     for command in ("denoise", "train", "predict", "simulate", "evaluate", "info", "demo"):
         assert command in result.stdout
@@ -107,8 +110,8 @@ def bad_inputs(tmp_path_factory):
     import zarr
 
     from srdvol.model.network import NetworkConfig
-    from srdvol.simulate import simulate
-    from srdvol.training import train
+    from srdvol.simulate.scene import simulate
+    from srdvol.training.loop import train
 
     root = tmp_path_factory.mktemp("bad-inputs")
     simulate(root / "in.zarr", truth=root / "truth.zarr", frames=32, size=(32, 32), seed=0)

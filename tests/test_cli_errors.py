@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 import zarr
 
-from srdvol.cli import main
-from srdvol.lock import lock_path
+from srdvol.app.cli import main
+from srdvol.ngff.lock import lock_path
 
 pytestmark = pytest.mark.slow
 
@@ -71,8 +71,8 @@ def corrupt_model(path: Path, *, seed: int = 0) -> None:
 def faults(tmp_path_factory):
     """A simulated recording, a tiny model, and one damaged copy per fault of the issue."""
     from srdvol.model.network import NetworkConfig
-    from srdvol.simulate import simulate
-    from srdvol.training import train
+    from srdvol.simulate.scene import simulate
+    from srdvol.training.loop import train
 
     root = tmp_path_factory.mktemp("faults")
     simulate(root / "in.zarr", truth=root / "truth.zarr", frames=32, size=(32, 32), seed=0)
@@ -361,7 +361,7 @@ def test_a_second_run_is_refused_and_a_killed_runs_lock_is_taken_over(faults, mo
     """Two identical runs: the second says who holds the output. The first is then killed
     (SIGKILL leaves its lock behind); a third run takes the stale lock over with a note and
     writes the same output as an uninterrupted run."""
-    from srdvol.predict import ModelPredictor, predict_array
+    from srdvol.predict.predictors import ModelPredictor, predict_array
 
     monkeypatch.chdir(faults)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
@@ -369,7 +369,7 @@ def test_a_second_run_is_refused_and_a_killed_runs_lock_is_taken_over(faults, mo
     lock = Path(lock_path(out))
     argv = ["predict", "in.zarr", "twice.zarr", *MODEL, "--dashboard-address", ":0"]
     first = subprocess.Popen(
-        [sys.executable, "-m", "srdvol.cli", *argv, "--workers", "1"],
+        [sys.executable, "-m", "srdvol.app.cli", *argv, "--workers", "1"],
         cwd=faults,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -427,8 +427,8 @@ def _can_mount() -> bool:
 # interpreter start for all of them) and reports each one's exit code and stderr.
 _DRIVER = """
 import contextlib, io, json, pathlib, sys
-import srdvol.storecheck as storecheck
-from srdvol.cli import main
+import srdvol.ngff.storecheck as storecheck
+from srdvol.app.cli import main
 
 results = []
 for case in json.loads(sys.argv[1]):
@@ -550,7 +550,7 @@ def test_folder_without_write_permission_is_found_before_any_work(faults, monkey
 
 
 def test_address_checks_accept_every_documented_form():
-    from srdvol.cluster import check_addresses
+    from srdvol.dask.cluster import check_addresses
     from srdvol.errors import ConfigError
 
     for scheduler in ("tcp://127.0.0.1:8786", "tls://node-1:8786", "127.0.0.1:8786", "s.json"):

@@ -1,4 +1,4 @@
-"""Tests of srdvol.cluster with real worker processes (kept to 1-2 workers with 1-2 threads)."""
+"""Tests of srdvol.dask.cluster with real worker processes (kept to 1-2 workers with 1-2 threads)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from distributed import Client, LocalCluster
 
-from srdvol.cluster import (
+from srdvol.dask.cluster import (
     cpu_worker_spec,
     dashboard_link,
     gpu_worker_spec,
@@ -282,7 +282,7 @@ def test_attach_to_missing_scheduler_file(tmp_path):
 
 
 def _cached_models() -> list[str]:
-    from srdvol import predict
+    from srdvol.predict import predictors as predict
 
     return sorted(str(key[0]) for key in predict._CACHE)
 
@@ -290,7 +290,7 @@ def _cached_models() -> list[str]:
 def _predict_with(model_path: str):
     import numpy as np
 
-    from srdvol import predict
+    from srdvol.predict import predictors as predict
 
     before = len(predict._CACHE)
     patches = np.full((1, 16, 8, 8), 100.0, dtype=np.float32)
@@ -301,7 +301,7 @@ def _predict_with(model_path: str):
 def test_model_plugin_loads_the_model_once_per_worker(monkeypatch, tmp_path):
     import torch
 
-    from srdvol.cluster import ModelPlugin
+    from srdvol.dask.cluster import ModelPlugin
     from srdvol.model.checkpoint import ModelRecord, Normalization, save_model
     from srdvol.model.network import NetworkConfig, build_network
 
@@ -351,7 +351,7 @@ def _listening(port: int) -> set[str]:
 def test_local_cluster_listens_on_loopback_by_default(monkeypatch):
     from urllib.parse import urlparse
 
-    from srdvol.cluster import DEFAULT_DASHBOARD_ADDRESS, live_workers
+    from srdvol.dask.cluster import DEFAULT_DASHBOARD_ADDRESS, live_workers
 
     assert DEFAULT_DASHBOARD_ADDRESS == "127.0.0.1:8787"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
@@ -371,7 +371,7 @@ def test_local_cluster_listens_on_loopback_by_default(monkeypatch):
 def test_live_workers_asks_the_scheduler_not_the_clients_cache(monkeypatch):
     from distributed.client import SchedulerInfo
 
-    from srdvol.cluster import live_workers
+    from srdvol.dask.cluster import live_workers
 
     with (
         LocalCluster(
@@ -390,7 +390,7 @@ def test_live_workers_asks_the_scheduler_not_the_clients_cache(monkeypatch):
 
 
 def test_a_worker_is_lost_only_when_two_answers_apart_lack_it():
-    from srdvol.cluster import WorkerWatch
+    from srdvol.dask.cluster import WorkerWatch
 
     now = [0.0]
     with (
@@ -448,7 +448,7 @@ def _closed_page_record():
 def test_a_closed_dashboard_page_prints_no_traceback(capsys):
     import logging
 
-    from srdvol.cluster import quiet_dashboard_noise
+    from srdvol.dask.cluster import quiet_dashboard_noise
 
     logger = logging.getLogger("tornado.application")
     quiet_dashboard_noise()

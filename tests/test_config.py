@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from srdvol.config import config_defaults, load_config_file, parse_triple
+from srdvol.app.config import config_defaults, load_config_file, parse_triple
 from srdvol.errors import ConfigError
 
 

@@ -1,4 +1,4 @@
-"""Tests of srdvol.ddp: gloo process groups across the worker processes of a real LocalCluster."""
+"""Tests of srdvol.dask.ddp: gloo process groups across the worker processes of a real LocalCluster."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from distributed import Client, LocalCluster, SchedulerPlugin
 from torch import nn
 
-from srdvol.ddp import DDPContext, Progress, run_distributed
+from srdvol.dask.ddp import DDPContext, Progress, run_distributed
 from srdvol.errors import DataError, TrainingInterruptedError
 
 STEPS = 4
@@ -152,8 +152,8 @@ def _faulty_rank(ctx: DDPContext, *, die_at: int, **plan):
     """srdvol's rank function, except that rank 1's process dies drawing batch ``die_at``."""
     import itertools
 
-    from srdvol.ddp import train_rank
-    from srdvol.patches import PatchSampler
+    from srdvol.dask.ddp import train_rank
+    from srdvol.training.patches import PatchSampler
 
     if ctx.rank == 1:
         original = PatchSampler.sample
@@ -178,9 +178,9 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def test_train_distributed_writes_model_and_resumes_exactly_after_a_lost_worker(
     cluster, tmp_path, make_plain_array
 ):
-    from srdvol.ddp import plan_training, train_distributed
+    from srdvol.dask.ddp import plan_training, train_distributed
     from srdvol.model.checkpoint import read_record
-    from srdvol.training import state_path
+    from srdvol.training.loop import state_path
 
     source, _ = make_plain_array("movie.zarr", shape=(32, 24, 24), dtype="uint16")
     options = {**TINY, "network": _tiny_network(), "steps": 8, "checkpoint_every": 2}
@@ -233,9 +233,9 @@ def test_train_distributed_writes_model_and_resumes_exactly_after_a_lost_worker(
 def test_planning_refuses_and_overwrites_like_single_process_training(
     cluster, tmp_path, make_plain_array
 ):
-    from srdvol.ddp import plan_training
+    from srdvol.dask.ddp import plan_training
     from srdvol.errors import ConfigError
-    from srdvol.training import state_path, train
+    from srdvol.training.loop import state_path, train
 
     source, _ = make_plain_array("movie.zarr", shape=(32, 24, 24), dtype="uint16")
     options = {**TINY, "network": _tiny_network(), "steps": 2}
@@ -276,7 +276,7 @@ class _SegmentLog(SchedulerPlugin):
         self.events: list[tuple[str, str]] = []
 
     def transition(self, key, start, finish, *args, **kwargs) -> None:
-        from srdvol.ddp import SEGMENT_PREFIX
+        from srdvol.dask.ddp import SEGMENT_PREFIX
 
         if str(key).startswith(SEGMENT_PREFIX):
             self.events.append((str(key), finish))
@@ -296,7 +296,7 @@ def test_an_empty_cached_snapshot_does_not_stop_training_and_segments_show_progr
     advance."""
     from distributed.client import SchedulerInfo
 
-    from srdvol.ddp import train_distributed
+    from srdvol.dask.ddp import train_distributed
 
     cluster.register_plugin(_SegmentLog())
     empty = SchedulerInfo({**dict(cluster.scheduler_info()), "workers": {}})
@@ -338,9 +338,9 @@ def test_a_killed_worker_process_ends_the_run_naming_worker_step_and_checkpoint(
 ):
     import signal
 
-    from srdvol.cluster import live_workers
-    from srdvol.ddp import train_distributed
-    from srdvol.training import state_path
+    from srdvol.dask.cluster import live_workers
+    from srdvol.dask.ddp import train_distributed
+    from srdvol.training.loop import state_path
 
     source, _ = make_plain_array("movie.zarr", shape=(32, 24, 24), dtype="uint16")
     workers = live_workers(cluster)
@@ -385,8 +385,8 @@ def test_ctrl_c_stops_every_rank_saves_the_state_and_resume_is_exact(
     import signal
 
     from srdvol import interrupt
-    from srdvol.ddp import train_distributed
-    from srdvol.training import state_path
+    from srdvol.dask.ddp import train_distributed
+    from srdvol.training.loop import state_path
 
     source, _ = make_plain_array("movie.zarr", shape=(32, 24, 24), dtype="uint16")
     options = {**TINY, "network": _tiny_network(), "steps": 8, "checkpoint_every": 4}

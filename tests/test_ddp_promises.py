@@ -1,7 +1,7 @@
 """Distributed training keeps its promises, through srdvol's own path (gloo, 2 real workers).
 
 - Both ranks end with identical weights (every rank's final weights are gathered through the
-  ``on_finish`` hook of :func:`srdvol.ddp.train_rank`).
+  ``on_finish`` hook of :func:`srdvol.dask.ddp.train_rank`).
 - The result equals one process that takes each step on the concatenated batches of both ranks,
   with each half's pairs drawn from that rank's stream, through the real :class:`Trainer`
   (same schedule, clipping, Adam). A run without the gradient all-reduce would be rank 0
@@ -25,11 +25,11 @@ import torch
 import zarr
 from distributed import Client, LocalCluster
 
-from srdvol.ddp import plan_training, run_distributed, train_rank
+from srdvol.dask.ddp import plan_training, run_distributed, train_rank
 from srdvol.model.checkpoint import load_model
 from srdvol.model.network import NetworkConfig, build_network
-from srdvol.patches import PatchSampler
-from srdvol.training import Trainer
+from srdvol.training.loop import Trainer
+from srdvol.training.patches import PatchSampler
 
 STEPS = 5
 BATCH = 2  # per rank
@@ -151,7 +151,7 @@ def _max_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float
 
 @pytest.mark.slow
 def test_ddp_ranks_agree_and_equal_one_process_on_both_batches(client, source, tmp_path):
-    from srdvol.io import open_image
+    from srdvol.ngff.read import open_image
 
     model = tmp_path / "model.srdvol"
     options = {**OPTIONS, "network": NetworkConfig.tiny(16)}

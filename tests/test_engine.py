@@ -1,4 +1,4 @@
-"""Tests for srdvol.engine: the lazy map_overlap image, the wave writer and its ledger."""
+"""Tests for srdvol.dask.graph: the lazy map_overlap image, the wave writer and its ledger."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from srdvol.engine import BlockDataError, Ledger, denoise, write
+from srdvol.dask.graph import BlockDataError, Ledger, denoise, write
 from srdvol.errors import (
     ConfigError,
     DataError,
@@ -29,7 +29,7 @@ from srdvol.errors import (
     OutputExistsError,
     UnsupportedDtypeError,
 )
-from srdvol.predict import AffineModel, PatchMeanModel, predict_array
+from srdvol.predict.predictors import AffineModel, PatchMeanModel, predict_array
 
 
 def noisy(shape, seed=0):
@@ -301,8 +301,8 @@ RESUME_SCRIPT = textwrap.dedent(
     import sys
     import dask.array as da
     import zarr
-    from srdvol.engine import denoise, write
-    from srdvol.predict import AffineModel
+    from srdvol.dask.graph import denoise, write
+    from srdvol.predict.predictors import AffineModel
 
     src, dst, ledger, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     out = zarr.open_array(dst, mode="r+")
@@ -484,7 +484,7 @@ def test_writer_submits_a_job_that_fits_whole_and_a_big_one_in_bounded_waves(
     """Without ``wave`` a job that fits in a quarter of the workers' memory is submitted at once
     (the dashboard's totals are the whole job); a bigger one goes in waves of 2 x threads, so
     what waits in memory stays bounded whatever the job's size."""
-    from srdvol import engine
+    from srdvol.dask import graph as engine
 
     arr, out, lazy = _many_blocks(tmp_path)
     total = int(np.prod(lazy.numblocks))
@@ -581,8 +581,8 @@ def test_nan_block_error_travels_back_from_worker(tmp_path, client):
 def test_open_image_denoise_write_roundtrip(tmp_path, make_image):
     from ome_zarr_models import v05
 
-    from srdvol.io import open_image
-    from srdvol.output import create_output
+    from srdvol.ngff.read import open_image
+    from srdvol.ngff.write import create_output
 
     path, data = make_image(
         axes="tzyx", shape=(20, 2, 24, 20), dtype="uint16", chunks=(4, 1, 8, 10)

@@ -29,10 +29,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sliding_window import Model, reference, reference_movie
 
-from srdvol.engine import denoise, write
+from srdvol.dask.graph import denoise, write
 from srdvol.model.checkpoint import ModelRecord, Normalization, save_model
 from srdvol.model.network import NetworkConfig, build_network
-from srdvol.predict import AffineModel, ModelPredictor, PatchMeanModel
+from srdvol.predict.predictors import AffineModel, ModelPredictor, PatchMeanModel
 
 # ------------------------------------------------------------------------------ the reference
 

@@ -49,7 +49,7 @@ def assert_valid_denoised(out: Path, *, noisy: Path) -> np.ndarray:
         from ome_zarr_models import v05
 
     import srdvol
-    from srdvol.output import read_provenance
+    from srdvol.ngff.write import read_provenance
 
     v05.Image.from_zarr(zarr.open_group(str(out), mode="r"))  # raises if not valid NGFF
     image, source = srdvol.open(out), srdvol.open(noisy)
@@ -89,7 +89,7 @@ def test_neural_volume_example_denoises_a_tzyx_recording(tmp_path):
     values = assert_valid_denoised(run / "denoised.zarr", noisy=run / "noisy.zarr")
     assert values.shape == (32, 2, 48, 48)
     # the scores it printed are those of the files it left
-    from srdvol.metrics import evaluate_stores
+    from srdvol.core.metrics import evaluate_stores
 
     printed = _metrics(result.stdout)
     scores = evaluate_stores(

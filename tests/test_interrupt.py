@@ -21,7 +21,7 @@ import torch
 import zarr
 
 from srdvol import interrupt
-from srdvol.training import state_path
+from srdvol.training.loop import state_path
 
 PROGRESS = re.compile(r"^(training step|denoising) (\d+)/(\d+)")
 # The plain progress lines of a batch job (stderr is a file here), as tests/test_progress.py
@@ -154,15 +154,13 @@ def test_a_plain_python_session_gets_a_graceful_ctrl_c_in_training_loops(python_
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_single_process_training_stops_at_a_step_boundary_and_says_where(
-    tmp_path, python_defaults
-):
+def test_single_process_training_stops_at_a_step_boundary_and_says_where(tmp_path, python_defaults):
     """A real SIGINT during in-process training: the step in progress ends, the state is
     saved, and the exception notes it; resuming gives the uninterrupted weights."""
     from srdvol.model.network import NetworkConfig
-    from srdvol.patches import PatchSampler
-    from srdvol.simulate import simulate
-    from srdvol.training import train
+    from srdvol.simulate.scene import simulate
+    from srdvol.training.loop import train
+    from srdvol.training.patches import PatchSampler
 
     simulate(tmp_path / "in.zarr", truth=tmp_path / "t.zarr", frames=32, size=(32, 32), seed=0)
     options = {
@@ -205,8 +203,8 @@ def test_single_process_training_stops_at_a_step_boundary_and_says_where(
 def data(tmp_path_factory):
     """A small recording, a longer one for prediction, a tiny model, and reference results."""
     from srdvol.model.network import NetworkConfig
-    from srdvol.simulate import simulate
-    from srdvol.training import train
+    from srdvol.simulate.scene import simulate
+    from srdvol.training.loop import train
 
     root = tmp_path_factory.mktemp("interrupt")
     simulate(root / "in.zarr", truth=root / "truth.zarr", frames=32, size=(32, 32), seed=0)

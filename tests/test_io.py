@@ -1,4 +1,4 @@
-"""Tests for srdvol.io: reading OME-Zarr written by ome-zarr itself, plain arrays, bad inputs."""
+"""Tests for srdvol.ngff.read: reading OME-Zarr written by ome-zarr itself, plain arrays, bad inputs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import zarr
 
 from srdvol.errors import DataError, InputError, StoreNotFoundError, UnsupportedDtypeError
-from srdvol.io import NamedReads, describe_image, open_image
+from srdvol.ngff.read import NamedReads, describe_image, open_image
 
 LAYOUTS = [
     ("tyx", (16, 24, 20), (8, 16, 16)),

@@ -1,4 +1,4 @@
-"""Tests for srdvol.lock: one run per output, who holds it, stale locks, URLs."""
+"""Tests for srdvol.ngff.lock: one run per output, who holds it, stale locks, URLs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from srdvol.errors import OutputLockedError, OutputPathError
-from srdvol.lock import hold, lock_path, read_lock
+from srdvol.ngff.lock import hold, lock_path, read_lock
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Tests of srdvol.metrics against plain-numpy references written here, independently."""
+"""Tests of srdvol.core.metrics against plain-numpy references written here, independently."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import xarray as xr
 from scipy import ndimage
 
+from srdvol.core.metrics import evaluate, evaluate_stores, format_metrics, frame_ssim, read_masks
 from srdvol.errors import InputError
-from srdvol.metrics import evaluate, evaluate_stores, format_metrics, frame_ssim, read_masks
-from srdvol.simulate import simulate
+from srdvol.simulate.scene import simulate
 
 OFFSET = 100.0
 

@@ -334,7 +334,7 @@ def test_data_parallel_training_gets_no_gradient_layout_warning(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from srdvol.sampling import random_dihedral, spatial_loss, spatial_pairs
+    from srdvol.training.pairs import random_dihedral, spatial_loss, spatial_pairs
 
     dist.init_process_group(
         "gloo", init_method=(tmp_path / "rendezvous").as_uri(), rank=0, world_size=1

@@ -1,4 +1,4 @@
-"""Tests of srdvol.normalize: global statistics from a deterministic chunk sample."""
+"""Tests of srdvol.core.normalize: global statistics from a deterministic chunk sample."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ import pytest
 import xarray as xr
 import zarr
 
-from srdvol.errors import ConfigError, DataError
-from srdvol.normalize import (
+from srdvol.core.normalize import (
     Statistics,
     _choose_chunks,
     denormalize,
     normalize,
     sample_statistics,
 )
+from srdvol.errors import ConfigError, DataError
 
 
 def zarr_image(path: Path, data: np.ndarray, chunks: tuple[int, ...], dims: str) -> xr.DataArray:
-    """Write ``data`` to a real zarr store and open it the way srdvol.io does (lazy, read-only)."""
+    """Write ``data`` to a real zarr store and open it the way srdvol.ngff.read does (lazy, read-only)."""
     arr = zarr.create_array(str(path), shape=data.shape, chunks=chunks, dtype=data.dtype)
     arr[...] = data
     ro = zarr.open_array(str(path), mode="r")
@@ -135,7 +135,7 @@ def test_normalize_round_trip_and_scale() -> None:
 
 
 def test_compare_statistics_warns_only_when_far_from_the_training_data():
-    from srdvol.normalize import compare_statistics
+    from srdvol.core.normalize import compare_statistics
 
     trained = Statistics(mean=100.0, std=10.0)
     for near in (Statistics(109.0, 10.0), Statistics(91.0, 6.0), Statistics(100.0, 19.0)):

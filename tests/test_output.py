@@ -1,4 +1,4 @@
-"""Tests for srdvol.output: creation, NGFF validity, resume/refusal, parallel writes, pyramid."""
+"""Tests for srdvol.ngff.write: creation, NGFF validity, resume/refusal, parallel writes, pyramid."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import zarr
 
 from srdvol.errors import ConfigError, OutputExistsError, OutputPathError
-from srdvol.io import open_image
-from srdvol.output import (
+from srdvol.ngff.read import open_image
+from srdvol.ngff.write import (
     check_output_path,
     create_output,
     make_run_id,
@@ -200,7 +200,7 @@ def test_parallel_writes_from_worker_processes_lose_nothing(tmp_path, make_image
         import numpy as np
         import zarr as zarr_
 
-        from srdvol.output import open_output_array as open_out
+        from srdvol.ngff.write import open_output_array as open_out
 
         target = open_out(output)
         region = tuple(

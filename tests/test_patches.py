@@ -1,4 +1,4 @@
-"""Tests of srdvol.patches: lazy random training patches from a zarr store."""
+"""Tests of srdvol.training.patches: lazy random training patches from a zarr store."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import LocalStore, WrapperStore
 
 from srdvol.errors import ConfigError, InputError
-from srdvol.patches import PatchSampler
+from srdvol.training.patches import PatchSampler
 
 
 class CountingStore(WrapperStore[LocalStore]):

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import zarr
 
-from srdvol.pipeline import default_model_path
-from srdvol.simulate import simulate
+from srdvol.app.commands import default_model_path
+from srdvol.simulate.scene import simulate
 
 
 def _srdvol(*args: str) -> list[str]:
@@ -79,10 +79,10 @@ def test_denoise_serves_the_dashboard_while_running_and_a_rerun_resumes(tmp_path
 
 def test_public_api_open_train_denoise(tmp_path):
     import srdvol
-    import srdvol.training  # a submodule import must not shadow the function srdvol.train
+    import srdvol.training.loop  # a submodule import must not shadow the function srdvol.train
     from srdvol.model.network import NetworkConfig
 
-    assert srdvol.train is srdvol.training.train
+    assert srdvol.train is srdvol.training.loop.train
 
     noisy, truth = tmp_path / "noisy.zarr", tmp_path / "truth.zarr"
     simulate(noisy, truth=truth, frames=32, size=(32, 32), seed=1)
@@ -151,7 +151,7 @@ def _validate_ngff(path: str, ngff: str) -> None:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     from srdvol.model.network import NetworkConfig
-    from srdvol.training import train
+    from srdvol.training.loop import train
 
     root = tmp_path_factory.mktemp("tiny-model")
     simulate(root / "noisy.zarr", truth=root / "truth.zarr", frames=16, size=(32, 32), seed=2)
@@ -170,7 +170,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_worker():
-    from srdvol.cluster import open_cluster
+    from srdvol.dask.cluster import open_cluster
 
     with open_cluster(gpus="none", workers=1, threads_per_worker=1, dashboard_address=None) as c:
         yield c
@@ -188,7 +188,7 @@ def one_worker():
 def test_info_lists_exactly_the_levels_predict_writes(
     tmp_path, make_image, tiny_model, one_worker, size, ngff, dtype, expected
 ):
-    from srdvol.pipeline import info_text, run_predict
+    from srdvol.app.commands import info_text, run_predict
 
     source, _ = make_image(axes="tyx", shape=(16, *size), dtype="uint16", chunks=(16, 32, 32))
     text = info_text(source, patch=(16, 16, 16), dtype=dtype, ngff=ngff)
@@ -215,9 +215,9 @@ def test_info_lists_exactly_the_levels_predict_writes(
     assert max(listed[-1][1][1:]) <= 64
     assert report.total == int(_number(text, r"blocks: (\d+) of"))
     # the task count is that of the graph predict builds
-    from srdvol.engine import denoise
-    from srdvol.io import open_image
-    from srdvol.predict import AffineModel
+    from srdvol.dask.graph import denoise
+    from srdvol.ngff.read import open_image
+    from srdvol.predict.predictors import AffineModel
 
     lazy = denoise(open_image(source), AffineModel(), patch=(16, 16, 16), chunks=group["s0"].chunks)
     assert len(lazy.data.__dask_graph__()) == int(_number(text, r"(\d+) dask tasks"))
@@ -229,8 +229,8 @@ def test_info_lists_exactly_the_levels_predict_writes(
 
 
 def test_info_shows_what_a_high_overlap_costs(make_plain_array, capsys):
-    from srdvol.cli import main
-    from srdvol.tiling import plan_blocks, plan_cost
+    from srdvol.app.cli import main
+    from srdvol.core.tiling import plan_blocks, plan_cost
 
     source, _ = make_plain_array(shape=(32, 64, 64), chunks=(16, 64, 64))
     costs = {}
@@ -266,7 +266,7 @@ def test_info_shows_what_a_high_overlap_costs(make_plain_array, capsys):
 
 
 def test_info_says_when_the_patch_is_larger_than_the_movie(make_image):
-    from srdvol.pipeline import info_text
+    from srdvol.app.commands import info_text
 
     source, _ = make_image(axes="tyx", shape=(32, 96, 96), chunks=(16, 96, 96))
     text = info_text(source)  # the default patch (64, 128, 128)
@@ -280,8 +280,8 @@ def test_info_says_when_the_patch_is_larger_than_the_movie(make_image):
 
 
 def test_info_refuses_an_unknown_output_format(make_image):
+    from srdvol.app.commands import info_text
     from srdvol.errors import ConfigError
-    from srdvol.pipeline import info_text
 
     source, _ = make_image(axes="tyx", shape=(16, 32, 32))
     with pytest.raises(ConfigError, match="--ngff"):
@@ -293,7 +293,7 @@ def test_info_refuses_an_unknown_output_format(make_image):
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_one_single_threaded_worker(tmp_path, monkeypatch, capsys):
     # The demo's own sizes take minutes; a smaller recording runs the same code path.
-    from srdvol import pipeline
+    from srdvol.app import commands as pipeline
 
     monkeypatch.setitem(pipeline.DEMO, "frames", 32)
     monkeypatch.setitem(pipeline.DEMO, "size", (32, 32))
@@ -318,7 +318,7 @@ def test_demo_runs_end_to_end_on_one_single_threaded_worker(tmp_path, monkeypatc
 
 
 def test_info_scales_the_task_count_of_a_large_plan_from_a_corner(tmp_path, monkeypatch):
-    from srdvol import pipeline
+    from srdvol.app import commands as pipeline
 
     source = str(tmp_path / "large.zarr")  # no chunk written: info reads metadata and one chunk
     zarr.create_array(source, shape=(320, 2, 640, 640), chunks=(16, 1, 128, 128), dtype="uint16")

@@ -1,4 +1,4 @@
-"""Tests for srdvol.predict: predictors, one-block prediction and the whole-array pass."""
+"""Tests for srdvol.predict.predictors: predictors, one-block prediction and the whole-array pass."""
 
 from __future__ import annotations
 
@@ -10,9 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sliding_window import reference_movie
 
-from srdvol import predict
 from srdvol.errors import DataError, InputError, ModelMismatchError, StoreNotFoundError
-from srdvol.predict import AffineModel, ModelPredictor, PatchMeanModel, predict_array, predict_block
+from srdvol.predict.predictors import (
+    AffineModel,
+    ModelPredictor,
+    PatchMeanModel,
+    predict_array,
+    predict_block,
+)
+from srdvol.predict import predictors as predict
 
 
 @given(

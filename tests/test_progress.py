@@ -130,8 +130,8 @@ def test_interval_setting(monkeypatch):
 def test_writer_reports_into_the_progress_family(tmp_path):
     import zarr
 
-    from srdvol.engine import denoise, write
-    from srdvol.predict import AffineModel
+    from srdvol.dask.graph import denoise, write
+    from srdvol.predict.predictors import AffineModel
 
     arr = np.random.default_rng(0).normal(100, 5, (32, 8, 16)).astype(np.float32)
     out = zarr.create_array(

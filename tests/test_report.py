@@ -1,4 +1,4 @@
-"""Tests of srdvol.report: the evaluation figure is written, sized and filled as documented."""
+"""Tests of srdvol.app.report: the evaluation figure is written, sized and filled as documented."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import zarr
 from matplotlib.image import imread
 from scipy import ndimage
 
-from srdvol.report import DPI, FIGURE_SIZE, write_report
-from srdvol.simulate import simulate
+from srdvol.app.report import DPI, FIGURE_SIZE, write_report
+from srdvol.simulate.scene import simulate
 
 WIDTH, HEIGHT = int(FIGURE_SIZE[0] * DPI), int(FIGURE_SIZE[1] * DPI)
 
@@ -64,8 +64,8 @@ def test_report_traces_differ_from_a_blank_trace_panel(stores, tmp_path):
 
 
 def test_pipeline_call_style_with_estimate_and_precomputed_metrics(stores, tmp_path):
+    from srdvol.core.metrics import evaluate_stores
     from srdvol.errors import ConfigError
-    from srdvol.metrics import evaluate_stores
 
     result = evaluate_stores(stores / "noisy", truth=stores / "truth", noisy=stores / "noisy")
     result["estimate"] = {**result["estimate"], "snr_db": 99.0}  # shown as given, not recomputed

@@ -1,4 +1,4 @@
-"""Tests of srdvol.sampling: spatial and temporal pairs, loss, dihedral augmentation, auto."""
+"""Tests of srdvol.training.pairs: spatial and temporal pairs, loss, dihedral augmentation, auto."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from srdvol.errors import ConfigError, DataError
-from srdvol.sampling import (
+from srdvol.training.pairs import (
     SPATIAL_TRIPLES,
     dihedral,
     dihedral_inverse,

@@ -1,4 +1,4 @@
-"""Tests of srdvol.simulate: determinism, noise statistics, metadata, bounded memory."""
+"""Tests of srdvol.simulate.scene: determinism, noise statistics, metadata, bounded memory."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from ome_zarr_models.v05.image import Image
 from ome_zarr_models.v05.labels import Labels
 
 from srdvol.errors import ConfigError, OutputExistsError
-from srdvol.simulate import SceneConfig, _calcium_traces, _noisy_frame, simulate
+from srdvol.simulate.scene import SceneConfig, _calcium_traces, _noisy_frame, simulate
 
 
 def _read(path) -> np.ndarray:
@@ -144,7 +144,7 @@ def test_existing_foreign_store_is_refused_before_anything_is_written(tmp_path):
 _CHILD = textwrap.dedent(
     """
     import json, resource, sys
-    from srdvol.simulate import simulate
+    from srdvol.simulate.scene import simulate
     out, truth, frames = sys.argv[1], sys.argv[2], int(sys.argv[3])
     info = simulate(out, truth=truth, frames=frames, size=(256, 256), chunks={"t": 4})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB

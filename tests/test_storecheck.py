@@ -1,4 +1,4 @@
-"""Tests for srdvol.storecheck: missing chunks from one listing, write probes, free space."""
+"""Tests for srdvol.ngff.storecheck: missing chunks from one listing, write probes, free space."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import zarr
 
 from srdvol.errors import DataError, OutputPathError
-from srdvol.io import open_image
-from srdvol.storecheck import (
+from srdvol.ngff.read import open_image
+from srdvol.ngff.storecheck import (
     check_chunks,
     check_free_space,
     find_missing_chunks,

@@ -1,4 +1,4 @@
-"""Tests for srdvol.tiling: the global lattice, windows and block plans."""
+"""Tests for srdvol.core.tiling: the global lattice, windows and block plans."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from srdvol.errors import ConfigError
-from srdvol.tiling import (
+from srdvol.core.tiling import (
     axis_blocks,
     lattice,
     plan_blocks,
@@ -20,6 +19,7 @@ from srdvol.tiling import (
     window,
     window_1d,
 )
+from srdvol.errors import ConfigError
 
 
 @given(length=st.integers(1, 300), patch=st.integers(1, 64), overlap=st.floats(0, 0.95))

@@ -1,4 +1,4 @@
-"""Tests of srdvol.training: a real (tiny) training run from a zarr store, determinism, resume."""
+"""Tests of srdvol.training.loop: a real (tiny) training run from a zarr store, determinism, resume."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ import xarray as xr
 import zarr
 from torch import nn
 
+from srdvol.core.normalize import Statistics
 from srdvol.errors import ConfigError, DataError, OutputExistsError
 from srdvol.model.checkpoint import load_model, read_record
 from srdvol.model.network import NetworkConfig, build_network
-from srdvol.normalize import Statistics
-from srdvol.patches import PatchSampler
-from srdvol.simulate import simulate
-from srdvol.training import Trainer, lr_factor, run_loop, state_path, train
+from srdvol.simulate.scene import simulate
+from srdvol.training.loop import Trainer, lr_factor, run_loop, state_path, train
+from srdvol.training.patches import PatchSampler
 
 #: Small enough for a 2-core machine, big enough to learn something in a hundred steps.
 SMALL = NetworkConfig(channels=(4, 4, 8, 8), embed_dim=16, heads=2, patch_t=16)
@@ -82,8 +82,8 @@ QUICK: dict[str, Any] = {"patch": (16, 16, 16), "batch_size": 2, "network": TINY
 
 @pytest.mark.slow
 def test_training_lowers_loss_and_denoises(movie: tuple[Path, Path], tmp_path: Path) -> None:
-    from srdvol.io import open_image
-    from srdvol.predict import ModelPredictor, predict_array
+    from srdvol.ngff.read import open_image
+    from srdvol.predict.predictors import ModelPredictor, predict_array
 
     noisy_path, truth_path = movie
     model = tmp_path / "m.safetensors"

@@ -216,7 +216,7 @@ def check_chunks(image: Any, *, allow_missing: bool = False) -> MissingChunks | 
     Parameters
     ----------
     image
-        An image from :func:`srdvol.io.open_image` (``attrs`` ``source``, ``array_path``,
+        An image from :func:`srdvol.ngff.read.open_image` (``attrs`` ``source``, ``array_path``,
         ``channel``).
     allow_missing
         Return the finding instead of raising (the caller warns).

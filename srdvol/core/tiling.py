@@ -175,7 +175,7 @@ class BlockPlan:
 
 
 #: Bytes held per voxel of a block's read region: the input, a float32 copy, and the float64
-#: sums Σw·pred and Σw of :class:`srdvol.blend.Accumulator`.
+#: sums Σw·pred and Σw of :class:`srdvol.core.blend.Accumulator`.
 _BYTES_PER_VOXEL = 24
 
 

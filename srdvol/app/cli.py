@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from srdvol.config import (
+from srdvol.app.config import (
     DEFAULT_DASHBOARD_ADDRESS,
     Autocast,
     Ngff,
@@ -173,7 +173,7 @@ def _read_options(level: int, channel: int | None, axes: str | None) -> dict[str
 def _cluster_options(
     scheduler: str | None, workers: int | None, gpus: str | None, dashboard_address: str
 ) -> dict[str, Any]:
-    from srdvol.cluster import parse_gpus
+    from srdvol.dask.cluster import parse_gpus
 
     return {
         "scheduler": scheduler,
@@ -200,7 +200,7 @@ def info(
 ) -> None:
     """Show axes, shape, chunks, size and what `srdvol denoise` would do and write, with its
     cost (or a model's record)."""
-    from srdvol import pipeline
+    from srdvol.app import commands as pipeline
 
     text = pipeline.info_text(
         source,
@@ -232,7 +232,7 @@ def simulate(
     config: ConfigOpt = None,
 ) -> None:
     """Write synthetic two-photon calcium imaging with its ground truth."""
-    from srdvol import pipeline
+    from srdvol.app import commands as pipeline
 
     pipeline.run_simulate(
         out,
@@ -260,7 +260,7 @@ def evaluate(
     config: ConfigOpt = None,
 ) -> None:
     """SNR, PSNR, SSIM and correlations of OUT against the ground truth."""
-    from srdvol import pipeline
+    from srdvol.app import commands as pipeline
 
     typer.echo(pipeline.run_evaluate(out, truth=truth, noisy=noisy, report=report))
 
@@ -288,7 +288,7 @@ def train(
     config: ConfigOpt = None,
 ) -> None:
     """Self-supervised training on IN (no clean data needed)."""
-    from srdvol import pipeline
+    from srdvol.app import commands as pipeline
 
     pipeline.run_train(
         source,
@@ -331,7 +331,7 @@ def predict(
     config: ConfigOpt = None,
 ) -> None:
     """Denoise IN into OUT with a trained model."""
-    from srdvol import pipeline
+    from srdvol.app import commands as pipeline
 
     pipeline.run_predict(
         source,
@@ -380,7 +380,7 @@ def denoise(
     config: ConfigOpt = None,
 ) -> None:
     """Train on IN (unless --model is given), then denoise IN into OUT."""
-    from srdvol import pipeline
+    from srdvol.app import commands as pipeline
 
     pipeline.run_denoise(
         source,
@@ -416,7 +416,7 @@ def demo(
     config: ConfigOpt = None,
 ) -> None:
     """Simulate -> denoise -> evaluate on a small default, in minutes on a laptop CPU."""
-    from srdvol import pipeline
+    from srdvol.app import commands as pipeline
 
     pipeline.run_demo(workdir, steps=steps, workers=workers, overwrite=overwrite)
 

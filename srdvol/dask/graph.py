@@ -39,6 +39,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from srdvol import interrupt
 from srdvol.axes import MOVIE_AXES, parse_axes
+from srdvol.core.tiling import BlockPlan, Window, plan_blocks
 from srdvol.errors import (
     ClusterError,
     ConfigError,
@@ -47,8 +48,13 @@ from srdvol.errors import (
     OutputExistsError,
     UnsupportedDtypeError,
 )
-from srdvol.predict import ModelPredictor, Predictor, as_patch, check_frames, predict_block
-from srdvol.tiling import BlockPlan, Window, plan_blocks
+from srdvol.predict.predictors import (
+    ModelPredictor,
+    Predictor,
+    as_patch,
+    check_frames,
+    predict_block,
+)
 
 __all__ = [
     "BlockDataError",
@@ -99,7 +105,7 @@ def denoise(
     array
         An :class:`xarray.DataArray` (dims from it), or a dask/numpy array with ``dims``.
     model
-        A :class:`~srdvol.predict.Predictor` or the path of a model file.
+        A :class:`~srdvol.predict.predictors.Predictor` or the path of a model file.
     patch
         Patch size (t, y, x); default: the model's (``model.patch``).
     overlap
@@ -114,7 +120,7 @@ def denoise(
     chunks
         Output chunk (or shard) shape that block boundaries must align to (tuple in array order or
         dict by axis name); default: the input's chunks (``attrs["store_chunks"]`` for an image
-        from :func:`srdvol.io.open_image`).
+        from :func:`srdvol.ngff.read.open_image`).
     memory
         Per-block buffer budget in bytes when ``block`` is None.
     batch_size
@@ -324,7 +330,7 @@ _patch_sink: Callable[[str, int], None] | None = None
 
 
 class _PatchCounter:
-    """A :class:`~srdvol.predict.Predictor` that counts the patches it predicts and reports them
+    """A :class:`~srdvol.predict.predictors.Predictor` that counts the patches it predicts and reports them
     (to the writer that runs the block), so that a block which takes minutes still shows
     progress. Attributes (``patch``, ``batch_size``) are the wrapped predictor's."""
 
@@ -771,7 +777,7 @@ def _block_graphs(data: da.Array) -> Callable[[tuple[Any, ...]], dict[Any, Any]]
 
 
 def _client_threads(client: Any) -> int:
-    from srdvol.cluster import live_workers
+    from srdvol.dask.cluster import live_workers
 
     workers = live_workers(client)
     return max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
@@ -787,7 +793,7 @@ def _default_wave(
     """Blocks in flight when ``wave`` is not given (see the module docstring)."""
     if client is None:
         return 2 * max(1, threads)
-    from srdvol.cluster import live_workers
+    from srdvol.dask.cluster import live_workers
 
     workers = live_workers(client)
     slots = 2 * max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))

@@ -14,7 +14,7 @@ Noise model (documented because evaluation depends on it)::
 ``photons`` sets the *mean* number of photons per pixel and frame over the field of view at rest
 (no activity, neuropil at its mean), so active cells are brighter than that. The truth therefore
 carries the same offset as the noisy data: a perfect denoiser (one returning E[noisy]) scores
-perfectly. SNR in :mod:`srdvol.metrics` subtracts the ``offset`` recorded in the truth store's
+perfectly. SNR in :mod:`srdvol.core.metrics` subtracts the ``offset`` recorded in the truth store's
 ``srdvol.simulation`` attributes so the constant does not inflate it.
 
 Determinism: the scene (cells, processes, neuropil, all traces) comes from ``seed`` alone, and the
@@ -452,8 +452,8 @@ def _create_image(
     provenance: dict[str, Any],
     overwrite: bool,
 ) -> Any:
-    """Create an OME-Zarr 0.5 image through :func:`srdvol.output.create_output`."""
-    from srdvol.output import create_output
+    """Create an OME-Zarr 0.5 image through :func:`srdvol.ngff.write.create_output`."""
+    from srdvol.ngff.write import create_output
 
     return create_output(
         path,
@@ -512,7 +512,7 @@ def _check_target(path: str, record: dict[str, Any], *, overwrite: bool) -> None
     import json
 
     from srdvol.errors import OutputExistsError
-    from srdvol.output import read_provenance
+    from srdvol.ngff.write import read_provenance
 
     if overwrite or not os.path.exists(path):
         return
@@ -603,7 +603,7 @@ def simulate(
     for option, ok in checks.items():
         if not ok:
             raise ConfigError(option, "must be a positive number", f"give a positive {option}")
-    from srdvol.output import check_output_path
+    from srdvol.ngff.write import check_output_path
 
     check_output_path(truth, out)  # neither store may be, or lie inside, the other
     nz = 1 if planes is None else int(planes)

@@ -26,7 +26,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from srdvol.axes import MOVIE_AXES, parse_axes
-from srdvol.blend import Accumulator
+from srdvol.core.blend import Accumulator
+from srdvol.core.tiling import Window, lattice, stride, touching, window
 from srdvol.errors import (
     ConfigError,
     DataError,
@@ -34,7 +35,6 @@ from srdvol.errors import (
     ModelMismatchError,
     StoreNotFoundError,
 )
-from srdvol.tiling import Window, lattice, stride, touching, window
 
 __all__ = [
     "MIN_FRAMES",

@@ -2,7 +2,7 @@
 
 The figure is drawn with matplotlib's object API on an Agg canvas (no pyplot state, no display
 needed) at a fixed size, :data:`FIGURE_SIZE` inches at :data:`DPI`. Only the shown frame and the
-cell traces are loaded; the metrics are computed out of core by :func:`srdvol.metrics.evaluate`.
+cell traces are loaded; the metrics are computed out of core by :func:`srdvol.core.metrics.evaluate`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from srdvol.core.metrics import as_movie, cell_traces, evaluate, read_masks, simulation_record
 from srdvol.errors import ConfigError
-from srdvol.metrics import as_movie, cell_traces, evaluate, read_masks, simulation_record
 
 __all__ = ["DPI", "FIGURE_SIZE", "write_report"]
 
@@ -24,9 +24,9 @@ _MAX_TRACES = 3
 
 
 def _open(image: Any) -> Any:
-    """Open a store path with :func:`srdvol.io.open_image`; pass arrays through."""
+    """Open a store path with :func:`srdvol.ngff.read.open_image`; pass arrays through."""
     if isinstance(image, str | os.PathLike):
-        from srdvol.io import open_image
+        from srdvol.ngff.read import open_image
 
         return open_image(image)
     return image
@@ -68,7 +68,7 @@ def write_report(
     path_png
         Where to write the figure (a PNG of :data:`FIGURE_SIZE` x :data:`DPI` pixels).
     noisy, denoised, truth
-        Images as store paths (opened with :func:`srdvol.io.open_image`) or (t, ..., y, x)
+        Images as store paths (opened with :func:`srdvol.ngff.read.open_image`) or (t, ..., y, x)
         arrays / DataArrays of one shape. At least one of ``noisy`` and ``denoised`` is needed.
     masks
         Cell labels (one time point's shape); read from the truth store's ``labels/`` when the
@@ -79,9 +79,9 @@ def write_report(
     offset
         Detector baseline for the SNR; default: the truth store's simulation record, else 0.
     estimate
-        Another name for ``denoised`` (the one :func:`srdvol.metrics.evaluate_stores` uses).
+        Another name for ``denoised`` (the one :func:`srdvol.core.metrics.evaluate_stores` uses).
     metrics
-        Metrics already computed, as :func:`srdvol.metrics.evaluate_stores` returns them
+        Metrics already computed, as :func:`srdvol.core.metrics.evaluate_stores` returns them
         (``{"estimate": ..., "noisy": ...}``) or keyed ``denoised`` / ``noisy``; only missing
         ones are computed.
 
@@ -89,7 +89,7 @@ def write_report(
     -------
     dict
         The metrics shown: ``{"noisy": {...}, "denoised": {...}}`` for the images given (see
-        :func:`srdvol.metrics.evaluate`).
+        :func:`srdvol.core.metrics.evaluate`).
 
     Raises
     ------

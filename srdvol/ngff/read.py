@@ -19,7 +19,6 @@ import xarray as xr
 import zarr
 from dask.base import tokenize
 
-from srdvol import blosc
 from srdvol.axes import parse_axes, validate_axes
 from srdvol.errors import (
     DataError,
@@ -28,6 +27,7 @@ from srdvol.errors import (
     StoreNotFoundError,
     UnsupportedDtypeError,
 )
+from srdvol.ngff import blosc
 
 __all__ = ["MIN_FRAMES", "NamedReads", "check_image", "describe_image", "open_image"]
 
@@ -144,10 +144,10 @@ def describe_image(
         ``scale``, ``translation``, ``axes_units``, ``movies`` (number of (c, z) planes, each one
         (t, y, x) movie), ``nbytes`` (uncompressed), ``bytes_on_disk`` (stored size of the
         level's array; ``None`` if the filesystem cannot tell), ``missing_chunks`` (a
-        :class:`srdvol.storecheck.MissingChunks` from one listing of the store; ``None`` if it
+        :class:`srdvol.ngff.storecheck.MissingChunks` from one listing of the store; ``None`` if it
         cannot be listed) and ``problems`` (list of str).
     """
-    from srdvol.storecheck import find_missing_chunks
+    from srdvol.ngff.storecheck import find_missing_chunks
 
     image = _open_unchecked(path, level=level, axes=axes, channel=channel)
     problems: list[str] = []

@@ -42,7 +42,7 @@ class PatchSampler:
     ----------
     array
         The image, dims a subset of t, c, z, y, x including t, y and x, backed by a dask array
-        (as :func:`srdvol.io.open_image` returns it) or by a numpy array.
+        (as :func:`srdvol.ngff.read.open_image` returns it) or by a numpy array.
     patch
         Patch size ``(t, y, x)``. A y or x axis shorter than the patch is reflect-padded; a t
         axis shorter than the patch is an error.

@@ -281,7 +281,7 @@ def create_output(
     path
         Local path or fsspec URL of the output OME-Zarr image.
     like
-        The input image as returned by :func:`srdvol.io.open_image`: its dims, shape, scale,
+        The input image as returned by :func:`srdvol.ngff.read.open_image`: its dims, shape, scale,
         units and translation are copied; ``attrs["source"]`` is the input path.
     dtype
         Output dtype (``float32`` by default; integer or real float).
@@ -684,7 +684,7 @@ def open_output_array(path: str | os.PathLike[str], *, level: int = 0) -> zarr.A
         raise InputError(
             target,
             f"this is not an OME-Zarr image created by srdvol ({err})",
-            "create it first with srdvol.output.create_output",
+            "create it first with srdvol.ngff.write.create_output",
         ) from err
     datasets = multiscale["datasets"]
     if not 0 <= level < len(datasets):

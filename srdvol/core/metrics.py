@@ -317,7 +317,7 @@ def read_masks(path: str | os.PathLike[str]) -> np.ndarray | None:
     Parameters
     ----------
     path
-        An OME-Zarr image group, such as the truth written by :func:`srdvol.simulate.simulate`.
+        An OME-Zarr image group, such as the truth written by :func:`srdvol.simulate.scene.simulate`.
     """
     import zarr
 
@@ -338,7 +338,7 @@ def read_masks(path: str | os.PathLike[str]) -> np.ndarray | None:
 
 
 def simulation_record(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The ``simulation`` record :func:`srdvol.simulate.simulate` stored with a store, if any."""
+    """The ``simulation`` record :func:`srdvol.simulate.scene.simulate` stored with a store, if any."""
     import zarr
 
     try:
@@ -380,7 +380,7 @@ def evaluate_stores(
     StoreNotFoundError
         If a path is not an image store.
     """
-    from srdvol.io import open_image
+    from srdvol.ngff.read import open_image
 
     truth_img = open_image(truth)
     masks = read_masks(truth)

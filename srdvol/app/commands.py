@@ -1,6 +1,6 @@
 """What each command does, end to end: validate, then train and/or predict, then report.
 
-The command line (:mod:`srdvol.cli`) only parses options and calls these functions; examples and
+The command line (:mod:`srdvol.app.cli`) only parses options and calls these functions; examples and
 notebooks may call them too. Everything is validated before anything is written: the input is
 opened and checked, the output path is checked against the input and against an existing output
 of another run, and only then does training or writing start.
@@ -58,8 +58,8 @@ def _open_input(
 ) -> Any:
     """Open and check the input, including one listing of its chunks (missing chunks are an
     error unless allowed; then a warning with their count and positions)."""
-    from srdvol.io import open_image
-    from srdvol.storecheck import check_chunks
+    from srdvol.ngff.read import open_image
+    from srdvol.ngff.storecheck import check_chunks
 
     image = open_image(
         source, level=read.get("level", 0), axes=read.get("axes"), channel=read.get("channel")
@@ -113,7 +113,7 @@ def info_text(
     """
     if os.fspath(source).endswith(".safetensors"):
         return _model_text(source)
-    from srdvol.io import describe_image
+    from srdvol.ngff.read import describe_image
 
     facts = describe_image(source, level=level, axes=axes, channel=channel)
     dims = tuple(facts["axes"])
@@ -141,7 +141,7 @@ def info_text(
         lines.append(f"problem    {problem}")
     if facts.get("problems"):
         return "\n".join(lines)
-    from srdvol.io import open_image
+    from srdvol.ngff.read import open_image
 
     # describe_image has listed the chunks already (and reported missing ones above).
     image = open_image(source, level=level, axes=axes, channel=channel)
@@ -156,7 +156,7 @@ def _check_output_options(image: Any, *, dtype: str, ngff: str) -> Any:
     import numpy as np
 
     from srdvol.errors import ConfigError
-    from srdvol.output import NGFF_VERSIONS
+    from srdvol.ngff.write import NGFF_VERSIONS
 
     if ngff not in NGFF_VERSIONS:
         raise ConfigError(
@@ -184,9 +184,9 @@ def _denoise_lines(
     dtype: Any,
 ) -> list[str]:
     """Training patch and padding, block plan, its cost, workers."""
-    from srdvol.cluster import visible_gpus
-    from srdvol.tiling import plan_cost
-    from srdvol.training import DEFAULT_PATCH
+    from srdvol.core.tiling import plan_cost
+    from srdvol.dask.cluster import visible_gpus
+    from srdvol.training.loop import DEFAULT_PATCH
 
     sizes = dict(zip(("t", "y", "x"), patch or DEFAULT_PATCH, strict=True))
     plan = _block_plan(image, sizes=sizes, block=block, overlap=overlap, dtype=dtype)
@@ -229,9 +229,9 @@ def _block_plan(
     dtype: Any,
 ) -> Any:
     """The block plan ``srdvol predict`` will use: blocks aligned to the output's chunks."""
-    from srdvol.engine import DEFAULT_BLOCK_MEMORY
-    from srdvol.output import output_chunks
-    from srdvol.tiling import plan_blocks
+    from srdvol.core.tiling import plan_blocks
+    from srdvol.dask.graph import DEFAULT_BLOCK_MEMORY
+    from srdvol.ngff.write import output_chunks
 
     dims = tuple(str(d) for d in image.dims)
     out_chunks = output_chunks(dict(zip(dims, image.shape, strict=True)), dtype=dtype)
@@ -256,8 +256,8 @@ def _task_count(image: Any, plan: Any, *, overlap: float) -> tuple[int, bool]:
     """Tasks of the lazy denoise graph (exact, or scaled from a corner of the image)."""
     import dask.array as da
 
-    from srdvol.engine import denoise
-    from srdvol.predict import AffineModel
+    from srdvol.dask.graph import denoise
+    from srdvol.predict.predictors import AffineModel
 
     blocks = math.prod(plan.nblocks)
     data = image.data
@@ -307,7 +307,7 @@ def _padding_lines(image: Any, sizes: dict[str, int]) -> list[str]:
 
 def _output_lines(image: Any, *, dtype: Any, ngff: str) -> list[str]:
     """What ``srdvol predict`` will write: dtype, format, chunks, codec, levels and size."""
-    from srdvol.output import output_chunks, pyramid_shapes
+    from srdvol.ngff.write import output_chunks, pyramid_shapes
 
     dims = tuple(str(d) for d in image.dims)
     shape = tuple(int(n) for n in image.shape)
@@ -335,8 +335,8 @@ def _output_lines(image: Any, *, dtype: Any, ngff: str) -> list[str]:
 
 
 def _codec_text(zarr_format: int, dims: tuple[str, ...]) -> str:
-    """The output's compressor in words, from the settings srdvol.output writes with."""
-    from srdvol.output import _array_kwargs
+    """The output's compressor in words, from the settings srdvol.ngff.write writes with."""
+    from srdvol.ngff.write import _array_kwargs
 
     codec = _array_kwargs(zarr_format, dims)["compressors"]
     cname = getattr(codec.cname, "value", codec.cname)
@@ -358,7 +358,7 @@ def _stored_fraction(image: Any, *, dtype: Any, chunks: tuple[int, ...], zarr_fo
     import zarr
     from scipy import ndimage
 
-    from srdvol.output import _array_kwargs
+    from srdvol.ngff.write import _array_kwargs
 
     dims = tuple(str(d) for d in image.dims)
     middle = tuple(
@@ -421,7 +421,7 @@ def _bytes(n: float) -> str:
 
 def run_simulate(out: str, *, truth: str, **options: Any) -> Any:
     """``srdvol simulate``: write a noisy recording and its ground truth; print a summary."""
-    from srdvol.simulate import simulate
+    from srdvol.simulate.scene import simulate
 
     info = simulate(out, truth=truth, **options)
     _say(
@@ -435,11 +435,11 @@ def run_evaluate(
     out: str, *, truth: str, noisy: str | None = None, report: str | os.PathLike[str] | None = None
 ) -> str:
     """``srdvol evaluate``: metrics of OUT (and of the noisy input) against the truth."""
-    from srdvol.metrics import evaluate_stores, format_metrics
+    from srdvol.core.metrics import evaluate_stores, format_metrics
 
     result = evaluate_stores(out, truth=truth, noisy=noisy)
     if report is not None:
-        from srdvol.report import write_report
+        from srdvol.app.report import write_report
 
         write_report(report, estimate=out, truth=truth, noisy=noisy, metrics=result)
         _say(f"report written to {report}")
@@ -457,7 +457,7 @@ def _cluster(cluster: Mapping[str, Any] | None, client: Any = None) -> Iterator[
     if client is not None:
         yield client
         return
-    from srdvol.cluster import dashboard_link, open_cluster
+    from srdvol.dask.cluster import dashboard_link, open_cluster
 
     with open_cluster(**dict(cluster or {})) as opened:
         if not (cluster or {}).get("scheduler"):  # our own workers only
@@ -495,7 +495,7 @@ def _drop_compute_failed(record: Any) -> bool:
 
 def _wants_cluster_training(cluster: Mapping[str, Any]) -> bool:
     """Distributed training when a scheduler, several workers or several GPUs are asked for."""
-    from srdvol.cluster import visible_gpus
+    from srdvol.dask.cluster import visible_gpus
 
     if cluster.get("scheduler"):
         return True
@@ -531,7 +531,7 @@ def run_train(
     if not validated:  # before a cluster is started or anything is trained
         _open_input(source, read, allow_missing_chunks=allow_missing_chunks)
         _check_model_path(model, source)
-    from srdvol.storecheck import storage_errors
+    from srdvol.ngff.storecheck import storage_errors
 
     resume = (
         "run the same command again (srdvol train with --resume) to continue from the last "
@@ -539,12 +539,12 @@ def run_train(
     )
     with storage_errors(model, resume=resume):
         if client is not None or _wants_cluster_training(cluster):
-            from srdvol.ddp import train_distributed
+            from srdvol.dask.ddp import train_distributed
 
             with _cluster(cluster, client) as active:
                 record = train_distributed(active, source, model, **read, **options)
         else:
-            from srdvol.training import train
+            from srdvol.training.loop import train
 
             record = train(source, model, **read, **options)
     _say(f"model written to {model} ({record.steps} steps, patch {tuple(record.patch)})")
@@ -554,7 +554,7 @@ def run_train(
 def _check_model_path(model: str | os.PathLike[str], source: str | os.PathLike[str]) -> None:
     """A model file is never written inside the input, and is a file (not a folder)."""
     from srdvol.errors import OutputPathError
-    from srdvol.output import check_output_path
+    from srdvol.ngff.write import check_output_path
 
     check_output_path(model, source)
     if Path(model).is_dir():
@@ -573,8 +573,8 @@ def _check_output_location(out: str | os.PathLike[str], *, image: Any, dtype: st
     """Before any work: the output location is writable and its disk has room."""
     import numpy as np
 
-    from srdvol.output import output_nbytes
-    from srdvol.storecheck import check_free_space, probe_writable
+    from srdvol.ngff.storecheck import check_free_space, probe_writable
+    from srdvol.ngff.write import output_nbytes
 
     probe_writable(out)
     out_dtype = image.dtype if dtype == "input" else np.dtype(dtype)
@@ -586,7 +586,7 @@ def _check_output_location(out: str | os.PathLike[str], *, image: Any, dtype: st
 def _check_intensities(source: Any, image: Any, record: Any) -> None:
     """Sample the input (NaN/Inf stop the run here) and warn when its intensities are far
     from the model's training data."""
-    from srdvol.normalize import Statistics, compare_statistics, sample_statistics
+    from srdvol.core.normalize import Statistics, compare_statistics, sample_statistics
 
     sample = sample_statistics(image)
     trained = Statistics(mean=record.normalization.mean, std=record.normalization.std)
@@ -628,16 +628,16 @@ def run_predict(
 
     ``data_checked`` skips the statistics sample when the caller has just run it (training
     samples the same chunks); ``validated`` skips the input and output-location checks that
-    ``denoise`` ran before training. Returns the writer's :class:`~srdvol.engine.WriteReport`.
+    ``denoise`` ran before training. Returns the writer's :class:`~srdvol.dask.graph.WriteReport`.
     """
     from srdvol import progress
-    from srdvol.cluster import ModelPlugin
-    from srdvol.engine import denoise, write
-    from srdvol.lock import hold
+    from srdvol.dask.cluster import ModelPlugin
+    from srdvol.dask.graph import denoise, write
     from srdvol.model.checkpoint import check_compatible, model_checksum, read_record
-    from srdvol.output import check_output, check_output_path, create_output, write_pyramid
-    from srdvol.predict import ModelPredictor, check_model
-    from srdvol.storecheck import storage_errors
+    from srdvol.ngff.lock import hold
+    from srdvol.ngff.storecheck import storage_errors
+    from srdvol.ngff.write import check_output, check_output_path, create_output, write_pyramid
+    from srdvol.predict.predictors import ModelPredictor, check_model
 
     read = dict(read or {})
     if image is None:
@@ -744,9 +744,9 @@ def run_denoise(
     checked before training is: the input, the output path against the input and the model,
     the output location, the GPUs, the output lock and an existing output.
     """
-    from srdvol.lock import hold
-    from srdvol.output import check_output, check_output_path, make_run_id
-    from srdvol.training import state_path
+    from srdvol.ngff.lock import hold
+    from srdvol.ngff.write import check_output, check_output_path, make_run_id
+    from srdvol.training.loop import state_path
 
     read = dict(read or {})
     image = _open_input(source, read, allow_missing_chunks=allow_missing_chunks)
@@ -824,7 +824,7 @@ def run_denoise(
 
 def _check_cluster_options(cluster: Mapping[str, Any]) -> None:
     """Fail on GPUs that are not there before hours of training, not after."""
-    from srdvol.cluster import resolve_gpus
+    from srdvol.dask.cluster import resolve_gpus
 
     if not cluster.get("scheduler"):
         resolve_gpus(cluster.get("gpus"))
@@ -846,7 +846,7 @@ def run_demo(
     Uses the GPU when one is visible, else one CPU worker. Running it again resumes (or, after
     a finished run, only evaluates again); ``overwrite`` starts the denoising afresh.
     """
-    from srdvol.metrics import evaluate_stores, format_metrics
+    from srdvol.core.metrics import evaluate_stores, format_metrics
 
     folder = Path(workdir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -879,7 +879,7 @@ def run_demo(
         read={},
     )
     result = evaluate_stores(denoised, truth=truth, noisy=noisy)
-    from srdvol.report import write_report
+    from srdvol.app.report import write_report
 
     write_report(report, estimate=denoised, truth=truth, noisy=noisy, metrics=result)
     gain = result["estimate"]["snr_db"] - result["noisy"]["snr_db"]

@@ -10,12 +10,12 @@ srdvol's own training (:func:`train_distributed`) runs as a chain of *segment* t
 all submitted at once: segment k trains up to the k-th checkpoint, depends on segment k-1 of the
 same rank and is pinned to the same worker, so the dashboard shows training advance as segments
 finish (``srdvol-training`` N of ranks x segments). The process group and the
-:class:`~srdvol.training.TrainingRun` stay alive in the worker process between segments, keyed
+:class:`~srdvol.training.loop.TrainingRun` stay alive in the worker process between segments, keyed
 by the job id, and are torn down after the last segment, on a stop, or on a failure.
 :func:`run_distributed` runs any function once per rank (one task each).
 
 A worker counts as dead only when the scheduler's own answers confirm it
-(:class:`srdvol.cluster.WorkerWatch`); a dead worker or a rank that loses contact with the others
+(:class:`srdvol.dask.cluster.WorkerWatch`); a dead worker or a rank that loses contact with the others
 ends the run with a :class:`~srdvol.errors.TrainingInterruptedError` naming the worker, the step
 reached and the last checkpoint. An error raised by the training code itself (bad data, bad
 options) reaches the caller unchanged. Ctrl-C or SIGTERM on the client (or on the workers' process
@@ -43,9 +43,9 @@ from distributed import Client, Future, get_worker
 from distributed.comm import get_address_host
 
 from srdvol import interrupt
-from srdvol.cluster import CONFIRM_LOST, WorkerWatch, live_workers
+from srdvol.dask.cluster import CONFIRM_LOST, WorkerWatch, live_workers
 from srdvol.errors import ConfigError, TrainingInterruptedError
-from srdvol.training import (
+from srdvol.training.loop import (
     Trainer,
     TrainingPlan,
     TrainingRun,
@@ -696,7 +696,7 @@ def _where(watch: _Watch) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# srdvol training across workers (srdvol.training's prepare_training on the client, a
+# srdvol training across workers (srdvol.training.loop's prepare_training on the client, a
 # TrainingRun on every rank)
 
 
@@ -727,9 +727,9 @@ def plan_training(
     :func:`train_rank` (what every rank needs, small enough to travel through the scheduler).
 
     Parameters are those of :func:`train_distributed`; ``options`` go to
-    :func:`srdvol.training.prepare_training` (patch, sampling, steps, batch_size, lr, seed,
+    :func:`srdvol.training.loop.prepare_training` (patch, sampling, steps, batch_size, lr, seed,
     network, resume, overwrite, level, axes, channel) for as many ranks as workers are chosen,
-    so a distributed run accepts and refuses what :func:`srdvol.training.train` does; like it,
+    so a distributed run accepts and refuses what :func:`srdvol.training.loop.train` does; like it,
     starting afresh with ``overwrite`` deletes a stale training state. The result also holds
     ``"workers"``, the chosen worker addresses in rank order (pop it before sending).
     """
@@ -751,13 +751,13 @@ def train_rank(
     on_finish: Callable[[Trainer], None] | None = None,
 ) -> Any:
     """One rank of a whole training in one task (for :func:`run_distributed`):
-    :func:`srdvol.training.run_training` with a DDP-wrapped network, this rank's patch stream
+    :func:`srdvol.training.loop.run_training` with a DDP-wrapped network, this rank's patch stream
     and progress reports to the client.
 
     Every rank checkpoints at the same steps (the per-rank random streams are gathered); rank 0
     writes the training state and, at the end, the model file, and returns the model record.
-    ``plan`` is the :class:`srdvol.training.TrainingPlan` of :func:`plan_training`;
-    ``on_finish`` is passed to :func:`~srdvol.training.run_training` (called on every rank with
+    ``plan`` is the :class:`srdvol.training.loop.TrainingPlan` of :func:`plan_training`;
+    ``on_finish`` is passed to :func:`~srdvol.training.loop.run_training` (called on every rank with
     its trainer when the loop ends). :func:`train_distributed` runs the same training as
     segment tasks instead.
     """
@@ -942,7 +942,7 @@ def train_distributed(
 ) -> Any:
     """Train an SRDTrans model with one DistributedDataParallel rank per Dask worker.
 
-    Options mean what they mean for :func:`srdvol.training.train`, except ``batch_size``, which
+    Options mean what they mean for :func:`srdvol.training.loop.train`, except ``batch_size``, which
     is per rank: the global batch is ``batch_size * ranks`` patches, whose gradients DDP
     averages. The learning rate is not scaled with the number of ranks: averaging keeps the
     gradient's size and only lowers its noise, and Adam already divides each step by the
@@ -958,7 +958,7 @@ def train_distributed(
     Parameters
     ----------
     client
-        Client of the cluster (:func:`srdvol.cluster.open_cluster`).
+        Client of the cluster (:func:`srdvol.dask.cluster.open_cluster`).
     workers
         Number of ranks, worker addresses, or ``None`` for every GPU worker (every worker
         when none has a GPU).

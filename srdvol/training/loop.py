@@ -2,7 +2,7 @@
 
 :func:`train` is the single-process entry (``srdvol train``). It validates the input and computes
 the global statistics before anything is written, then runs :func:`run_loop`: draw a batch of
-raw patches (:class:`srdvol.patches.PatchSampler`), let :class:`Trainer` take one optimiser step,
+raw patches (:class:`srdvol.training.patches.PatchSampler`), let :class:`Trainer` take one optimiser step,
 and every ``checkpoint_every`` steps write the training state next to the model
 (``MODEL.state``: weights, Adam moments, step, learning-rate schedule, the pair and patch random
 streams). ``resume=True`` continues from that file and ends with exactly the weights of an
@@ -21,10 +21,10 @@ without clipping (16.9 dB with it, after a loss spike). 1e-3 is the stable choic
 
 :func:`train` is :func:`prepare_training` (every check, the statistics, the resume state: a
 :class:`TrainingPlan`) followed by :func:`run_training` (build, resume, loop, checkpoint, write);
-:func:`srdvol.ddp.train_distributed` runs the same two steps, the first on the client and the
+:func:`srdvol.dask.ddp.train_distributed` runs the same two steps, the first on the client and the
 second on every rank, so both paths accept, refuse and write the same things.
 
-Distributed training (``srdvol.ddp``) reuses this module. The simple route: on every rank, after
+Distributed training (``srdvol.dask.ddp``) reuses this module. The simple route: on every rank, after
 ``torch.distributed.init_process_group``, call ``train(..., rank=r, world_size=n,
 wrap=DistributedDataParallel)``; each rank samples its own patches, gradients are averaged in
 ``backward``, the ranks' random streams are gathered at each checkpoint, and only rank 0 writes
@@ -51,12 +51,12 @@ import torch
 import xarray as xr
 from torch import nn
 
+from srdvol.core.normalize import Statistics, normalize, sample_statistics
 from srdvol.errors import ConfigError, OutputExistsError, StoreNotFoundError
 from srdvol.model.checkpoint import ModelRecord, Normalization, save_model, weights_checksum
 from srdvol.model.network import NetworkConfig, build_network
-from srdvol.normalize import Statistics, normalize, sample_statistics
-from srdvol.patches import PatchSampler
-from srdvol.storecheck import probe_writable
+from srdvol.ngff.storecheck import probe_writable
+from srdvol.training.patches import PatchSampler
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -79,7 +79,7 @@ __all__ = [
     "train",
 ]
 
-log = logging.getLogger("srdvol.training")
+log = logging.getLogger("srdvol.training.loop")
 
 #: Training patch (t, y, x) read from the store; the network trains on (t, y/2, x/2).
 DEFAULT_PATCH = (64, 128, 128)
@@ -139,7 +139,7 @@ class Trainer:
         This process's place in a distributed run (1 process by default).
     wrap
         Called once with the network on its device; returns the module used for the forward
-        pass (``DistributedDataParallel`` in :mod:`srdvol.ddp`). Default: no wrapper.
+        pass (``DistributedDataParallel`` in :mod:`srdvol.dask.ddp`). Default: no wrapper.
     grad_clip
         Clip the global gradient norm to this value (``None``: no clipping).
     """
@@ -187,7 +187,7 @@ class Trainer:
         Spatial sampling gives (input, target_a, target_b), each ``(B, t, y/2, x/2)``; temporal
         sampling reads ``2 t`` frames and gives (input, target), each ``(B, t, y, x)``.
         """
-        from srdvol.sampling import random_dihedral, spatial_pairs, temporal_pairs
+        from srdvol.training.pairs import random_dihedral, spatial_pairs, temporal_pairs
 
         batch = random_dihedral(batch, generator=self.generator)
         if self.sampling == "spatial":
@@ -196,7 +196,7 @@ class Trainer:
 
     def loss(self, batch: np.ndarray) -> torch.Tensor:
         """The self-supervised loss of the current network on a batch of raw patches."""
-        from srdvol.sampling import pair_loss, spatial_loss
+        from srdvol.training.pairs import pair_loss, spatial_loss
 
         x = torch.from_numpy(normalize(batch, self.stats)).to(self.device)
         inputs, *targets = self.pairs(x)
@@ -348,7 +348,7 @@ def _open(
 ) -> xr.DataArray:
     if isinstance(source, xr.DataArray):
         return source
-    from srdvol.io import open_image
+    from srdvol.ngff.read import open_image
 
     return open_image(source, level=level, axes=axes, channel=channel)
 
@@ -382,7 +382,7 @@ def choose_sampling(
         ``"spatial"`` or ``"temporal"`` and the estimate it was chosen from (``.spatial``,
         ``.temporal`` and ``.reason``).
     """
-    from srdvol.sampling import estimate_redundancy
+    from srdvol.training.pairs import estimate_redundancy
 
     sampler = PatchSampler(image, patch=patch, seed=seed, batch_size=patches)
     estimate = estimate_redundancy(list(sampler.sample()), subject=_subject(image))
@@ -419,7 +419,7 @@ def train(
     ----------
     source
         Path or URL of an OME-Zarr image (or plain Zarr array with ``axes``), or an opened
-        :class:`xarray.DataArray` (as :func:`srdvol.io.open_image` returns).
+        :class:`xarray.DataArray` (as :func:`srdvol.ngff.read.open_image` returns).
     model_path
         Model file to write; the training state goes to ``model_path + ".state"``.
     patch
@@ -447,11 +447,11 @@ def train(
     device
         ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
     level, axes, channel
-        Passed to :func:`srdvol.io.open_image` when ``source`` is a path.
+        Passed to :func:`srdvol.ngff.read.open_image` when ``source`` is a path.
     stop_after
         Stop after this many steps in total (checkpointed, resumable), e.g. to fit a time slot.
     rank, world_size, wrap
-        For distributed training (:mod:`srdvol.ddp`): call ``train`` on every rank after
+        For distributed training (:mod:`srdvol.dask.ddp`): call ``train`` on every rank after
         ``torch.distributed.init_process_group``, with ``wrap`` returning the
         ``DistributedDataParallel`` module. Every rank draws its own patches and pairs; at each
         checkpoint the ranks' random-stream states are gathered (``all_gather_object``) and only
@@ -514,7 +514,7 @@ class TrainingPlan:
     Attributes
     ----------
     source, open_options
-        The input as given and the :func:`srdvol.io.open_image` options (level, axes, channel).
+        The input as given and the :func:`srdvol.ngff.read.open_image` options (level, axes, channel).
     model_path, state_path
         The model file (absolute) and its training state ``MODEL.state``.
     config, patch, read
@@ -592,7 +592,7 @@ def prepare_training(
 ) -> TrainingPlan:
     """Check the options, the output and the data, and return the plan of a training run.
 
-    Shared by :func:`train` and :func:`srdvol.ddp.train_distributed`, so both accept and refuse
+    Shared by :func:`train` and :func:`srdvol.dask.ddp.train_distributed`, so both accept and refuse
     the same things. Options mean what they mean for :func:`train`; ``world_size`` is the number
     of ranks the plan is for (part of what a resume must match).
 
@@ -604,7 +604,7 @@ def prepare_training(
         As for :func:`train`. A resume takes the saved statistics; ``sampling="auto"`` takes the
         saved sampling, any other option must equal the saved one.
     level, axes, channel
-        Passed to :func:`srdvol.io.open_image` when ``source`` is a path.
+        Passed to :func:`srdvol.ngff.read.open_image` when ``source`` is a path.
     rank, world_size
         The caller's rank and the number of ranks. Only rank 0 writes: when starting afresh it
         deletes a stale ``MODEL.state`` (so a later resume never continues a replaced run).
@@ -658,7 +658,7 @@ def prepare_training(
         reason = str(estimate.reason)
         log.info("sampling auto: %s", reason)
         _check_patch(patch, sampling, config)
-    from srdvol.sampling import training_read_shape
+    from srdvol.training.pairs import training_read_shape
 
     options = {
         "patch": list(patch),
@@ -945,7 +945,7 @@ def run_training(
 
 
 def _streams(trainer: Trainer, sampler: PatchSampler) -> dict[str, Any]:
-    """This rank's random streams (the layout :mod:`srdvol.ddp` writes too)."""
+    """This rank's random streams (the layout :mod:`srdvol.dask.ddp` writes too)."""
     return {
         "trainer": {"generator": trainer.generator.get_state(), "torch_rng": torch.get_rng_state()},
         "sampler": sampler.state_dict(),

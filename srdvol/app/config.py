@@ -26,8 +26,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from srdvol.core.tiling import Window
 from srdvol.errors import ConfigError
-from srdvol.tiling import Window
 
 __all__ = [
     "COMMANDS",

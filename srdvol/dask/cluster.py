@@ -37,7 +37,7 @@ from typing import Any, Literal
 import dask
 from distributed import Client, Nanny, Scheduler, SpecCluster, WorkerPlugin
 
-from srdvol.config import DEFAULT_DASHBOARD_ADDRESS
+from srdvol.app.config import DEFAULT_DASHBOARD_ADDRESS
 from srdvol.errors import ClusterError, ConfigError, GPUUnavailableError
 
 __all__ = [
@@ -397,9 +397,9 @@ class SignalPlugin(WorkerPlugin):
 class ModelPlugin(WorkerPlugin):
     """Worker plugin that loads a model file once per worker, before any task needs it.
 
-    The plugin fills the per-process model cache of :mod:`srdvol.predict`
-    (:func:`srdvol.predict.load_cached`), so tasks that run a
-    :class:`srdvol.predict.ModelPredictor` for the same file and device find the network already
+    The plugin fills the per-process model cache of :mod:`srdvol.predict.predictors`
+    (:func:`srdvol.predict.predictors.load_cached`), so tasks that run a
+    :class:`srdvol.predict.predictors.ModelPredictor` for the same file and device find the network already
     loaded. Only the path travels to the workers; each worker reads the file itself, so the path
     must be visible to every worker (a shared file system on a cluster).
 
@@ -436,7 +436,7 @@ class ModelPlugin(WorkerPlugin):
         """Load the model into this worker process's cache (called by distributed)."""
         if self.threads is not None:
             _set_torch_threads(self.threads)
-        from srdvol.predict import load_cached
+        from srdvol.predict.predictors import load_cached
 
         load_cached(self.model_path, device=self.device)
 

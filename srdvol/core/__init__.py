@@ -1,0 +1,1 @@
+"""Numerical building blocks on numpy and dask arrays: tiling, blending, statistics, metrics."""

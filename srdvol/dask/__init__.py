@@ -1,0 +1,1 @@
+"""Dask: the lazy denoise graph, the resumable writer, clusters and distributed training."""

@@ -1,0 +1,1 @@
+"""OME-Zarr storage: reading, checking, locking and writing NGFF images."""

@@ -1,0 +1,1 @@
+"""Synthetic two-photon calcium imaging with ground truth."""

@@ -1,0 +1,1 @@
+"""Self-supervised training: patches, training pairs, the optimiser loop and its state."""
