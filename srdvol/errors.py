@@ -4,11 +4,16 @@ Every error message is one sentence in three parts: what (file or option), the p
 fix. Each class also inherits the builtin exception a Python user would catch for it, so
 ``except ValueError`` keeps working for library users. Only :mod:`srdvol.app.cli` turns these into
 an exit code and a message without a traceback.
+
+Messages name options by their parameter name, marked with :func:`flag` (``flag("patch")``):
+``str(error)`` shows the name (``patch``), and the command line shows the flag (``--patch``,
+:meth:`SrdvolError.command_line_message`), so library code never writes command-line syntax.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 __all__ = [
     "ClusterError",
@@ -24,7 +29,26 @@ __all__ = [
     "StoreNotFoundError",
     "TrainingInterruptedError",
     "UnsupportedDtypeError",
+    "as_flags",
+    "flag",
 ]
+
+_OPTION = re.compile(r"\[\[([A-Za-z_][A-Za-z0-9_]*)\]\]")
+
+
+def flag(name: str) -> str:
+    """Mark an option's parameter name inside a message (``"overwrite"``): shown as
+    ``overwrite`` by ``str(error)`` and as ``--overwrite`` on the command line."""
+    return f"[[{name}]]"
+
+
+def as_flags(text: str) -> str:
+    """Show the marked option names in ``text`` as command-line flags."""
+    return _OPTION.sub(lambda m: "--" + m.group(1).replace("_", "-"), text)
+
+
+def _as_names(text: str) -> str:
+    return _OPTION.sub(lambda m: m.group(1), text)
 
 
 def describe(subject: str | os.PathLike[str] | None, problem: str, fix: str) -> str:
@@ -41,7 +65,7 @@ def describe(subject: str | os.PathLike[str] | None, problem: str, fix: str) -> 
     """
     head = f"{os.fspath(subject)}: " if subject is not None else ""
     text = f"{head}{problem.rstrip('.;')}; {fix.rstrip('.')}."
-    return text
+    return _as_names(text)
 
 
 class SrdvolError(Exception):
@@ -64,6 +88,11 @@ class SrdvolError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(describe(subject, problem, fix))
+
+    def command_line_message(self) -> str:
+        """The message with options shown as command-line flags (``--patch``)."""
+        head = f"{self.subject}: " if self.subject is not None else ""
+        return as_flags(f"{head}{self.problem.rstrip('.;')}; {self.fix.rstrip('.')}.")
 
 
 class InputError(SrdvolError, ValueError):

@@ -1,0 +1,465 @@
+"""Run options: one validated object per run, passed down whole.
+
+Every option of every command is declared here once, with its default and its limits:
+:class:`ReadOptions` (which array of the input), :class:`TrainOptions`, :class:`PredictOptions`,
+:class:`OutputOptions`, :class:`ClusterOptions` and :class:`SimulateOptions`, gathered in
+:class:`RunOptions`. The command line and a ``--config`` file meet in :meth:`RunOptions.from_flat`,
+which validates once; library functions receive the parts they need. Errors name the parameter
+(``patch``), never a command-line flag: only :mod:`srdvol.app.cli` shows them as ``--patch``.
+
+This module imports neither torch nor distributed (``srdvol --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal, NamedTuple
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
+
+from srdvol.core.tiling import Window
+from srdvol.errors import ConfigError, flag
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_CHECKPOINT_EVERY",
+    "DEFAULT_DASHBOARD_ADDRESS",
+    "DEFAULT_LR",
+    "DEFAULT_OVERLAP",
+    "DEFAULT_STEPS",
+    "DEFAULT_TRAIN_PATCH",
+    "FRAMES_PER_LEVEL",
+    "MAX_OVERLAP",
+    "Autocast",
+    "Block",
+    "ClusterOptions",
+    "GPUChoice",
+    "Ngff",
+    "OutputDtype",
+    "OutputOptions",
+    "Patch",
+    "PredictOptions",
+    "ReadOptions",
+    "RunOptions",
+    "Sampling",
+    "SimulateOptions",
+    "TrainOptions",
+    "Window",
+    "check_model_patch_t",
+    "check_overlap",
+    "parse_gpus",
+    "parse_triple",
+]
+
+# ------------------------------------------------------------------------------ defaults, limits
+
+#: Training patch (t, y, x) read from the store on a GPU; the network trains on (t, y/2, x/2).
+DEFAULT_TRAIN_PATCH = (64, 128, 128)
+DEFAULT_STEPS = 2000
+DEFAULT_BATCH_SIZE = 4
+#: Adam's peak learning rate (the training module's docstring says why 1e-3).
+DEFAULT_LR = 1e-3
+DEFAULT_CHECKPOINT_EVERY = 100
+#: Patch overlap of prediction: every voxel is covered by about 2.4 patches at 0.25.
+DEFAULT_OVERLAP = 0.25
+#: Above this the stride is 5 % of the patch and a run costs tens of times more (`srdvol info`).
+MAX_OVERLAP = 0.95
+#: patch_t is a multiple of this: the network halves t four times.
+FRAMES_PER_LEVEL = 16
+#: Where a local cluster serves its dashboard unless the user asks for another address: this
+#: machine only (reach it through an SSH tunnel, or pass another address such as 0.0.0.0:8787).
+DEFAULT_DASHBOARD_ADDRESS = "127.0.0.1:8787"
+
+
+class Sampling(enum.StrEnum):
+    """How training pairs are drawn from noisy data."""
+
+    spatial = "spatial"
+    temporal = "temporal"
+    auto = "auto"
+
+
+class OutputDtype(enum.StrEnum):
+    """Data type of the denoised output."""
+
+    float32 = "float32"
+    input = "input"  # the input's dtype, rounded and clipped
+
+
+class Ngff(enum.StrEnum):
+    """NGFF version of the output: 0.5 on Zarr v3, 0.4 on Zarr v2 for older readers."""
+
+    v05 = "0.5"
+    v04 = "0.4"
+
+
+class Autocast(enum.StrEnum):
+    """bf16 autocast during prediction: auto (on for CUDA), on or off."""
+
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+# ------------------------------------------------------------------------------ value types
+
+
+class Patch(NamedTuple):
+    """A patch (or any per-axis size) along t, y and x.
+
+    A tuple, so it unpacks, indexes and pickles like ``(t, y, x)``; :meth:`parse` reads every
+    form users write (``"32,64,64"``, a sequence, a mapping by axis name).
+    """
+
+    t: int
+    y: int
+    x: int
+
+    @classmethod
+    def parse(cls, value: Any, *, name: str = "patch") -> Patch:
+        """Read ``"32,64,64"``, ``(32, 64, 64)`` or ``{"t": 32, "y": 64, "x": 64}``.
+
+        Raises
+        ------
+        ConfigError
+            Unless there are exactly three positive integers; the error names ``name``.
+        """
+        if isinstance(value, cls):
+            return value
+        return cls(*parse_triple(value, name=name))
+
+    def as_dict(self) -> dict[str, int]:
+        """``{"t": ..., "y": ..., "x": ...}``."""
+        return dict(self._asdict())
+
+    def text(self) -> str:
+        """``"32,64,64"``, as the command line writes it."""
+        return ",".join(str(v) for v in self)
+
+
+#: A processing block (t, y, x): the same value type as a patch.
+Block = Patch
+
+
+def parse_triple(value: Any, *, name: str = "patch") -> tuple[int, int, int]:
+    """Parse ``"32,64,64"``, a sequence or a t/y/x mapping into three positive integers.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``name``, unless the value holds exactly three positive integers.
+    """
+    parts: Any
+    if isinstance(value, str):
+        parts = value.replace(" ", "").strip("()[]").split(",")
+    elif isinstance(value, Mapping):
+        parts = [value.get(a) for a in ("t", "y", "x")] if set(value) == {"t", "y", "x"} else []
+    else:
+        parts = value
+    try:
+        numbers = tuple(int(p) for p in parts)
+        exact = all(int(p) == float(p) for p in parts)
+    except (TypeError, ValueError):
+        numbers, exact = (), False
+    if len(numbers) != 3 or not exact or min(numbers) < 1:
+        raise ConfigError(
+            flag(name),
+            f"{value!r} is not three positive integers T,Y,X",
+            "write it as T,Y,X, for example 32,64,64",
+        )
+    return numbers  # type: ignore[return-value]
+
+
+def check_overlap(overlap: float) -> float:
+    """The one check of a patch overlap: a fraction in ``[0, MAX_OVERLAP]``.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``overlap``.
+    """
+    value = float(overlap)
+    if not 0.0 <= value <= MAX_OVERLAP:
+        raise ConfigError(
+            flag("overlap"),
+            f"{overlap!r} is outside [0, {MAX_OVERLAP}]",
+            f"use a fraction such as {DEFAULT_OVERLAP} (larger overlaps cost more; srdvol info "
+            "shows how much)",
+        )
+    return value
+
+
+def check_model_patch_t(patch: Patch) -> Patch:
+    """The one check that a patch fits the network: patch_t a multiple of 16.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``patch``.
+    """
+    if patch.t % FRAMES_PER_LEVEL:
+        fit = max(FRAMES_PER_LEVEL, round(patch.t / FRAMES_PER_LEVEL) * FRAMES_PER_LEVEL)
+        raise ConfigError(
+            flag("patch"),
+            f"patch_t {patch.t} is not a multiple of {FRAMES_PER_LEVEL} (the network halves t "
+            "four times)",
+            f"use {fit},{patch.y},{patch.x}",
+        )
+    return patch
+
+
+# ------------------------------------------------------------------------------ GPUs
+
+#: What ``gpus=`` accepts: ``None``/"auto" (GPUs when present), "all", "none", or a list of
+#: GPUs, each a position among the visible GPUs (int) or a device id as listed there (str).
+GPUChoice = Literal["auto", "all", "none"] | Sequence[int | str] | None
+
+#: How CUDA_VISIBLE_DEVICES names a device other than by index: a GPU UUID or a MIG instance.
+DEVICE_PREFIXES = ("GPU-", "MIG-")
+
+
+def parse_gpus(text: Any) -> GPUChoice:
+    """Read a GPU choice: ``auto``, ``all``, ``none`` or a comma-separated list.
+
+    Each list entry is a position in the visible list (``0,1``: the first two GPUs that
+    ``CUDA_VISIBLE_DEVICES`` shows, as CUDA numbers them inside the process) or a device id as
+    ``CUDA_VISIBLE_DEVICES`` writes it (``GPU-<uuid>``, ``MIG-<uuid>``);
+    :func:`srdvol.dask.cluster.resolve_gpus` checks that they are visible.
+
+    Returns
+    -------
+    None, str or list of int and str
+        ``None`` for no text, the keyword, or the entries (positions as int, ids as str).
+
+    Raises
+    ------
+    ConfigError
+        Naming ``gpus``, if the text is none of these.
+    """
+    if text is None:
+        return None
+    if not isinstance(text, str):  # already parsed (a list)
+        text = ",".join(str(v) for v in text)
+    value = text.strip()
+    if value.lower() in ("auto", "all", "none"):
+        return value.lower()  # type: ignore[return-value]
+    entries: list[int | str] = []
+    for part in (p.strip() for p in value.split(",")):
+        if part.isdigit():
+            entries.append(int(part))
+        elif part.startswith(DEVICE_PREFIXES) and len(part) > 4:
+            entries.append(part)
+        else:
+            entries = []
+            break
+    if not entries:
+        raise ConfigError(
+            flag("gpus"),
+            f"{text!r} is not a GPU choice",
+            "give auto, all, none, positions in the visible GPU list such as 0,1, or device "
+            "ids such as GPU-<uuid>",
+        )
+    return entries
+
+
+# ------------------------------------------------------------------------------ option groups
+
+_PatchField = Annotated[Patch, BeforeValidator(Patch.parse)]
+_ModelPatchField = Annotated[Patch, BeforeValidator(Patch.parse), AfterValidator(check_model_patch_t)]
+_BlockField = Annotated[Patch, BeforeValidator(lambda v: Patch.parse(v, name="block"))]
+_OverlapField = Annotated[float, AfterValidator(check_overlap)]
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+
+    def replace(self, **changes: Any) -> Any:
+        """A copy with ``changes``, validated like the original."""
+        return type(self).create(**{**self.model_dump(), **changes})
+
+    @classmethod
+    def create(cls, **values: Any) -> Any:
+        """Validate ``values``; a bad one raises :class:`ConfigError` naming its parameter."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise _config_error(exc) from None
+
+
+class ReadOptions(_Options):
+    """Which array of the input is read."""
+
+    level: int = Field(0, ge=0, description="Multiscale level to read (0: full resolution).")
+    channel: int | None = Field(None, ge=0, description="Only this channel (default: all).")
+    axes: str | None = Field(None, description="Axes of a plain Zarr array, e.g. tzyx.")
+    allow_missing_chunks: bool = Field(
+        False, description="Read chunks missing from the input as the fill value (a warning)."
+    )
+
+    def open_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`srdvol.ngff.read.open_image`."""
+        return {"level": self.level, "axes": self.axes, "channel": self.channel}
+
+
+class TrainOptions(_Options):
+    """Self-supervised training."""
+
+    patch: _ModelPatchField | None = Field(
+        None,
+        description="Training patch T,Y,X (T a multiple of 16); default 64,128,128, or the "
+        "saved one when resuming.",
+    )
+    sampling: Sampling = Field(Sampling.spatial, description="Training pairs.")
+    steps: int = Field(DEFAULT_STEPS, ge=1, description="Optimiser steps.")
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, description="Patches per step and worker.")
+    lr: float = Field(DEFAULT_LR, gt=0, description="Peak learning rate.")
+    seed: int = Field(0, description="Seeds statistics sample, weights, patches and pairs.")
+    checkpoint_every: int = Field(
+        DEFAULT_CHECKPOINT_EVERY, ge=1, description="Steps between saved training states."
+    )
+    resume: bool = Field(False, description="Continue an interrupted training.")
+    overwrite: bool = Field(False, description="Replace an existing model and its state.")
+
+    def patch_or_default(self, patch_t: int | None = None) -> Patch:
+        """The patch to train on: the given one, else the default (with ``patch_t``)."""
+        if self.patch is not None:
+            return self.patch
+        t = patch_t if patch_t is not None else DEFAULT_TRAIN_PATCH[0]
+        return Patch(t, *DEFAULT_TRAIN_PATCH[1:])
+
+
+class PredictOptions(_Options):
+    """Prediction: the patch lattice, blocks and blending."""
+
+    patch: _ModelPatchField | None = Field(None, description="Patch T,Y,X; default: the model's.")
+    overlap: _OverlapField = Field(DEFAULT_OVERLAP, description="Patch overlap fraction.")
+    block: _BlockField | None = Field(
+        None, description="Processing block T,Y,X; default from the chunks and worker memory."
+    )
+    window: Window = Field(Window.TENT, description="Blending window of overlapping patches.")
+    autocast: Autocast = Field(Autocast.auto, description="bf16 autocast: auto, on or off.")
+
+
+class OutputOptions(_Options):
+    """What is written."""
+
+    dtype: OutputDtype = Field(OutputDtype.float32, description="float32, or the input's dtype.")
+    ngff: Ngff = Field(Ngff.v05, description="NGFF version: 0.5 (Zarr v3) or 0.4 (Zarr v2).")
+    overwrite: bool = Field(False, description="Replace an output of another run.")
+
+
+class ClusterOptions(_Options):
+    """Where the work runs: an existing scheduler, or a local cluster."""
+
+    scheduler: str | None = Field(None, description="Address of a running Dask scheduler.")
+    workers: int | None = Field(None, ge=1, description="Local CPU worker processes.")
+    gpus: Annotated[Any, BeforeValidator(parse_gpus)] = Field(
+        None,
+        description="GPUs: auto, all, none, positions among the visible GPUs (0,1) or ids "
+        "(GPU-<uuid>).",
+    )
+    dashboard_address: str = Field(DEFAULT_DASHBOARD_ADDRESS, description="Dashboard address.")
+    threads_per_worker: int | None = Field(None, ge=1, description="Threads of a CPU worker.")
+
+    def local_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`srdvol.dask.cluster.open_cluster`."""
+        return self.model_dump()
+
+
+class SimulateOptions(_Options):
+    """Synthetic calcium imaging (``srdvol simulate``)."""
+
+    frames: int = Field(128, ge=FRAMES_PER_LEVEL, description="Frames (time points).")
+    planes: int | None = Field(None, ge=1, description="z planes (none: a T,Y,X movie).")
+    size: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = Field(
+        (128, 128), description="Frame size Y,X."
+    )
+    rate_hz: float = Field(0.3, gt=0, allow_inf_nan=False, description="Volume rate in Hz.")
+    photons: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="Photons per pixel of a bright cell."
+    )
+    seed: int = Field(0, description="Random seed.")
+    overwrite: bool = Field(False, description="Replace existing stores.")
+
+
+class RunOptions(_Options):
+    """Every option of a run, in groups; built once where the command line and ``--config``
+    meet (:meth:`from_flat`) and passed down whole."""
+
+    read: ReadOptions = ReadOptions()
+    train: TrainOptions = TrainOptions()
+    predict: PredictOptions = PredictOptions()
+    output: OutputOptions = OutputOptions()
+    cluster: ClusterOptions = ClusterOptions()
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any], *, overwrite: str = "output") -> RunOptions:
+        """Build from flat option names (``patch``, ``steps``, ``level`` ...), as the command
+        line and configuration files write them; ``None`` values keep the default.
+
+        ``patch`` sets both the training and the prediction patch (they are one size);
+        ``seed`` is training's; ``overwrite`` goes to the group ``overwrite`` names ("output",
+        or "train" for ``srdvol train``, where it replaces the model).
+
+        Raises
+        ------
+        ConfigError
+            For an unknown name or a bad value, naming it.
+        """
+        groups: dict[str, dict[str, Any]] = {name: {} for name in _GROUPS}
+        for key, value in values.items():
+            if value is None:
+                continue
+            targets = _FLAT.get(key)
+            if targets is None:
+                raise ConfigError(flag(key), "is not an option of this command", _KNOWN_FIX)
+            if key == "overwrite":
+                targets = (overwrite,)
+            for group in targets:
+                groups[group][key] = value
+        return cls.create(**{name: _GROUPS[name].create(**v) for name, v in groups.items()})
+
+
+_GROUPS: dict[str, type[_Options]] = {
+    "read": ReadOptions,
+    "train": TrainOptions,
+    "predict": PredictOptions,
+    "output": OutputOptions,
+    "cluster": ClusterOptions,
+}
+
+
+def _flat_names() -> dict[str, tuple[str, ...]]:
+    names: dict[str, tuple[str, ...]] = {}
+    for group, model in _GROUPS.items():
+        for field in model.model_fields:
+            names[field] = (*names.get(field, ()), group)
+    return names
+
+
+#: Flat option name -> the groups it sets.
+_FLAT = _flat_names()
+_KNOWN_FIX = "see srdvol COMMAND --help for the options"
+
+
+def _config_error(exc: ValidationError) -> ConfigError:
+    """One sentence naming the first bad parameter (ConfigErrors raised by validators keep
+    their own words)."""
+    first = exc.errors()[0]
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, ConfigError):
+        return cause
+    name = next((str(p) for p in reversed(first["loc"]) if isinstance(p, str)), "option")
+    given = first.get("input")
+    problem = first["msg"][0].lower() + first["msg"][1:]
+    if first["type"] == "extra_forbidden":
+        return ConfigError(flag(name), "is not an option", _KNOWN_FIX)
+    return ConfigError(flag(name), f"{given!r}: {problem}", "give a valid value")
