@@ -43,9 +43,13 @@ def phase(name: str, rows: list[tuple[str, float, float]]) -> Iterator[None]:
 
 
 def main() -> None:
-    from srdvol.app.commands import DEMO, _cluster, info_text, run_predict, run_simulate, run_train
+    from srdvol.app.commands import run_predict, run_simulate, run_train
+    from srdvol.app.demo import DEMO, demo_options
+    from srdvol.app.info import info_text
     from srdvol.app.report import write_report
+    from srdvol.app.session import cluster_session
     from srdvol.core.metrics import evaluate_stores
+    from srdvol.options import SimulateOptions
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=DEMO["steps"])
@@ -58,36 +62,22 @@ def main() -> None:
         noisy, truth, out = root / "noisy.zarr", root / "truth.zarr", root / "denoised.zarr"
         model = root / "model.safetensors"
         with phase("simulate", rows):
-            run_simulate(
-                str(noisy),
-                truth=str(truth),
-                frames=DEMO["frames"],
-                size=DEMO["size"],
-                photons=DEMO["photons"],
-                rate_hz=0.3,
-                seed=0,
-            )
+            scene = {k: DEMO[k] for k in ("frames", "size", "photons")}
+            run_simulate(str(noisy), truth=str(truth), options=SimulateOptions.create(**scene))
+        options = demo_options(steps=args.steps)
+        options = options.replace(
+            train=options.train.replace(batch_size=args.batch_size),
+            cluster=options.cluster.replace(threads_per_worker=args.threads),
+        )
         with phase("info", rows):
-            info_text(noisy, patch=DEMO["patch"])
-        cluster = {"threads_per_worker": args.threads, "dashboard_address": ":0"}
+            info_text(noisy, options)
         wall, cpu = time.perf_counter(), _cpu_seconds()
-        with _cluster(cluster) as client:
+        with cluster_session(options.cluster) as client:
             rows.append(("cluster start", time.perf_counter() - wall, _cpu_seconds() - cpu))
             with phase(f"train {args.steps} steps", rows):
-                run_train(
-                    noisy,
-                    model,
-                    client=client,
-                    read={},
-                    patch=DEMO["patch"],
-                    steps=args.steps,
-                    batch_size=args.batch_size,
-                    seed=0,
-                )
+                run_train(noisy, model, options, client=client)
             with phase("predict + pyramid", rows):
-                run_predict(
-                    noisy, out, model=model, patch=DEMO["patch"], client=client, data_checked=True
-                )
+                run_predict(noisy, out, options, model=model, client=client)
         with phase("evaluate", rows):
             result = evaluate_stores(out, truth=truth, noisy=noisy)
         with phase("report", rows):

@@ -2,7 +2,7 @@
 
 Simulates the demo's recording (96 frames of 96x96 px at 0.3 Hz, photons 2) unless ``--data``
 names a store, then times training steps of the default network exactly as
-:class:`srdvol.training.loop.Trainer` takes them (deterministic CPU kernels, as training runs), on
+:class:`srdvol.training.trainer.Trainer` takes them (deterministic CPU kernels, as training runs), on
 batches from :class:`srdvol.training.patches.PatchSampler`. CPU time of this process is reported, not
 wall time, so figures stay comparable on a machine that other jobs load (with one torch thread
 CPU time is what the step costs; the script prints the load average beside it).
@@ -147,10 +147,12 @@ def main() -> None:
     patch = tuple(int(v) for v in args.patch.split(","))
 
     from srdvol.core.normalize import sample_statistics
-    from srdvol.model.network import NetworkConfig, build_network
+    from srdvol.model.config import NetworkConfig
+    from srdvol.model.network import build_network
     from srdvol.ngff.read import open_image
-    from srdvol.training.loop import Trainer
+    from srdvol.options import TrainOptions
     from srdvol.training.patches import PatchSampler
+    from srdvol.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as folder:
         image = open_image(_recording(args, Path(folder)))
@@ -158,7 +160,7 @@ def main() -> None:
         torch.manual_seed(0)
         torch.use_deterministic_algorithms(True)  # as srdvol's training runs on the CPU
         network = build_network(NetworkConfig(patch_t=patch[0]))
-        trainer = Trainer(network, stats=stats, steps=1000)
+        trainer = Trainer(network, TrainOptions(steps=1000), stats=stats)
         sampler = PatchSampler(image, patch=patch, seed=0, batch_size=args.batch_size)
         for _ in range(3):
             trainer.step(sampler.sample())

@@ -45,7 +45,7 @@ import torch
 from scipy import ndimage
 
 from srdvol.core.metrics import evaluate, read_masks
-from srdvol.model.network import NetworkConfig
+from srdvol.model.config import NetworkConfig
 from srdvol.ngff.read import open_image
 from srdvol.predict.predictors import ModelPredictor, predict_array
 from srdvol.simulate.scene import simulate

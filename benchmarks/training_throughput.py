@@ -1,10 +1,10 @@
-"""Distributed training throughput: samples/s of srdvol.dask.ddp on 1 and 2 CPU worker processes.
+"""Distributed training throughput: samples/s of srdvol.dask.ddp_train on 1 and 2 CPU worker processes.
 
 Run ``python benchmarks/training_throughput.py`` (options: ``--steps``, ``--workers 1 2``,
 ``--threads``, ``--patch T Y X``, ``--batch``, ``--network small|tiny|default``). It writes a
 small synthetic movie to a temporary Zarr store, then for each worker count starts a local CPU
 cluster (:func:`srdvol.dask.cluster.open_cluster`) and trains with
-:func:`srdvol.dask.ddp.train_distributed`. Reported per run:
+:func:`srdvol.dask.ddp_train.train_distributed`. Reported per run:
 
 - samples/s: patches of all ranks per second of the client's wall time between rank 0's reports,
   after the first few steps (warm-up);
@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from srdvol.dask.cluster import open_cluster, parse_gpus
-from srdvol.dask.ddp import Progress, train_distributed
-from srdvol.model.network import NetworkConfig
+from srdvol.dask.cluster import open_cluster
+from srdvol.dask.ddp_train import train_distributed
+from srdvol.dask.supervise import Progress
+from srdvol.model.config import NetworkConfig
 
 NETWORKS = {
     "tiny": NetworkConfig.tiny,
@@ -61,7 +62,7 @@ def run(
     """Train once on ``workers`` ranks; return samples/s and wall time."""
     reports: list[tuple[float, Progress]] = []
     with open_cluster(
-        gpus=parse_gpus(gpus) if gpus else "none",
+        gpus=gpus or "none",
         workers=workers,
         threads_per_worker=threads,
         dashboard_address=None,
@@ -79,8 +80,7 @@ def run(
             network=network,
             checkpoint_every=steps,
             overwrite=True,
-            progress=False,
-            on_progress=lambda report: reports.append((time.perf_counter(), report)),
+            progress=lambda report: reports.append((time.perf_counter(), report)),
         )
         wall = time.perf_counter() - start
     # Global rate on the client's clock between reports, after 3 warm-up steps.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from srdvol.errors import InputError
+from srdvol.errors import InputError, flag
 
 __all__ = [
     "CANONICAL_ORDER",
@@ -62,7 +62,7 @@ def parse_axes(spec: str | Sequence[str], *, subject: str | None = None) -> tupl
     else:
         names = [str(name).lower() for name in spec]
     names = ["t" if n in _TIME_ALIASES else "c" if n in _CHANNEL_ALIASES else n for n in names]
-    return validate_axes(names, subject=subject or "--axes")
+    return validate_axes(names, subject=subject or flag("axes"))
 
 
 def validate_axes(names: Iterable[str], *, subject: str | None) -> tuple[str, ...]:
@@ -73,7 +73,7 @@ def validate_axes(names: Iterable[str], *, subject: str | None) -> tuple[str, ..
         raise InputError(
             subject,
             f"unknown axis name(s) {', '.join(map(repr, unknown))} (srdvol knows t, c, z, y, x)",
-            "name the axes with those letters, for example --axes tzyx",
+            f"name the axes with those letters, for example {flag('axes')} tzyx",
         )
     if len(set(axes)) != len(axes):
         raise InputError(subject, f"axis names {axes} repeat a name", "give each axis once")
@@ -84,6 +84,6 @@ def validate_axes(names: Iterable[str], *, subject: str | None) -> tuple[str, ..
             subject,
             f"the image has {what} (axes {''.join(axes)})",
             "srdvol denoises time series with t, y and x axes; for a plain Zarr array pass "
-            "--axes (for example --axes tzyx)",
+            f"{flag('axes')} (for example {flag('axes')} tzyx)",
         )
     return axes

@@ -27,6 +27,7 @@ from pydantic import (
 
 from srdvol.core.tiling import Window
 from srdvol.errors import ConfigError, flag
+from srdvol.model.config import NetworkConfig
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -55,8 +56,10 @@ __all__ = [
     "Window",
     "check_model_patch_t",
     "check_overlap",
+    "merge",
     "parse_gpus",
     "parse_triple",
+    "refuse_unknown",
 ]
 
 # ------------------------------------------------------------------------------ defaults, limits
@@ -173,7 +176,7 @@ def parse_triple(value: Any, *, name: str = "patch") -> tuple[int, int, int]:
         raise ConfigError(
             flag(name),
             f"{value!r} is not three positive integers T,Y,X",
-            "write it as T,Y,X, for example 32,64,64",
+            f"write it as T,Y,X, for example {flag(name)} 32,64,64",
         )
     return numbers  # type: ignore[return-value]
 
@@ -294,6 +297,25 @@ class _Options(BaseModel):
             raise _config_error(exc) from None
 
 
+def merge(options: Any, cls: type[_Options], changes: dict[str, Any]) -> Any:
+    """``options`` (or ``cls``'s defaults) updated with the entries of ``changes`` that are
+    ``cls``'s fields; those entries are taken out of ``changes``.
+
+    Library functions take an options object and keyword changes to it
+    (``train(src, model, steps=10)``); this splits the changes among the groups.
+    """
+    mine = {key: changes.pop(key) for key in list(changes) if key in cls.model_fields}
+    base = options if options is not None else cls()
+    return base.replace(**mine) if mine else base
+
+
+def refuse_unknown(changes: Mapping[str, Any], what: str) -> None:
+    """Raise a :class:`ConfigError` naming the first of ``changes`` (left over by :func:`merge`)."""
+    if changes:
+        name = next(iter(changes))
+        raise ConfigError(flag(name), f"is not {what}", _KNOWN_FIX)
+
+
 class ReadOptions(_Options):
     """Which array of the input is read."""
 
@@ -327,6 +349,16 @@ class TrainOptions(_Options):
     )
     resume: bool = Field(False, description="Continue an interrupted training.")
     overwrite: bool = Field(False, description="Replace an existing model and its state.")
+    network: NetworkConfig | None = Field(
+        None, description="Network sizes; default: the standard network for the patch's t."
+    )
+    device: str = Field("auto", description="Torch device: auto (CUDA if present), cpu, cuda:1.")
+    stop_after: int | None = Field(
+        None,
+        ge=1,
+        description="Stop once this many steps are done (saved, resumable), e.g. to fit a job's "
+        "time limit.",
+    )
 
     def patch_or_default(self, patch_t: int | None = None) -> Patch:
         """The patch to train on: the given one, else the default (with ``patch_t``)."""
@@ -366,7 +398,9 @@ class ClusterOptions(_Options):
         description="GPUs: auto, all, none, positions among the visible GPUs (0,1) or ids "
         "(GPU-<uuid>).",
     )
-    dashboard_address: str = Field(DEFAULT_DASHBOARD_ADDRESS, description="Dashboard address.")
+    dashboard_address: str | None = Field(
+        DEFAULT_DASHBOARD_ADDRESS, description="Dashboard address (None: no dashboard)."
+    )
     threads_per_worker: int | None = Field(None, ge=1, description="Threads of a CPU worker.")
 
     def local_kwargs(self) -> dict[str, Any]:
@@ -399,6 +433,11 @@ class RunOptions(_Options):
     predict: PredictOptions = PredictOptions()
     output: OutputOptions = OutputOptions()
     cluster: ClusterOptions = ClusterOptions()
+
+    @classmethod
+    def flat_names(cls) -> dict[str, tuple[str, ...]]:
+        """Every flat option name and the groups it sets (``patch``: train and predict)."""
+        return dict(_FLAT)
 
     @classmethod
     def from_flat(cls, values: Mapping[str, Any], *, overwrite: str = "output") -> RunOptions:

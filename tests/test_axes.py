@@ -27,4 +27,5 @@ def test_parse_axes(spec, expected):
 def test_bad_axes(spec, message):
     with pytest.raises(InputError, match=message) as info:
         parse_axes(spec)
-    assert "--axes" in str(info.value)
+    assert "--axes" in info.value.command_line_message()
+    assert "axes" in str(info.value) and "--axes" not in str(info.value)

@@ -25,7 +25,8 @@ from srdvol.model.checkpoint import (
     save_tensors,
     weights_checksum,
 )
-from srdvol.model.network import NetworkConfig, build_network
+from srdvol.model.config import NetworkConfig
+from srdvol.model.network import build_network
 
 torch.set_num_threads(1)
 
@@ -111,7 +112,7 @@ def test_mismatched_patch_is_a_clear_error() -> None:
     record = _record(patch_t=32)
     check_compatible(record, patch=(32, 128, 96))  # any y, x with the same frames
     check_compatible(record)
-    with pytest.raises(ModelMismatchError, match="--patch 32,32,32") as info:
+    with pytest.raises(ModelMismatchError, match="run with patch 32,32,32") as info:
         check_compatible(record, patch=(16, 32, 32), subject="m.safetensors")
     assert str(info.value).startswith("m.safetensors: was trained with patch 32,32,32")
 

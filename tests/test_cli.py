@@ -109,7 +109,7 @@ def bad_inputs(tmp_path_factory):
     import numpy as np
     import zarr
 
-    from srdvol.model.network import NetworkConfig
+    from srdvol.model.config import NetworkConfig
     from srdvol.simulate.scene import simulate
     from srdvol.training.loop import train
 

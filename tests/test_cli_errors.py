@@ -70,7 +70,7 @@ def corrupt_model(path: Path, *, seed: int = 0) -> None:
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory):
     """A simulated recording, a tiny model, and one damaged copy per fault of the issue."""
-    from srdvol.model.network import NetworkConfig
+    from srdvol.model.config import NetworkConfig
     from srdvol.simulate.scene import simulate
     from srdvol.training.loop import train
 

@@ -10,15 +10,9 @@ import urllib.request
 import pytest
 from distributed import Client, LocalCluster
 
-from srdvol.dask.cluster import (
-    cpu_worker_spec,
-    dashboard_link,
-    gpu_worker_spec,
-    open_cluster,
-    parse_gpus,
-    resolve_gpus,
-    visible_gpus,
-)
+from srdvol.dask.cluster import cpu_worker_spec, dashboard_link, gpu_worker_spec, open_cluster
+from srdvol.dask.gpus import resolve_gpus, visible_gpus
+from srdvol.options import parse_gpus
 from srdvol.errors import ClusterError, ConfigError, GPUUnavailableError, StoreNotFoundError
 
 
@@ -82,9 +76,10 @@ def test_parse_gpus_reads_the_option(text, expected):
 
 @pytest.mark.parametrize("text", ["", "gpu0", "-1", "0,x", "GPU-", "0,,1"])
 def test_parse_gpus_rejects_nonsense(text):
-    with pytest.raises(ConfigError, match="--gpus") as info:
+    with pytest.raises(ConfigError, match="^gpus: ") as info:
         parse_gpus(text)
     assert "GPU-<uuid>" in str(info.value)  # the fix names both forms
+    assert info.value.command_line_message().startswith("--gpus: ")
 
 
 @pytest.mark.parametrize(
@@ -124,7 +119,8 @@ def test_resolve_gpus_refuses_invisible_or_repeated_gpus(monkeypatch, env, gpus,
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env)
     with pytest.raises(error, match=match) as info:
         resolve_gpus(gpus)
-    assert str(info.value).startswith("--gpus ")
+    assert str(info.value).startswith("gpus ")
+    assert info.value.command_line_message().startswith("--gpus ")
 
 
 # ------------------------------------------------------------------------------ worker specs
@@ -152,7 +148,7 @@ def test_cpu_worker_spec_sets_threads_and_names():
     assert sorted(spec) == ["cpu-0", "cpu-1", "cpu-2"]
     assert all(s["options"]["env"]["OMP_NUM_THREADS"] == "2" for s in spec.values())
     assert all("resources" not in s["options"] for s in spec.values())
-    with pytest.raises(ConfigError, match="--workers"):
+    with pytest.raises(ConfigError, match="^workers: "):
         cpu_worker_spec(0)
 
 
@@ -200,14 +196,14 @@ def test_open_cluster_without_gpus_refuses_gpu_request(monkeypatch, gpus):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the same answer on a machine with GPUs
     with pytest.raises(GPUUnavailableError) as info, open_cluster(gpus=gpus):
         pytest.fail("a cluster was started")
-    message = str(info.value)
+    message = info.value.command_line_message()
     assert message.startswith("--gpus")
     assert "not visible" in message or "no GPU" in message
     assert "without --gpus" in message
 
 
 def test_open_cluster_rejects_zero_workers():
-    with pytest.raises(ConfigError, match="--workers"), open_cluster(gpus="none", workers=0):
+    with pytest.raises(ConfigError, match="^workers: "), open_cluster(gpus="none", workers=0):
         pytest.fail("a cluster was started")
 
 
@@ -265,7 +261,7 @@ def test_attach_to_unreachable_scheduler_fails_fast():
     with pytest.raises(ClusterError) as info, open_cluster(scheduler=address, timeout=2):
         pytest.fail("connected to nothing")
     assert time.monotonic() - start < 15
-    message = str(info.value)
+    message = info.value.command_line_message()
     assert message.startswith(address)
     assert "no Dask scheduler answered" in message
     assert "--scheduler" in message
@@ -301,9 +297,10 @@ def _predict_with(model_path: str):
 def test_model_plugin_loads_the_model_once_per_worker(monkeypatch, tmp_path):
     import torch
 
-    from srdvol.dask.cluster import ModelPlugin
+    from srdvol.dask.workers import ModelPlugin
     from srdvol.model.checkpoint import ModelRecord, Normalization, save_model
-    from srdvol.model.network import NetworkConfig, build_network
+    from srdvol.model.config import NetworkConfig
+    from srdvol.model.network import build_network
 
     config = NetworkConfig.tiny(16)
     torch.manual_seed(0)
@@ -351,7 +348,8 @@ def _listening(port: int) -> set[str]:
 def test_local_cluster_listens_on_loopback_by_default(monkeypatch):
     from urllib.parse import urlparse
 
-    from srdvol.dask.cluster import DEFAULT_DASHBOARD_ADDRESS, live_workers
+    from srdvol.dask.workers import live_workers
+    from srdvol.options import DEFAULT_DASHBOARD_ADDRESS
 
     assert DEFAULT_DASHBOARD_ADDRESS == "127.0.0.1:8787"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
@@ -371,7 +369,7 @@ def test_local_cluster_listens_on_loopback_by_default(monkeypatch):
 def test_live_workers_asks_the_scheduler_not_the_clients_cache(monkeypatch):
     from distributed.client import SchedulerInfo
 
-    from srdvol.dask.cluster import live_workers
+    from srdvol.dask.workers import live_workers
 
     with (
         LocalCluster(
@@ -390,7 +388,7 @@ def test_live_workers_asks_the_scheduler_not_the_clients_cache(monkeypatch):
 
 
 def test_a_worker_is_lost_only_when_two_answers_apart_lack_it():
-    from srdvol.dask.cluster import WorkerWatch
+    from srdvol.dask.workers import WorkerWatch
 
     now = [0.0]
     with (

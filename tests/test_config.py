@@ -4,19 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from srdvol.app.config import config_defaults, load_config_file, parse_triple
+from srdvol.app.config import config_defaults, load_config_file
 from srdvol.errors import ConfigError
-
-
-def test_parse_triple_accepts_text_and_sequences():
-    assert parse_triple("16, 64,64") == (16, 64, 64)
-    assert parse_triple([32, 8, 8]) == (32, 8, 8)
-
-
-@pytest.mark.parametrize("bad", ["16,64", "a,b,c", "0,64,64", "16,64,64,64", ""])
-def test_parse_triple_rejects_bad_values_naming_the_option(bad):
-    with pytest.raises(ConfigError, match=r"--block.*--block 32,64,64"):
-        parse_triple(bad, option="--block")
 
 
 def test_toml_flat_keys_and_command_table(tmp_path):
@@ -27,6 +16,9 @@ def test_toml_flat_keys_and_command_table(tmp_path):
     assert train == {"patch": (32, 64, 64), "steps": 99, "batch_size": 2}
     assert predict == {"patch": (32, 64, 64), "steps": 10}
     assert config_defaults(train)["patch"] == "32,64,64"
+    assert (
+        config_defaults({"sampling": predict.get("sampling", "spatial")})["sampling"] == "spatial"
+    )
 
 
 def test_yaml_file(tmp_path):

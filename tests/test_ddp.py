@@ -1,4 +1,5 @@
-"""Tests of srdvol.dask.ddp: gloo process groups across the worker processes of a real LocalCluster."""
+"""Tests of srdvol.dask.ranks and srdvol.dask.ddp_train: gloo process groups across the worker
+processes of a real LocalCluster."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 from distributed import Client, LocalCluster, SchedulerPlugin
 from torch import nn
 
-from srdvol.dask.ddp import DDPContext, Progress, run_distributed
+from srdvol.dask.ranks import DDPContext, RankOptions, run_distributed
+from srdvol.dask.supervise import Progress
 from srdvol.errors import DataError, TrainingInterruptedError
 
 STEPS = 4
@@ -139,11 +141,11 @@ def test_error_in_training_code_reaches_the_caller_unchanged(cluster):
 
 # ------------------------------------------------------------------------------ srdvol training
 
-TINY = {"patch": (16, 16, 16), "batch_size": 1, "progress": False, "axes": "tyx", "seed": 3}
+TINY = {"patch": (16, 16, 16), "batch_size": 1, "axes": "tyx", "seed": 3}
 
 
 def _tiny_network():
-    from srdvol.model.network import NetworkConfig
+    from srdvol.model.config import NetworkConfig
 
     return NetworkConfig.tiny(16)
 
@@ -152,7 +154,7 @@ def _faulty_rank(ctx: DDPContext, *, die_at: int, **plan):
     """srdvol's rank function, except that rank 1's process dies drawing batch ``die_at``."""
     import itertools
 
-    from srdvol.dask.ddp import train_rank
+    from srdvol.dask.ddp_train import train_rank
     from srdvol.training.patches import PatchSampler
 
     if ctx.rank == 1:
@@ -178,9 +180,9 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def test_train_distributed_writes_model_and_resumes_exactly_after_a_lost_worker(
     cluster, tmp_path, make_plain_array
 ):
-    from srdvol.dask.ddp import plan_training, train_distributed
+    from srdvol.dask.ddp_train import plan_training, train_distributed
     from srdvol.model.checkpoint import read_record
-    from srdvol.training.loop import state_path
+    from srdvol.training.state import state_path
 
     source, _ = make_plain_array("movie.zarr", shape=(32, 24, 24), dtype="uint16")
     options = {**TINY, "network": _tiny_network(), "steps": 8, "checkpoint_every": 2}
@@ -188,7 +190,7 @@ def test_train_distributed_writes_model_and_resumes_exactly_after_a_lost_worker(
     # uninterrupted reference run
     reference = tmp_path / "reference.srdvol"
     seen: list[Progress] = []
-    record = train_distributed(cluster, source, reference, on_progress=seen.append, **options)
+    record = train_distributed(cluster, source, reference, progress=seen.append, **options)
     assert record.steps == 8
     assert read_record(reference).steps == 8
     assert [p.step for p in seen] == list(range(1, 9))
@@ -204,9 +206,7 @@ def test_train_distributed_writes_model_and_resumes_exactly_after_a_lost_worker(
 
     # the same run, with rank 1's worker dying while it draws the batch of step 5
     model = tmp_path / "model.srdvol"
-    plan = plan_training(
-        cluster, source, model, **{k: v for k, v in options.items() if k != "progress"}
-    )
+    plan = plan_training(cluster, source, model, **options)
     workers = plan.pop("workers")
     with pytest.raises(TrainingInterruptedError) as info:
         run_distributed(cluster, _faulty_rank, die_at=5, workers=workers, timeout=30, **plan)
@@ -220,7 +220,7 @@ def test_train_distributed_writes_model_and_resumes_exactly_after_a_lost_worker(
     cluster.wait_for_workers(2, timeout=60)
     after: list[Progress] = []
     resumed = train_distributed(
-        cluster, source, model, resume=True, on_progress=after.append, **options
+        cluster, source, model, resume=True, progress=after.append, **options
     )
     assert resumed.steps == 8
     assert [p.step for p in after] == [5, 6, 7, 8]  # it continued, it did not start again
@@ -233,32 +233,36 @@ def test_train_distributed_writes_model_and_resumes_exactly_after_a_lost_worker(
 def test_planning_refuses_and_overwrites_like_single_process_training(
     cluster, tmp_path, make_plain_array
 ):
-    from srdvol.dask.ddp import plan_training
+    from srdvol.dask.ddp_train import plan_training
     from srdvol.errors import ConfigError
-    from srdvol.training.loop import state_path, train
+    from srdvol.training.loop import train
+    from srdvol.training.state import state_path
 
     source, _ = make_plain_array("movie.zarr", shape=(32, 24, 24), dtype="uint16")
     options = {**TINY, "network": _tiny_network(), "steps": 2}
-    planning = {k: v for k, v in options.items() if k != "progress"}
+    planning = dict(options)
+    one = RankOptions(workers=1)
     model = tmp_path / "m.srdvol"
-    train(source, model, stop_after=1, **options)  # one rank, spatial sampling, state kept
+    train(
+        source, model, stop_after=1, progress=False, **options
+    )  # one rank, spatial sampling, state kept
 
     # a resume that asks for another sampling is refused by both paths; "auto" takes the saved
     for start in (
-        lambda **kw: train(source, model, **options, **kw),
-        lambda **kw: plan_training(cluster, source, model, workers=1, **planning, **kw),
+        lambda **kw: train(source, model, progress=False, **options, **kw),
+        lambda **kw: plan_training(cluster, source, model, ranks=one, **planning, **kw),
     ):
         with pytest.raises(ConfigError, match="sampling"):
             start(resume=True, sampling="temporal")
     plan = plan_training(
-        cluster, source, model, resume=True, sampling="auto", workers=1, **planning
+        cluster, source, model, resume=True, sampling="auto", ranks=one, **planning
     )
     assert plan["plan"].sampling == "spatial"
     assert plan["plan"].resume
 
     # starting again with overwrite deletes the stale state, as train() does
     assert state_path(model).exists()
-    plan = plan_training(cluster, source, model, overwrite=True, workers=1, **planning)
+    plan = plan_training(cluster, source, model, overwrite=True, ranks=one, **planning)
     assert not plan["plan"].resume
     assert not state_path(model).exists()
 
@@ -276,7 +280,7 @@ class _SegmentLog(SchedulerPlugin):
         self.events: list[tuple[str, str]] = []
 
     def transition(self, key, start, finish, *args, **kwargs) -> None:
-        from srdvol.dask.ddp import SEGMENT_PREFIX
+        from srdvol.dask.ddp_train import SEGMENT_PREFIX
 
         if str(key).startswith(SEGMENT_PREFIX):
             self.events.append((str(key), finish))
@@ -296,7 +300,7 @@ def test_an_empty_cached_snapshot_does_not_stop_training_and_segments_show_progr
     advance."""
     from distributed.client import SchedulerInfo
 
-    from srdvol.dask.ddp import train_distributed
+    from srdvol.dask.ddp_train import train_distributed
 
     cluster.register_plugin(_SegmentLog())
     empty = SchedulerInfo({**dict(cluster.scheduler_info()), "workers": {}})
@@ -312,6 +316,7 @@ def test_an_empty_cached_snapshot_does_not_stop_training_and_segments_show_progr
         network=_tiny_network(),
         steps=6,
         checkpoint_every=2,
+        progress=False,
         **TINY,
     )
     assert record.steps == 6
@@ -338,9 +343,9 @@ def test_a_killed_worker_process_ends_the_run_naming_worker_step_and_checkpoint(
 ):
     import signal
 
-    from srdvol.dask.cluster import live_workers
-    from srdvol.dask.ddp import train_distributed
-    from srdvol.training.loop import state_path
+    from srdvol.dask.ddp_train import train_distributed
+    from srdvol.dask.workers import live_workers
+    from srdvol.training.state import state_path
 
     source, _ = make_plain_array("movie.zarr", shape=(32, 24, 24), dtype="uint16")
     workers = live_workers(cluster)
@@ -363,8 +368,8 @@ def test_a_killed_worker_process_ends_the_run_naming_worker_step_and_checkpoint(
             network=_tiny_network(),
             steps=200,
             checkpoint_every=2,
-            timeout=30,
-            on_progress=kill_at_step_3,
+            ranks=RankOptions(timeout=30),
+            progress=kill_at_step_3,
             **TINY,
         )
     assert killed and time.monotonic() - start < 120
@@ -385,13 +390,13 @@ def test_ctrl_c_stops_every_rank_saves_the_state_and_resume_is_exact(
     import signal
 
     from srdvol import interrupt
-    from srdvol.dask.ddp import train_distributed
-    from srdvol.training.loop import state_path
+    from srdvol.dask.ddp_train import train_distributed
+    from srdvol.training.state import state_path
 
     source, _ = make_plain_array("movie.zarr", shape=(32, 24, 24), dtype="uint16")
     options = {**TINY, "network": _tiny_network(), "steps": 8, "checkpoint_every": 4}
     reference = tmp_path / "reference.srdvol"
-    train_distributed(cluster, source, reference, **options)
+    train_distributed(cluster, source, reference, progress=False, **options)
 
     model = tmp_path / "model.srdvol"
 
@@ -400,7 +405,7 @@ def test_ctrl_c_stops_every_rank_saves_the_state_and_resume_is_exact(
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt) as info, interrupt.handling():
-        train_distributed(cluster, source, model, on_progress=ctrl_c_at_step_2, **options)
+        train_distributed(cluster, source, model, progress=ctrl_c_at_step_2, **options)
     assert interrupt.exit_code(info.value) == 130
     notes = interrupt.kept(info.value)
     saved = torch.load(state_path(model), weights_only=True)
@@ -412,7 +417,7 @@ def test_ctrl_c_stops_every_rank_saves_the_state_and_resume_is_exact(
     cluster.wait_for_workers(2, timeout=60)
     after: list[Progress] = []
     resumed = train_distributed(
-        cluster, source, model, resume=True, on_progress=after.append, **options
+        cluster, source, model, resume=True, progress=after.append, **options
     )
     assert resumed.steps == 8
     assert [p.step for p in after] == list(range(step + 1, 9))

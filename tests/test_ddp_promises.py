@@ -1,7 +1,7 @@
 """Distributed training keeps its promises, through srdvol's own path (gloo, 2 real workers).
 
 - Both ranks end with identical weights (every rank's final weights are gathered through the
-  ``on_finish`` hook of :func:`srdvol.dask.ddp.train_rank`).
+  ``on_finish`` hook of :func:`srdvol.dask.ddp_train.train_rank`).
 - The result equals one process that takes each step on the concatenated batches of both ranks,
   with each half's pairs drawn from that rank's stream, through the real :class:`Trainer`
   (same schedule, clipping, Adam). A run without the gradient all-reduce would be rank 0
@@ -25,11 +25,13 @@ import torch
 import zarr
 from distributed import Client, LocalCluster
 
-from srdvol.dask.ddp import plan_training, run_distributed, train_rank
+from srdvol.dask.ddp_train import plan_training, train_rank
+from srdvol.dask.ranks import run_distributed
 from srdvol.model.checkpoint import load_model
-from srdvol.model.network import NetworkConfig, build_network
-from srdvol.training.loop import Trainer
+from srdvol.model.config import NetworkConfig
+from srdvol.model.network import build_network
 from srdvol.training.patches import PatchSampler
+from srdvol.training.trainer import Rank, Trainer
 
 STEPS = 5
 BATCH = 2  # per rank
@@ -105,34 +107,26 @@ class _RanksInOneProcess(Trainer):
 
 def _one_process(plan: Any, image: Any, *, ranks: list[int], world_size: int = 2) -> dict:
     """Train in this process on the patch and pair streams of ``ranks`` (of ``world_size``)."""
+    seed = plan.options.seed
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(plan.seed)  # as run_training seeds before building the network
+        torch.manual_seed(seed)  # as run_training seeds before building the network
         network = build_network(plan.config)
     # the streams of a distributed run: rank r's generator and sampler of a 2-rank world
     generators = [
         Trainer(
             build_network(plan.config),
+            plan.options,
             stats=plan.stats,
-            seed=plan.seed,
-            rank=r,
-            world_size=world_size,
+            place=Rank(r, world_size),
         ).generator
         for r in ranks
     ]
-    trainer = _RanksInOneProcess(
-        network,
-        stats=plan.stats,
-        sampling=plan.sampling,
-        lr=plan.lr,
-        steps=plan.steps,
-        seed=plan.seed,
-        generators=generators,
-    )
+    trainer = _RanksInOneProcess(network, plan.options, stats=plan.stats, generators=generators)
     samplers = [
         PatchSampler(
             image,
-            patch=plan.read,
-            seed=plan.seed,
+            patch=plan.read_shape,
+            seed=seed,
             rank=r,
             world_size=world_size,
             batch_size=plan.batch_size,
@@ -180,7 +174,7 @@ def test_ddp_ranks_agree_and_equal_one_process_on_both_batches(client, source, t
     assert _max_difference(alone, both) > 100 * ATOL
     # and the weights moved: the comparison is not between untouched copies
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(plan.seed)
+        torch.manual_seed(plan.options.seed)
         initial = _numpy_state(build_network(plan.config))
     assert _max_difference(initial, both) > 100 * ATOL
 
@@ -190,7 +184,7 @@ TRAIN_SCRIPT = textwrap.dedent(
     import json, sys
     import torch
     from srdvol import train
-    from srdvol.model.network import NetworkConfig
+    from srdvol.model.config import NetworkConfig
 
     source, model = sys.argv[1], sys.argv[2]
     network = NetworkConfig(channels=(4, 4, 8, 8), embed_dim=16, heads=2, patch_t=16)

@@ -31,7 +31,8 @@ from sliding_window import Model, reference, reference_movie
 
 from srdvol.dask.graph import denoise, write
 from srdvol.model.checkpoint import ModelRecord, Normalization, save_model
-from srdvol.model.network import NetworkConfig, build_network
+from srdvol.model.config import NetworkConfig
+from srdvol.model.network import build_network
 from srdvol.predict.predictors import AffineModel, ModelPredictor, PatchMeanModel
 
 # ------------------------------------------------------------------------------ the reference

@@ -21,7 +21,7 @@ import torch
 import zarr
 
 from srdvol import interrupt
-from srdvol.training.loop import state_path
+from srdvol.training.state import state_path
 
 PROGRESS = re.compile(r"^(training step|denoising) (\d+)/(\d+)")
 # The plain progress lines of a batch job (stderr is a file here), as tests/test_progress.py
@@ -157,7 +157,7 @@ def test_a_plain_python_session_gets_a_graceful_ctrl_c_in_training_loops(python_
 def test_single_process_training_stops_at_a_step_boundary_and_says_where(tmp_path, python_defaults):
     """A real SIGINT during in-process training: the step in progress ends, the state is
     saved, and the exception notes it; resuming gives the uninterrupted weights."""
-    from srdvol.model.network import NetworkConfig
+    from srdvol.model.config import NetworkConfig
     from srdvol.simulate.scene import simulate
     from srdvol.training.loop import train
     from srdvol.training.patches import PatchSampler
@@ -202,7 +202,7 @@ def test_single_process_training_stops_at_a_step_boundary_and_says_where(tmp_pat
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A small recording, a longer one for prediction, a tiny model, and reference results."""
-    from srdvol.model.network import NetworkConfig
+    from srdvol.model.config import NetworkConfig
     from srdvol.simulate.scene import simulate
     from srdvol.training.loop import train
 

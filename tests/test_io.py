@@ -255,8 +255,8 @@ def _no_datasets(tmp_path, make_image, make_plain_array):
 BAD = [
     (_not_a_store, StoreNotFoundError, r"not a Zarr store.*point srdvol at an OME-Zarr image"),
     (_missing, StoreNotFoundError, r"no such file or directory; check the path"),
-    (_no_time_axis, InputError, r"no time axis.*--axes"),
-    (_no_time_in_metadata, InputError, r"no time axis.*--axes"),
+    (_no_time_axis, InputError, r"no time axis.*pass axes"),
+    (_no_time_in_metadata, InputError, r"no time axis.*pass axes"),
     (_few_frames, DataError, r"15 frames, fewer than the 16.*at least 16 frames"),
     (_complex, UnsupportedDtypeError, r"complex dtype complex64.*convert it"),
     (_bool, UnsupportedDtypeError, r"bool dtype bool.*convert it"),

@@ -12,7 +12,8 @@ from pydantic import ValidationError
 from srdvol.errors import ConfigError, ModelMismatchError
 from srdvol.model import attention, layers
 from srdvol.model.attention import SwinLayer, TemporalTransformer, attend
-from srdvol.model.network import NetworkConfig, build_network, count_parameters
+from srdvol.model.config import NetworkConfig
+from srdvol.model.network import build_network, count_parameters
 
 torch.set_num_threads(1)
 
@@ -48,14 +49,14 @@ def test_default_network_has_about_1_8_million_parameters() -> None:
 
 def test_wrong_frame_count_is_a_clear_error() -> None:
     network = build_network(NetworkConfig.tiny(patch_t=16))
-    with pytest.raises(ModelMismatchError, match="--patch 16"):
+    with pytest.raises(ModelMismatchError, match="patch 16"):
         network(torch.zeros(1, 1, 32, 8, 8))
-    with pytest.raises(ModelMismatchError, match="--patch"):
+    with pytest.raises(ModelMismatchError, match="patch"):
         network(torch.zeros(1, 16, 8, 8))
 
 
 def test_config_validation_names_the_option() -> None:
-    with pytest.raises(ValidationError, match="--patch"):
+    with pytest.raises(ValidationError, match=r"\[\[patch\]\]: patch_t 24"):
         NetworkConfig(patch_t=24)
     with pytest.raises(ValidationError, match="heads"):
         NetworkConfig(heads=3)
@@ -63,8 +64,9 @@ def test_config_validation_names_the_option() -> None:
         NetworkConfig(window=4, shift=4)
     with pytest.raises(ValidationError):
         NetworkConfig(unknown=1)  # type: ignore[call-arg]
-    with pytest.raises(ConfigError, match="multiple of 16"):
+    with pytest.raises(ConfigError, match="^patch: patch_t 40 is not a multiple of 16") as info:
         NetworkConfig.from_options(patch_t=40)
+    assert info.value.command_line_message().startswith("--patch: patch_t 40")
     assert NetworkConfig.from_options(patch_t=48).patch_t == 48
     assert NetworkConfig.model_fields["window"].description  # docstrings become descriptions
 

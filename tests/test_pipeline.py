@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import zarr
 
-from srdvol.app.commands import default_model_path
+from srdvol.app.checks import default_model_path
+from srdvol.options import RunOptions
 from srdvol.simulate.scene import simulate
 
 
@@ -80,7 +81,7 @@ def test_denoise_serves_the_dashboard_while_running_and_a_rerun_resumes(tmp_path
 def test_public_api_open_train_denoise(tmp_path):
     import srdvol
     import srdvol.training.loop  # a submodule import must not shadow the function srdvol.train
-    from srdvol.model.network import NetworkConfig
+    from srdvol.model.config import NetworkConfig
 
     assert srdvol.train is srdvol.training.loop.train
 
@@ -150,7 +151,7 @@ def _validate_ngff(path: str, ngff: str) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from srdvol.model.network import NetworkConfig
+    from srdvol.model.config import NetworkConfig
     from srdvol.training.loop import train
 
     root = tmp_path_factory.mktemp("tiny-model")
@@ -188,10 +189,12 @@ def one_worker():
 def test_info_lists_exactly_the_levels_predict_writes(
     tmp_path, make_image, tiny_model, one_worker, size, ngff, dtype, expected
 ):
-    from srdvol.app.commands import info_text, run_predict
+    from srdvol.app.commands import run_predict
+    from srdvol.app.info import info_text
 
     source, _ = make_image(axes="tyx", shape=(16, *size), dtype="uint16", chunks=(16, 32, 32))
-    text = info_text(source, patch=(16, 16, 16), dtype=dtype, ngff=ngff)
+    options = RunOptions.from_flat({"patch": (16, 16, 16), "dtype": dtype, "ngff": ngff})
+    text = info_text(source, options)
     written_dtype = "uint16" if dtype == "input" else dtype
     assert f"write      {written_dtype} OME-Zarr, NGFF {ngff}" in text
     assert "blosc-zstd level 3, bitshuffle" in text
@@ -199,15 +202,7 @@ def test_info_lists_exactly_the_levels_predict_writes(
     assert [shape[1:] for _, shape, _ in listed] == expected
 
     out = str(tmp_path / "out.zarr")
-    report = run_predict(
-        source,
-        out,
-        model=tiny_model,
-        patch=(16, 16, 16),
-        dtype=dtype,
-        ngff=ngff,
-        client=one_worker,
-    )
+    report = run_predict(source, out, options, model=tiny_model, client=one_worker)
     group = zarr.open_group(out, mode="r")
     written = [(name, group[name].shape, group[name].chunks) for name in sorted(group.array_keys())]
     assert written == listed
@@ -266,7 +261,7 @@ def test_info_shows_what_a_high_overlap_costs(make_plain_array, capsys):
 
 
 def test_info_says_when_the_patch_is_larger_than_the_movie(make_image):
-    from srdvol.app.commands import info_text
+    from srdvol.app.info import info_text
 
     source, _ = make_image(axes="tyx", shape=(32, 96, 96), chunks=(16, 96, 96))
     text = info_text(source)  # the default patch (64, 128, 128)
@@ -275,42 +270,43 @@ def test_info_says_when_the_patch_is_larger_than_the_movie(make_image):
     assert "the movie has 32 frames, fewer than patch_t 64" in text
     assert "--patch 32,128,128" in text
     # an image that fits the patch has neither note
-    quiet = info_text(source, patch=(16, 64, 64))
+    quiet = info_text(source, RunOptions.from_flat({"patch": (16, 64, 64)}))
     assert "padding" not in quiet and "problem" not in quiet
 
 
 def test_info_refuses_an_unknown_output_format(make_image):
-    from srdvol.app.commands import info_text
+    from srdvol.app.info import info_text
     from srdvol.errors import ConfigError
 
     source, _ = make_image(axes="tyx", shape=(16, 32, 32))
-    with pytest.raises(ConfigError, match="--ngff"):
-        info_text(source, ngff="0.3")
-    with pytest.raises(ConfigError, match="--dtype"):
-        info_text(source, dtype="complex64")
+    with pytest.raises(ConfigError, match="^ngff: "):
+        info_text(source, RunOptions.from_flat({"ngff": "0.3"}))
+    with pytest.raises(ConfigError, match="^dtype: "):
+        info_text(source, RunOptions.from_flat({"dtype": "complex64"}))
 
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_one_single_threaded_worker(tmp_path, monkeypatch, capsys):
     # The demo's own sizes take minutes; a smaller recording runs the same code path.
-    from srdvol.app import commands as pipeline
+    from srdvol.app import commands, demo
 
-    monkeypatch.setitem(pipeline.DEMO, "frames", 32)
-    monkeypatch.setitem(pipeline.DEMO, "size", (32, 32))
-    monkeypatch.setitem(pipeline.DEMO, "patch", (16, 32, 32))
+    monkeypatch.setitem(demo.DEMO, "frames", 32)
+    monkeypatch.setitem(demo.DEMO, "size", (32, 32))
+    monkeypatch.setitem(demo.DEMO, "patch", (16, 32, 32))
     started = []
-    opened = pipeline._cluster
+    opened = commands.cluster_session
 
     def spy(cluster, client=None):
         if client is None:  # a cluster is started, not reused
-            started.append(dict(cluster or {}))
+            started.append(cluster)
         return opened(cluster, client)
 
-    monkeypatch.setattr(pipeline, "_cluster", spy)
-    result = pipeline.run_demo(tmp_path / "demo", steps=2, workers=1)
-    assert started == [
-        {"workers": 1, "threads_per_worker": 1, "dashboard_address": "127.0.0.1:0"}
-    ]  # one torch thread: robust on a busy machine
+    monkeypatch.setattr(commands, "cluster_session", spy)
+    result = demo.run_demo(tmp_path / "demo", steps=2, workers=1)
+    assert len(started) == 1  # one cluster trains and predicts
+    assert started[0].workers == 1
+    assert started[0].threads_per_worker == 1  # one torch thread: robust on a busy machine
+    assert started[0].dashboard_address == "127.0.0.1:0"
     assert np.isfinite(result["estimate"]["snr_db"]) and np.isfinite(result["noisy"]["snr_db"])
     err = capsys.readouterr().err
     assert "SNR gain:" in err and "levels     s0 (32, 32, 32)" in err
@@ -318,16 +314,16 @@ def test_demo_runs_end_to_end_on_one_single_threaded_worker(tmp_path, monkeypatc
 
 
 def test_info_scales_the_task_count_of_a_large_plan_from_a_corner(tmp_path, monkeypatch):
-    from srdvol.app import commands as pipeline
+    from srdvol.app import info
 
     source = str(tmp_path / "large.zarr")  # no chunk written: info reads metadata and one chunk
     zarr.create_array(source, shape=(320, 2, 640, 640), chunks=(16, 1, 128, 128), dtype="uint16")
-    options = {"axes": "tzyx", "patch": (16, 32, 32), "block": (32, 128, 128)}
-    exact = pipeline.info_text(source, **options)
+    options = RunOptions.from_flat({"axes": "tzyx", "patch": (16, 32, 32), "block": (32, 128, 128)})
+    exact = info.info_text(source, options)
     blocks = int(_number(exact, r"blocks: (\d+) of"))
     assert blocks == 10 * 2 * 2 * 2  # blocks align to the output's 512 px plane chunks
-    monkeypatch.setattr(pipeline, "_EXACT_TASK_BLOCKS", 10)
-    scaled = pipeline.info_text(source, **options)
+    monkeypatch.setattr(info, "_EXACT_TASK_BLOCKS", 10)
+    scaled = info.info_text(source, options)
     assert "about" in scaled and "about" not in exact.split("dask tasks")[0].splitlines()[-1]
     tasks = _number(exact, r"(\d+) dask tasks")
     estimate = _number(scaled, r"about (\d+) dask tasks")

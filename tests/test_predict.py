@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from sliding_window import reference_movie
 
 from srdvol.errors import DataError, InputError, ModelMismatchError, StoreNotFoundError
+from srdvol.predict import predictors as predict
 from srdvol.predict.predictors import (
     AffineModel,
     ModelPredictor,
@@ -18,7 +19,6 @@ from srdvol.predict.predictors import (
     predict_array,
     predict_block,
 )
-from srdvol.predict import predictors as predict
 
 
 @given(
@@ -127,7 +127,8 @@ def tiny_model(monkeypatch, tmp_path):
     torch = pytest.importorskip("torch")
     from srdvol.model import checkpoint
     from srdvol.model.checkpoint import ModelRecord, Normalization, save_model
-    from srdvol.model.network import NetworkConfig, build_network
+    from srdvol.model.config import NetworkConfig
+    from srdvol.model.network import build_network
 
     torch.set_num_threads(1)
     monkeypatch.setattr(predict, "_CACHE", {})

@@ -116,21 +116,23 @@ def test_low_volume_rate_makes_frames_nearly_independent():
 @pytest.mark.parametrize(
     ("kw", "option"),
     [
-        ({"photons": -1.0}, "--photons"),
-        ({"rate_hz": 0.0}, "--rate-hz"),
-        ({"size": (0, 10)}, "--size"),
-        ({"frames": 0}, "--frames"),
+        ({"photons": -1.0}, "photons"),
+        ({"rate_hz": 0.0}, "rate_hz"),
+        ({"size": (0, 10)}, "size"),
+        ({"frames": 0}, "frames"),
     ],
 )
 def test_bad_options_raise_config_error_and_write_nothing(tmp_path, kw, option):
-    with pytest.raises(ConfigError, match=option):
+    with pytest.raises(ConfigError, match=f"^{option}: ") as info:
         simulate(tmp_path / "n", truth=tmp_path / "t", **kw)
+    flag = "--" + option.replace("_", "-")
+    assert info.value.command_line_message().startswith(f"{flag}: ")
     assert not (tmp_path / "n").exists() and not (tmp_path / "t").exists()
 
 
 def test_existing_foreign_store_is_refused_before_anything_is_written(tmp_path):
     simulate(tmp_path / "t", truth=tmp_path / "x", frames=16, size=(24, 24))
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    with pytest.raises(OutputExistsError, match="pass overwrite"):
         simulate(tmp_path / "n", truth=tmp_path / "t", frames=16, size=(24, 24))
     assert not (tmp_path / "n").exists()
     # The same simulation again is accepted (it rewrites identical data), --overwrite replaces.

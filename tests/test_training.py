@@ -18,9 +18,14 @@ from torch import nn
 from srdvol.core.normalize import Statistics
 from srdvol.errors import ConfigError, DataError, OutputExistsError
 from srdvol.model.checkpoint import load_model, read_record
-from srdvol.model.network import NetworkConfig, build_network
+from srdvol.model.config import NetworkConfig
+from srdvol.model.network import build_network
 from srdvol.simulate.scene import simulate
-from srdvol.training.loop import Trainer, lr_factor, run_loop, state_path, train
+from srdvol.options import TrainOptions
+from srdvol.training.loop import run_loop, run_training, train
+from srdvol.training.plan import prepare_training
+from srdvol.training.state import state_path
+from srdvol.training.trainer import Rank, Trainer, lr_factor
 from srdvol.training.patches import PatchSampler
 
 #: Small enough for a 2-core machine, big enough to learn something in a hundred steps.
@@ -183,7 +188,7 @@ def test_existing_model_is_not_replaced(movie: tuple[Path, Path], tmp_path: Path
     model = tmp_path / "m"
     train(noisy_path, model, steps=1, **QUICK)
     before = model.read_bytes()
-    with pytest.raises(OutputExistsError, match="--resume"):
+    with pytest.raises(OutputExistsError, match="pass resume to continue"):
         train(noisy_path, model, steps=1, seed=5, **QUICK)
     assert model.read_bytes() == before
     train(noisy_path, model, steps=1, seed=5, overwrite=True, **QUICK)
@@ -205,7 +210,7 @@ def test_nan_is_caught_before_anything_is_written(tmp_path: Path) -> None:
     [
         ({"patch": (16, 15, 16)}, "odd"),
         ({"patch": (32, 16, 16)}, "network's patch_t"),
-        ({"sampling": "both"}, "unknown"),
+        ({"sampling": "both"}, "'spatial', 'temporal' or 'auto'"),
     ],
 )
 def test_bad_options(
@@ -249,7 +254,9 @@ def test_trainer_wrap_hook_is_used_for_the_forward_pass() -> None:
             return self.module(x)
 
     net = build_network(TINY)
-    trainer = Trainer(net, stats=Statistics(10.0, 2.0), steps=3, wrap=Counting)
+    trainer = Trainer(
+        net, TrainOptions(steps=3), stats=Statistics(10.0, 2.0), place=Rank(wrap=Counting)
+    )
     batch = np.random.default_rng(0).normal(10, 2, size=(2, 16, 8, 8)).astype(np.float32)
     before = [p.detach().clone() for p in net.parameters()]
     loss = trainer.step(batch)
@@ -270,7 +277,8 @@ def test_learning_rate_schedule() -> None:
 def _ddp_worker(
     rank: int, root: str, noisy: str, name: str, extra: dict[str, Any], run: str
 ) -> None:
-    """One rank of a 2-process gloo run that trains through the DDP hook of train().
+    """One rank of a 2-process gloo run under its own launcher: the public pieces
+    (prepare_training, then run_training with DistributedDataParallel) on every rank.
 
     Each run needs its own rendezvous file: a file store left by an earlier group with the
     same name makes the next group abort (seen as a flaky SIGABRT from a clean checkout)."""
@@ -282,17 +290,10 @@ def _ddp_worker(
         "gloo", init_method=f"file://{root}/rendezvous-{run}", rank=rank, world_size=2
     )
     try:
-        train(
-            noisy,
-            Path(root) / name,
-            steps=4,
-            checkpoint_every=2,
-            rank=rank,
-            world_size=2,
-            wrap=DistributedDataParallel,
-            device="cpu",
-            **{**QUICK, **extra},
-        )
+        quick = {k: v for k, v in {**QUICK, **extra}.items() if k != "progress"}
+        options = TrainOptions(steps=4, checkpoint_every=2, **quick)
+        plan = prepare_training(noisy, Path(root) / name, options, rank=rank, world_size=2)
+        run_training(plan, device="cpu", place=Rank(rank, 2, DistributedDataParallel))
     finally:
         dist.destroy_process_group()
 
@@ -326,7 +327,7 @@ def test_diverging_loss_stops_with_advice() -> None:
         def sample(self) -> np.ndarray:
             return np.full((1, 16, 8, 8), np.nan, dtype=np.float32)
 
-    trainer = Trainer(build_network(TINY), stats=Statistics(0.0, 1.0), steps=5)
+    trainer = Trainer(build_network(TINY), TrainOptions(steps=5), stats=Statistics(0.0, 1.0))
     with pytest.raises(ConfigError, match="lower learning rate"):
         run_loop(trainer, NanSampler(), steps=5)  # type: ignore[arg-type]
     assert trainer.step_count == 1

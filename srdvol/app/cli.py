@@ -10,23 +10,28 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from srdvol.app.config import (
+from srdvol.app.config import config_defaults, load_config_file
+from srdvol.errors import SrdvolError
+from srdvol.options import (
+    DEFAULT_BATCH_SIZE,
     DEFAULT_DASHBOARD_ADDRESS,
+    DEFAULT_LR,
+    DEFAULT_OVERLAP,
+    DEFAULT_STEPS,
+    MAX_OVERLAP,
     Autocast,
     Ngff,
     OutputDtype,
+    RunOptions,
     Sampling,
+    SimulateOptions,
     Window,
-    config_defaults,
-    load_config_file,
-    parse_triple,
 )
-from srdvol.errors import SrdvolError
 
 __all__ = ["app", "main"]
 
@@ -70,7 +75,7 @@ PatchOpt = Annotated[
     str | None, typer.Option("--patch", help="Patch size T,Y,X (T a multiple of 16).")
 ]
 OverlapOpt = Annotated[
-    float, typer.Option("--overlap", min=0.0, max=0.95, help="Patch overlap fraction.")
+    float, typer.Option("--overlap", min=0.0, max=MAX_OVERLAP, help="Patch overlap fraction.")
 ]
 BlockOpt = Annotated[
     str | None,
@@ -82,11 +87,11 @@ WindowOpt = Annotated[
 SamplingOpt = Annotated[
     Sampling, typer.Option("--sampling", help="Training pairs: spatial, temporal or auto.")
 ]
-StepsOpt = Annotated[int | None, typer.Option("--steps", min=1, help="Training steps.")]
+StepsOpt = Annotated[int, typer.Option("--steps", min=1, help="Training steps.")]
 BatchOpt = Annotated[
-    int | None, typer.Option("--batch-size", min=1, help="Patches per step (per worker).")
+    int, typer.Option("--batch-size", min=1, help="Patches per step (per worker).")
 ]
-LrOpt = Annotated[float | None, typer.Option("--lr", help="Learning rate.")]
+LrOpt = Annotated[float, typer.Option("--lr", help="Peak learning rate.")]
 SchedulerOpt = Annotated[
     str | None, typer.Option("--scheduler", help="Address of a running Dask scheduler.")
 ]
@@ -141,10 +146,6 @@ TrainOverwriteOpt = Annotated[
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted training.")]
 
 
-def _triple(value: str | None, option: str) -> tuple[int, int, int] | None:
-    return None if value is None else parse_triple(value, option=option)
-
-
 def _show_version(value: bool) -> None:
     if value:
         from srdvol import __version__
@@ -166,33 +167,25 @@ def _root(
     """Self-supervised SRDTrans denoising of large OME-Zarr fluorescence time series."""
 
 
-def _read_options(level: int, channel: int | None, axes: str | None) -> dict[str, Any]:
-    return {"level": level, "channel": channel, "axes": axes}
-
-
-def _cluster_options(
-    scheduler: str | None, workers: int | None, gpus: str | None, dashboard_address: str
-) -> dict[str, Any]:
-    from srdvol.dask.cluster import parse_gpus
-
-    return {
-        "scheduler": scheduler,
-        "workers": workers,
-        "gpus": parse_gpus(gpus),
-        "dashboard_address": dashboard_address,
-    }
+def _options(ctx: typer.Context, *, overwrite: str = "output") -> RunOptions:
+    """The command's options as one validated :class:`~srdvol.options.RunOptions`."""
+    names = RunOptions.flat_names()
+    return RunOptions.from_flat(
+        {k: v for k, v in ctx.params.items() if k in names}, overwrite=overwrite
+    )
 
 
 @app.command()
 def info(
+    ctx: typer.Context,
     source: Annotated[
         str, typer.Argument(metavar="IN", help="OME-Zarr image, Zarr array, or srdvol model file.")
     ],
     patch: PatchOpt = None,
-    overlap: OverlapOpt = 0.25,
+    overlap: OverlapOpt = DEFAULT_OVERLAP,
     block: BlockOpt = None,
-    dtype: DtypeOpt = "float32",
-    ngff: NgffOpt = "0.5",
+    dtype: DtypeOpt = OutputDtype.float32,
+    ngff: NgffOpt = Ngff.v05,
     level: LevelOpt = 0,
     channel: ChannelOpt = None,
     axes: AxesOpt = None,
@@ -200,22 +193,14 @@ def info(
 ) -> None:
     """Show axes, shape, chunks, size and what `srdvol denoise` would do and write, with its
     cost (or a model's record)."""
-    from srdvol.app import commands as pipeline
+    from srdvol.app.info import info_text
 
-    text = pipeline.info_text(
-        source,
-        patch=_triple(patch, "--patch"),
-        overlap=overlap,
-        block=_triple(block, "--block"),
-        dtype=dtype,
-        ngff=ngff,
-        **_read_options(level, channel, axes),
-    )
-    typer.echo(text)
+    typer.echo(info_text(source, _options(ctx)))
 
 
 @app.command()
 def simulate(
+    ctx: typer.Context,
     out: Annotated[str, typer.Argument(metavar="OUT", help="Noisy OME-Zarr to write.")],
     truth: Annotated[str, typer.Option("--truth", help="Ground-truth OME-Zarr to write.")],
     frames: Annotated[int, typer.Option("--frames", min=16, help="Frames (time points).")] = 128,
@@ -232,19 +217,11 @@ def simulate(
     config: ConfigOpt = None,
 ) -> None:
     """Write synthetic two-photon calcium imaging with its ground truth."""
-    from srdvol.app import commands as pipeline
+    from srdvol.app.commands import run_simulate
 
-    pipeline.run_simulate(
-        out,
-        truth=truth,
-        frames=frames,
-        planes=planes,
-        size=size,
-        rate_hz=rate_hz,
-        photons=photons,
-        seed=seed,
-        overwrite=overwrite,
-    )
+    names = SimulateOptions.model_fields
+    options = SimulateOptions.create(**{k: v for k, v in ctx.params.items() if k in names})
+    run_simulate(out, truth=truth, options=options)
 
 
 @app.command()
@@ -260,20 +237,21 @@ def evaluate(
     config: ConfigOpt = None,
 ) -> None:
     """SNR, PSNR, SSIM and correlations of OUT against the ground truth."""
-    from srdvol.app import commands as pipeline
+    from srdvol.app.commands import run_evaluate
 
-    typer.echo(pipeline.run_evaluate(out, truth=truth, noisy=noisy, report=report))
+    typer.echo(run_evaluate(out, truth=truth, noisy=noisy, report=report))
 
 
 @app.command()
 def train(
+    ctx: typer.Context,
     source: Annotated[str, typer.Argument(metavar="IN", help="Noisy OME-Zarr image.")],
     model: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file to write.")],
     patch: PatchOpt = None,
     sampling: SamplingOpt = Sampling.spatial,
-    steps: StepsOpt = None,
-    batch_size: BatchOpt = None,
-    lr: LrOpt = None,
+    steps: StepsOpt = DEFAULT_STEPS,
+    batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
+    lr: LrOpt = DEFAULT_LR,
     seed: SeedOpt = 0,
     resume: ResumeOpt = False,
     overwrite: TrainOverwriteOpt = False,
@@ -288,32 +266,19 @@ def train(
     config: ConfigOpt = None,
 ) -> None:
     """Self-supervised training on IN (no clean data needed)."""
-    from srdvol.app import commands as pipeline
+    from srdvol.app.commands import run_train
 
-    pipeline.run_train(
-        source,
-        model,
-        patch=_triple(patch, "--patch"),
-        sampling=sampling.value,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        resume=resume,
-        overwrite=overwrite,
-        allow_missing_chunks=allow_missing_chunks,
-        cluster=_cluster_options(scheduler, workers, gpus, dashboard_address),
-        read=_read_options(level, channel, axes),
-    )
+    run_train(source, model, _options(ctx, overwrite="train"))
 
 
 @app.command()
 def predict(
+    ctx: typer.Context,
     source: Annotated[str, typer.Argument(metavar="IN", help="Noisy OME-Zarr image.")],
     out: Annotated[str, typer.Argument(metavar="OUT", help="Denoised OME-Zarr to write.")],
     model: Annotated[Path, typer.Option("--model", help="A trained srdvol model file.")],
     patch: PatchOpt = None,
-    overlap: OverlapOpt = 0.25,
+    overlap: OverlapOpt = DEFAULT_OVERLAP,
     block: BlockOpt = None,
     window: WindowOpt = Window.TENT,
     dtype: DtypeOpt = OutputDtype.float32,
@@ -331,39 +296,25 @@ def predict(
     config: ConfigOpt = None,
 ) -> None:
     """Denoise IN into OUT with a trained model."""
-    from srdvol.app import commands as pipeline
+    from srdvol.app.commands import run_predict
 
-    pipeline.run_predict(
-        source,
-        out,
-        model=model,
-        patch=_triple(patch, "--patch"),
-        overlap=overlap,
-        block=_triple(block, "--block"),
-        window=window.value,
-        dtype=dtype.value,
-        ngff=ngff.value,
-        autocast=autocast.value,
-        overwrite=overwrite,
-        allow_missing_chunks=allow_missing_chunks,
-        cluster=_cluster_options(scheduler, workers, gpus, dashboard_address),
-        read=_read_options(level, channel, axes),
-    )
+    run_predict(source, out, _options(ctx), model=model)
 
 
 @app.command()
 def denoise(
+    ctx: typer.Context,
     source: Annotated[str, typer.Argument(metavar="IN", help="Noisy OME-Zarr image.")],
     out: Annotated[str, typer.Argument(metavar="OUT", help="Denoised OME-Zarr to write.")],
     model: ModelOpt = None,
     patch: PatchOpt = None,
-    overlap: OverlapOpt = 0.25,
+    overlap: OverlapOpt = DEFAULT_OVERLAP,
     block: BlockOpt = None,
     window: WindowOpt = Window.TENT,
     sampling: SamplingOpt = Sampling.spatial,
-    steps: StepsOpt = None,
-    batch_size: BatchOpt = None,
-    lr: LrOpt = None,
+    steps: StepsOpt = DEFAULT_STEPS,
+    batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
+    lr: LrOpt = DEFAULT_LR,
     seed: SeedOpt = 0,
     dtype: DtypeOpt = OutputDtype.float32,
     ngff: NgffOpt = Ngff.v05,
@@ -380,29 +331,9 @@ def denoise(
     config: ConfigOpt = None,
 ) -> None:
     """Train on IN (unless --model is given), then denoise IN into OUT."""
-    from srdvol.app import commands as pipeline
+    from srdvol.app.commands import run_denoise
 
-    pipeline.run_denoise(
-        source,
-        out,
-        model=model,
-        patch=_triple(patch, "--patch"),
-        overlap=overlap,
-        block=_triple(block, "--block"),
-        window=window.value,
-        sampling=sampling.value,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        dtype=dtype.value,
-        ngff=ngff.value,
-        autocast=autocast.value,
-        overwrite=overwrite,
-        allow_missing_chunks=allow_missing_chunks,
-        cluster=_cluster_options(scheduler, workers, gpus, dashboard_address),
-        read=_read_options(level, channel, axes),
-    )
+    run_denoise(source, out, _options(ctx), model=model)
 
 
 @app.command()
@@ -410,15 +341,17 @@ def demo(
     workdir: Annotated[
         Path, typer.Option("--workdir", help="Folder for the demo's stores.")
     ] = Path("demo-output"),
-    steps: StepsOpt = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", min=1, help="Training steps (default: the demo's).")
+    ] = None,
     workers: WorkersOpt = None,
     overwrite: OverwriteOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Simulate -> denoise -> evaluate on a small default, in minutes on a laptop CPU."""
-    from srdvol.app import commands as pipeline
+    from srdvol.app.demo import run_demo
 
-    pipeline.run_demo(workdir, steps=steps, workers=workers, overwrite=overwrite)
+    run_demo(workdir, steps=steps, workers=workers, overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -450,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     except SrdvolError as exc:
         if debug:
             raise
-        console.print(f"srdvol: error: {exc}", soft_wrap=True)
+        console.print(f"srdvol: error: {exc.command_line_message()}", soft_wrap=True)
         raise SystemExit(exc.exit_code) from None
     except typer.Exit as exc:
         raise SystemExit(exc.exit_code) from None

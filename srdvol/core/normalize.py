@@ -122,7 +122,7 @@ def compare_statistics(
         f"{head}the input's intensities (mean {sample.mean:.4g}, std {sample.std:.4g}) are far "
         f"from the model's training data (mean {trained.mean:.4g}, std {trained.std:.4g}: "
         f"{shift:+.1f} training std apart, {ratio:.2g}x the spread), so the output may be "
-        "shifted; retrain on this data (srdvol train or srdvol denoise without --model) for a "
+        "shifted; retrain on this data (srdvol train, or srdvol denoise without [[model]]) for a "
         "faithful result"
     )
 

@@ -10,17 +10,9 @@ srdvol either attaches to a scheduler the user already runs (dask-jobqueue, Kube
   (a Nanny worker otherwise runs torch with one thread, because distributed sets
   ``OMP_NUM_THREADS=1`` before spawning it).
 
-A model is loaded once per worker by :class:`ModelPlugin`; its weights travel as a file path, never
-through the scheduler.
-
-Which workers are alive is always asked of the scheduler itself (:func:`live_workers`), never read
-from ``Client.scheduler_info()``: that returns the client's shared cached identity, which the
-client's own periodic refresh (every 2 s, without the worker list) can overwrite with an empty
-``workers`` dict between the fetch and the read. A worker counts as gone only when two direct
-answers some seconds apart both lack it (:class:`WorkerWatch`).
-
 A local cluster listens on 127.0.0.1 (scheduler, workers and dashboard) unless the caller asks
-for another address.
+for another address. Workers, their plugins and which of them are alive:
+:mod:`srdvol.dask.workers`; GPUs: :mod:`srdvol.dask.gpus`.
 """
 
 from __future__ import annotations
@@ -28,424 +20,32 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import subprocess
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Literal
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import dask
-from distributed import Client, Nanny, Scheduler, SpecCluster, WorkerPlugin
+from distributed import Client, Nanny, Scheduler, SpecCluster
 
-from srdvol.app.config import DEFAULT_DASHBOARD_ADDRESS
-from srdvol.errors import ClusterError, ConfigError, GPUUnavailableError
+from srdvol.dask.gpus import resolve_gpus
+from srdvol.dask.workers import THREAD_VARS, SignalPlugin, TorchThreadsPlugin
+from srdvol.errors import ClusterError, ConfigError, GPUUnavailableError, flag
+from srdvol.options import ClusterOptions, merge, refuse_unknown
 
 __all__ = [
-    "DEFAULT_DASHBOARD_ADDRESS",
     "LOCAL_HOST",
-    "ModelPlugin",
-    "SignalPlugin",
-    "TorchThreadsPlugin",
-    "WorkerWatch",
     "check_addresses",
     "cpu_worker_spec",
     "dashboard_link",
     "gpu_worker_spec",
-    "live_workers",
     "open_cluster",
-    "parse_gpus",
-    "resolve_gpus",
-    "visible_gpus",
+    "quiet_dashboard_noise",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: What ``gpus=`` accepts: ``None``/"auto" (GPUs when present), "all", "none", or a list of
-#: GPUs, each a position in :func:`visible_gpus` (int) or a device id as listed there (str).
-GPUChoice = Literal["auto", "all", "none"] | Sequence[int | str] | None
-
-#: How CUDA_VISIBLE_DEVICES names a device other than by index: a GPU UUID or a MIG instance.
-_DEVICE_PREFIXES = ("GPU-", "MIG-")
-
-# Environment variables that size the BLAS/OpenMP pools numpy and torch start with.
-_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 PRE_SPAWN_TRIM = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
 #: Interface of a local cluster's scheduler and workers: this machine only.
 LOCAL_HOST = "127.0.0.1"
-#: Seconds a worker must stay absent from the scheduler's answers before it counts as gone.
-CONFIRM_LOST = 3.0
-
-
-# --------------------------------------------------------------------------------------------
-# Which workers are alive
-
-
-def live_workers(client: Client) -> dict[str, dict[str, Any]]:
-    """Return ``{address: identity}`` of the workers the scheduler has right now.
-
-    Asks the scheduler directly (one ``identity`` call), never the client's cached
-    ``scheduler_info()``, which its periodic refresh can empty at any moment. Every srdvol
-    question "which workers are alive, how many threads" goes through here.
-
-    Parameters
-    ----------
-    client
-        A synchronous ``distributed.Client``.
-    """
-    info = client.sync(client.scheduler.identity, n_workers=-1)
-    return dict(info.get("workers") or {})
-
-
-class WorkerWatch:
-    """Tell which of some workers are gone, on confirmed evidence only.
-
-    A worker is *lost* once two direct answers of the scheduler (:func:`live_workers`) at least
-    ``confirm`` seconds apart both lack it; one missing sighting is only a suspicion (a worker
-    the Nanny restarts comes back under a new address, so the old one never reappears). The
-    scheduler is asked at most every ``every`` seconds; an answer that cannot be had (the
-    scheduler is busy or unreachable) decides nothing.
-
-    Parameters
-    ----------
-    client
-        Client of the cluster.
-    addresses
-        The workers to watch.
-    confirm, every
-        Seconds between the sighting and its confirmation; least seconds between two questions.
-    """
-
-    def __init__(
-        self,
-        client: Client,
-        addresses: Iterable[str],
-        *,
-        confirm: float = CONFIRM_LOST,
-        every: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.client = client
-        self.addresses = list(addresses)
-        self.confirm = float(confirm)
-        self.every = float(every)
-        self._clock = clock
-        self._missing_since: dict[str, float] = {}
-        self._asked = -float("inf")
-        self._lost: list[str] = []
-
-    def lost(self, *, now: bool = False) -> list[str]:
-        """Workers confirmed gone (asks the scheduler when ``every`` seconds have passed, or
-        at once when ``now``)."""
-        moment = self._clock()
-        if not now and moment - self._asked < self.every:
-            return list(self._lost)
-        self._asked = moment
-        try:
-            alive = live_workers(self.client)
-        except (OSError, TimeoutError) as exc:
-            logger.debug("the scheduler did not say which workers are alive: %s", exc)
-            return list(self._lost)
-        for address in self.addresses:
-            if address in alive:
-                self._missing_since.pop(address, None)
-            else:
-                self._missing_since.setdefault(address, moment)
-        self._lost = [
-            a
-            for a in self.addresses
-            if a in self._missing_since and moment - self._missing_since[a] >= self.confirm
-        ]
-        return list(self._lost)
-
-    @property
-    def suspects(self) -> list[str]:
-        """Workers missing from the latest answer (confirmed or not)."""
-        return [a for a in self.addresses if a in self._missing_since]
-
-
-# --------------------------------------------------------------------------------------------
-# GPUs
-
-
-def visible_gpus() -> list[str]:
-    """Return the GPUs this process may use, named as ``CUDA_VISIBLE_DEVICES`` names them.
-
-    ``CUDA_VISIBLE_DEVICES`` wins when set: its entries are kept as they are written, device
-    indices (``"5"``), UUIDs (``"GPU-8f3c..."``) or MIG instances (``"MIG-..."``), because a
-    worker pinned with the same string sees exactly that device. Like CUDA, the list ends at the
-    first entry that is none of these (an empty value or ``-1`` means no GPU). Without the
-    variable, the count comes from ``torch.cuda.device_count()`` when torch was built with CUDA,
-    or from ``nvidia-smi -L``, and the GPUs are ``"0"``, ``"1"``, ... A machine without GPUs
-    gives ``[]``.
-
-    Returns
-    -------
-    list of str
-        Device identifiers in visible order; a position in this list is what ``--gpus 0,1``
-        means, the string is what a worker's ``CUDA_VISIBLE_DEVICES`` is set to.
-    """
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is None:
-        return [str(i) for i in range(_count_gpus())]
-    ids: list[str] = []
-    for item in env.split(","):
-        item = item.strip()
-        if not (item.isdigit() or item.startswith(_DEVICE_PREFIXES)):
-            break  # CUDA ignores everything from the first invalid entry on
-        ids.append(item)
-    return ids
-
-
-def _count_gpus() -> int:
-    try:
-        import torch
-
-        if torch.backends.cuda.is_built() and torch.cuda.is_available():
-            return int(torch.cuda.device_count())
-    except Exception:  # a broken CUDA install must not stop the CPU path
-        logger.debug("torch could not count GPUs", exc_info=True)
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return 0
-    try:
-        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
-
-
-def parse_gpus(text: str | None) -> GPUChoice:
-    """Read the ``--gpus`` option: ``auto``, ``all``, ``none`` or a comma-separated list.
-
-    Each list entry is a position in the visible list (``0,1``: the first two GPUs that
-    ``CUDA_VISIBLE_DEVICES`` shows, as CUDA numbers them inside the process) or a device id as
-    ``CUDA_VISIBLE_DEVICES`` writes it (``GPU-<uuid>``, ``MIG-<uuid>``); :func:`resolve_gpus`
-    checks that they are visible.
-
-    Returns
-    -------
-    None, str or list of int and str
-        ``None`` for no text, the keyword, or the entries (positions as int, ids as str).
-
-    Raises
-    ------
-    ConfigError
-        If the text is none of these.
-    """
-    if text is None:
-        return None
-    value = text.strip()
-    if value.lower() in ("auto", "all", "none"):
-        return value.lower()  # type: ignore[return-value]
-    entries: list[int | str] = []
-    for part in (p.strip() for p in value.split(",")):
-        if part.isdigit():
-            entries.append(int(part))
-        elif part.startswith(_DEVICE_PREFIXES) and len(part) > 4:
-            entries.append(part)
-        else:
-            entries = []
-            break
-    if not entries:
-        raise ConfigError(
-            "--gpus",
-            f"{text!r} is not a GPU choice",
-            "give auto, all, none, positions in the visible GPU list such as 0,1, or device "
-            "ids such as GPU-<uuid>",
-        )
-    return entries
-
-
-def resolve_gpus(gpus: GPUChoice) -> list[str]:
-    """Turn a ``gpus=`` choice into the devices to start workers on (``[]`` for CPU).
-
-    Integers are positions in :func:`visible_gpus` (``0`` is the first visible GPU, whatever
-    its physical index or UUID); strings must be ids from that list, written the same way.
-
-    Returns
-    -------
-    list of str
-        Device identifiers as ``CUDA_VISIBLE_DEVICES`` names them, one per worker.
-
-    Raises
-    ------
-    GPUUnavailableError
-        If GPUs are asked for that this machine does not show.
-    ConfigError
-        If the choice is not one :func:`parse_gpus` returns, or names one GPU twice.
-    """
-    present = visible_gpus()
-    if gpus is None or gpus == "auto":
-        return present
-    if gpus == "none":
-        return []
-    if gpus == "all":
-        if not present:
-            raise GPUUnavailableError(
-                "--gpus all",
-                "no GPU is visible on this machine (torch and nvidia-smi find none, or "
-                "CUDA_VISIBLE_DEVICES hides them)",
-                "run without --gpus to use CPU workers, or on a machine with a GPU",
-            )
-        return present
-    if isinstance(gpus, str):
-        raise ConfigError("--gpus", f"{gpus!r} is not a GPU choice", "give auto, all, none or ids")
-    wanted = list(gpus)
-    subject = f"--gpus {','.join(map(str, wanted))}"
-    chosen: list[str] = []
-    for entry in wanted:
-        if isinstance(entry, str) and entry.isdigit():
-            entry = int(entry)
-        if isinstance(entry, int) and 0 <= entry < len(present):
-            chosen.append(present[entry])
-        elif isinstance(entry, str) and entry in present:
-            chosen.append(entry)
-        else:
-            raise GPUUnavailableError(
-                subject,
-                f"GPU {entry} is not visible ({_describe_visible(present)})",
-                "give positions in the visible list (0 is the first visible GPU) or ids as "
-                "CUDA_VISIBLE_DEVICES writes them, or run without --gpus to use CPU workers",
-            )
-    if len(set(chosen)) != len(chosen):
-        raise ConfigError(subject, "the list names one GPU twice", "give each GPU once")
-    return chosen
-
-
-def _describe_visible(present: Sequence[str]) -> str:
-    if not present:
-        return "no GPU is visible"
-    listed = ", ".join(f"{i}: {gpu}" for i, gpu in enumerate(present))
-    return f"visible GPUs by position: {listed}"
-
-
-# --------------------------------------------------------------------------------------------
-# Worker plugins
-
-
-def _set_torch_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(n)
-    # inter-op threads can only be set once per process, before any parallel work
-    with contextlib.suppress(RuntimeError):
-        torch.set_num_interop_threads(n)
-
-
-class TorchThreadsPlugin(WorkerPlugin):
-    """Worker plugin that sets torch's intra-op thread count when a worker starts.
-
-    Parameters
-    ----------
-    threads
-        Threads torch may use inside this worker process.
-    """
-
-    name = "srdvol-torch-threads"
-    idempotent = True
-
-    def __init__(self, threads: int) -> None:
-        self.threads = int(threads)
-
-    def setup(self, worker: Any) -> None:
-        """Set the thread count in the worker process (called by distributed)."""
-        for var in _THREAD_VARS:
-            os.environ[var] = str(self.threads)
-        _set_torch_threads(self.threads)
-
-    def teardown(self, worker: Any) -> None:
-        """Nothing to release."""
-
-
-class _CancelledOnClose(logging.Filter):
-    """Drop distributed's warning that a task still running was cancelled by the worker's
-    close (what an interrupted run does on purpose); other records pass."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        return not (text.startswith("Async instruction for") and text.endswith("CancelledError"))
-
-
-_CANCELLED_ON_CLOSE = _CancelledOnClose()
-
-
-class SignalPlugin(WorkerPlugin):
-    """Worker plugin: SIGINT and SIGTERM only ask a running training to stop and save.
-
-    Ctrl-C in a terminal signals the whole process group, srdvol's local worker processes
-    included. Without this plugin they die at once with a traceback (and a distributed training
-    loses the steps since its last checkpoint); with it they record the request
-    (:mod:`srdvol.interrupt`), training ranks stop at the next step and save their state, and
-    the worker stays up until the client that started it shuts it down (quietly: the warning
-    about the task its close cancelled is dropped).
-    """
-
-    name = "srdvol-signals"
-    idempotent = True
-
-    def setup(self, worker: Any) -> None:
-        """Install the recording handler (runs in the worker process's main thread)."""
-        from srdvol import interrupt
-
-        interrupt.install(raise_now=False)
-        logging.getLogger("distributed.worker.state_machine").addFilter(_CANCELLED_ON_CLOSE)
-
-    def teardown(self, worker: Any) -> None:
-        """Nothing to release."""
-
-
-class ModelPlugin(WorkerPlugin):
-    """Worker plugin that loads a model file once per worker, before any task needs it.
-
-    The plugin fills the per-process model cache of :mod:`srdvol.predict.predictors`
-    (:func:`srdvol.predict.predictors.load_cached`), so tasks that run a
-    :class:`srdvol.predict.predictors.ModelPredictor` for the same file and device find the network already
-    loaded. Only the path travels to the workers; each worker reads the file itself, so the path
-    must be visible to every worker (a shared file system on a cluster).
-
-    Parameters
-    ----------
-    model_path
-        Path of the srdvol model file.
-    device
-        ``"auto"`` (the worker's GPU when it has one, else CPU), ``"cpu"`` or ``"cuda"``; use
-        the same value as the predictors the tasks build.
-    threads
-        If given, torch's thread count in the worker.
-
-    Examples
-    --------
-    >>> client.register_plugin(ModelPlugin("model.srdvol"))  # doctest: +SKIP
-    """
-
-    name = "srdvol-model"
-    idempotent = False
-
-    def __init__(
-        self,
-        model_path: str | os.PathLike[str],
-        *,
-        device: str = "auto",
-        threads: int | None = None,
-    ) -> None:
-        self.model_path = os.fspath(model_path)
-        self.device = device
-        self.threads = threads
-
-    def setup(self, worker: Any) -> None:
-        """Load the model into this worker process's cache (called by distributed)."""
-        if self.threads is not None:
-            _set_torch_threads(self.threads)
-        from srdvol.predict.predictors import load_cached
-
-        load_cached(self.model_path, device=self.device)
-
-    def teardown(self, worker: Any) -> None:
-        """Nothing to release: the cache lives as long as the worker process."""
-
-
-# --------------------------------------------------------------------------------------------
-# Cluster specs
 
 
 def _default_memory_limit(n_workers: int) -> int:
@@ -495,14 +95,14 @@ def gpu_worker_spec(
     """
     ids = [str(i).strip() for i in gpu_ids]
     if len(set(ids)) != len(ids) or not all(ids):
-        raise ConfigError("--gpus", f"GPU ids {ids} repeat a device", "give each GPU once")
+        raise ConfigError(flag("gpus"), f"GPU ids {ids} repeat a device", "give each GPU once")
     n = max(1, len(ids))
     cpu_threads = threads or max(1, (os.cpu_count() or 1) // n)
     limit = _default_memory_limit(n) if memory_limit is None else memory_limit
     spec: dict[str, dict[str, Any]] = {}
     for gpu in ids:
         env = {"CUDA_VISIBLE_DEVICES": gpu}
-        env.update({var: str(cpu_threads) for var in _THREAD_VARS})
+        env.update({var: str(cpu_threads) for var in THREAD_VARS})
         # Legacy MIG ids hold slashes ("MIG-GPU-<uuid>/1/0"); keep worker names plain.
         spec[f"gpu-{gpu.replace('/', '_')}"] = {
             "cls": Nanny,
@@ -542,12 +142,14 @@ def cpu_worker_spec(
         Memory per worker (bytes or a string like ``"8GB"``); default: RAM / workers.
     """
     if n_workers < 1:
-        raise ConfigError("--workers", f"{n_workers} workers is not possible", "give 1 or more")
+        raise ConfigError(flag("workers"), f"{n_workers} workers is not possible", "give 1 or more")
     if threads is not None and threads < 1:
-        raise ConfigError("--threads", f"{threads} threads is not possible", "give 1 or more")
+        raise ConfigError(
+            flag("threads_per_worker"), f"{threads} threads is not possible", "give 1 or more"
+        )
     per_worker = threads or max(1, (os.cpu_count() or 1) // n_workers)
     limit = _default_memory_limit(n_workers) if memory_limit is None else memory_limit
-    env = {var: str(per_worker) for var in _THREAD_VARS}
+    env = {var: str(per_worker) for var in THREAD_VARS}
     return {
         f"cpu-{i}": {
             "cls": Nanny,
@@ -573,12 +175,8 @@ def _scheduler_spec(host: str, dashboard_address: str | None) -> dict[str, Any]:
     return {"cls": Scheduler, "options": options}
 
 
-# --------------------------------------------------------------------------------------------
-# Addresses
-
-
 def check_addresses(*, scheduler: str | None = None, dashboard_address: str | None = None) -> None:
-    """Refuse a ``--scheduler`` or ``--dashboard-address`` that is not an address, up front.
+    """Refuse a scheduler or dashboard address that is not an address, up front.
 
     Without this, distributed blames memory and ports for a bad dashboard address, and a
     scheduler address without a port leaves a half-made client that waits 20 s as it is
@@ -606,7 +204,7 @@ def check_addresses(*, scheduler: str | None = None, dashboard_address: str | No
                 _check_port(port)
         except ValueError as exc:
             raise ConfigError(
-                "--scheduler",
+                flag("scheduler"),
                 f"{scheduler!r} is not a scheduler address ({exc})",
                 "give it as tcp://HOST:PORT (for example tcp://10.0.0.5:8786) or the path of a "
                 "scheduler file ending in .json",
@@ -633,21 +231,17 @@ def _check_dashboard(text: str) -> None:
         _check_port(port)
     except ValueError as exc:
         raise ConfigError(
-            "--dashboard-address", f"{text!r} is not an address ({exc})", fix
+            flag("dashboard_address"), f"{text!r} is not an address ({exc})", fix
         ) from None
     if host:
         try:
             socket.getaddrinfo(host, port)
         except OSError as exc:
             raise ConfigError(
-                "--dashboard-address",
+                flag("dashboard_address"),
                 f"the host {host!r} of {text!r} is not known on this machine ({exc.strerror})",
                 fix,
             ) from None
-
-
-# --------------------------------------------------------------------------------------------
-# Opening a cluster
 
 
 def dashboard_link(client: Client) -> str | None:
@@ -709,42 +303,34 @@ def _serves_dashboard(dask_scheduler: Any) -> bool:
 
 @contextlib.contextmanager
 def open_cluster(
+    options: ClusterOptions | None = None,
     *,
-    scheduler: str | None = None,
-    gpus: GPUChoice = None,
-    workers: int | None = None,
-    threads_per_worker: int | None = None,
-    dashboard_address: str | None = DEFAULT_DASHBOARD_ADDRESS,
     memory_limit: int | str | None = None,
     host: str = LOCAL_HOST,
     timeout: float = 10.0,
+    **changes: Any,
 ) -> Iterator[Client]:
     """Connect to a Dask scheduler or start a local cluster; yield a client and clean up.
 
     Parameters
     ----------
-    scheduler
-        Address of a running scheduler (``tcp://host:8786``) or a scheduler file (``*.json``)
-        to attach to. ``None`` starts a local cluster and closes it on exit.
-    gpus
-        Local cluster only: ``None``/``"auto"`` (one worker per visible GPU, CPU workers when
-        there is none), ``"all"`` (GPUs required), ``"none"`` (CPU workers) or device ids.
-    workers
-        Number of workers: CPU worker processes (default: up to 4, one per 2 cores), or the
-        first ``workers`` of the chosen GPUs.
-    threads_per_worker
-        torch/BLAS threads in each worker (default: CPU cores / workers).
-    dashboard_address
-        Where the local scheduler serves its dashboard: :data:`DEFAULT_DASHBOARD_ADDRESS`
-        (127.0.0.1:8787, this machine only), ``"127.0.0.1:0"`` for any free port,
-        ``"0.0.0.0:8787"`` for every interface, ``None`` for none. A bare port (``":8787"``)
-        means every interface, as in distributed.
+    options
+        :class:`~srdvol.options.ClusterOptions`: ``scheduler`` (address of a running
+        scheduler, ``tcp://host:8786``, or a scheduler file ``*.json``, to attach to; ``None``
+        starts a local cluster and closes it on exit), ``gpus`` (local cluster: auto, all, none
+        or GPUs by position or id), ``workers`` (CPU worker processes, default up to 4, one per
+        2 cores; or the first ``workers`` of the chosen GPUs), ``threads_per_worker`` (torch/BLAS
+        threads per worker, default cores / workers) and ``dashboard_address`` (127.0.0.1:8787
+        by default, this machine only; ``"127.0.0.1:0"`` for any free port, ``"0.0.0.0:8787"``
+        for every interface; a bare port ``":8787"`` means every interface, as in distributed).
     memory_limit
         Memory per worker (bytes or ``"16GB"``); default: RAM / workers.
     host
         Interface of the local scheduler and workers (loopback by default).
     timeout
-        Seconds to wait when connecting to ``scheduler``.
+        Seconds to wait when connecting to a scheduler.
+    **changes
+        Changes to ``options`` by field name (``workers=2``).
 
     Yields
     ------
@@ -753,18 +339,21 @@ def open_cluster(
     Raises
     ------
     ConfigError
-        If ``scheduler`` or ``dashboard_address`` is not an address (:func:`check_addresses`).
+        If the scheduler or dashboard address is not an address (:func:`check_addresses`).
     ClusterError
-        If ``scheduler`` cannot be reached in ``timeout`` seconds or the local cluster fails.
+        If the scheduler cannot be reached in ``timeout`` seconds or the local cluster fails.
     GPUUnavailableError
         If GPUs are requested and not visible.
     """
+    options = merge(options, ClusterOptions, changes)
+    refuse_unknown(changes, "a cluster option")
+    scheduler, dashboard_address = options.scheduler, options.dashboard_address
     check_addresses(scheduler=scheduler, dashboard_address=dashboard_address)
     if scheduler is not None:
         with _attach(scheduler, timeout=timeout) as client:
             yield client
         return
-    spec = _local_spec(gpus, workers, threads_per_worker, memory_limit, host)
+    spec = _local_spec(options, memory_limit, host)
     try:
         # distributed sets MALLOC_TRIM_THRESHOLD_=65536 before spawning a worker. Setting it at
         # all turns off glibc's adaptive mmap threshold, so every large torch tensor is mmap'ed
@@ -781,7 +370,7 @@ def open_cluster(
         raise ClusterError(
             "local Dask cluster",
             f"the worker processes did not start ({type(exc).__name__}: {exc})",
-            "check free memory and ports, or pass --scheduler to use an existing cluster",
+            f"check free memory and ports, or pass {flag('scheduler')} to use an existing cluster",
         ) from exc
     quiet_dashboard_noise()
     try:
@@ -794,22 +383,17 @@ def open_cluster(
 
 
 def _local_spec(
-    gpus: GPUChoice,
-    workers: int | None,
-    threads: int | None,
-    memory_limit: int | str | None,
-    host: str,
+    options: ClusterOptions, memory_limit: int | str | None, host: str
 ) -> dict[str, dict[str, Any]]:
-    if workers is not None and workers < 1:
-        raise ConfigError("--workers", f"{workers} workers is not possible", "give 1 or more")
-    ids = resolve_gpus(gpus)
+    workers, threads = options.workers, options.threads_per_worker
+    ids = resolve_gpus(options.gpus)
     if ids:
         if workers is not None:
             if workers > len(ids):
                 raise GPUUnavailableError(
-                    "--workers",
+                    flag("workers"),
                     f"{workers} GPU workers asked for but only {len(ids)} GPU(s) chosen",
-                    "lower --workers or choose more GPUs with --gpus",
+                    f"lower {flag('workers')} or choose more GPUs with {flag('gpus')}",
                 )
             ids = ids[:workers]
         return gpu_worker_spec(ids, host=host, memory_limit=memory_limit, threads=threads)
@@ -826,7 +410,8 @@ def _attach(scheduler: str, *, timeout: float) -> Iterator[Client]:
             raise ClusterError(
                 scheduler,
                 "the scheduler file does not exist",
-                "start the scheduler with --scheduler-file first, or give its tcp:// address",
+                "start the scheduler with its --scheduler-file option first, or give its tcp:// "
+                "address",
             )
         kwargs = {"scheduler_file": scheduler}
     else:
@@ -837,8 +422,8 @@ def _attach(scheduler: str, *, timeout: float) -> Iterator[Client]:
         raise ClusterError(
             scheduler,
             f"no Dask scheduler answered within {timeout:g} s ({type(exc).__name__})",
-            "check the address and that the scheduler is running, or leave out --scheduler "
-            "to start a local cluster",
+            f"check the address and that the scheduler is running, or leave out "
+            f"{flag('scheduler')} to start a local cluster",
         ) from exc
     try:
         # Not the process-wide default (the caller may have its own), but current inside this

@@ -777,7 +777,7 @@ def _block_graphs(data: da.Array) -> Callable[[tuple[Any, ...]], dict[Any, Any]]
 
 
 def _client_threads(client: Any) -> int:
-    from srdvol.dask.cluster import live_workers
+    from srdvol.dask.workers import live_workers
 
     workers = live_workers(client)
     return max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
@@ -793,7 +793,7 @@ def _default_wave(
     """Blocks in flight when ``wave`` is not given (see the module docstring)."""
     if client is None:
         return 2 * max(1, threads)
-    from srdvol.dask.cluster import live_workers
+    from srdvol.dask.workers import live_workers
 
     workers = live_workers(client)
     slots = 2 * max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))

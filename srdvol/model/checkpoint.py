@@ -27,7 +27,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from srdvol.errors import ModelMismatchError, StoreNotFoundError
-from srdvol.model.network import NetworkConfig, build_network
+from srdvol.model.config import NetworkConfig
+from srdvol.model.network import build_network
 
 __all__ = [
     "FORMAT",
@@ -381,15 +382,12 @@ def check_compatible(
     ModelMismatchError
         If ``patch[0]`` differs from the model's ``patch_t``.
     """
-    if patch is None or patch[0] == record.network.patch_t:
-        return
-    trained = ",".join(str(size) for size in record.patch)
-    raise ModelMismatchError(
-        subject if subject is not None else "model",
-        f"was trained with patch {trained} ({record.network.patch_t} frames) and "
-        f"{patch[0]} frames were requested",
-        f"run with --patch {trained} (any y, x with {record.network.patch_t} frames) or retrain",
-    )
+    if patch is not None:
+        record.network.check_patch(
+            patch,
+            subject=os.fspath(subject) if subject is not None else "model",
+            trained=record.patch,
+        )
 
 
 def model_checksum(path: str | os.PathLike[str]) -> str:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage, signal, sparse
 
-from srdvol.errors import ConfigError
+from srdvol.errors import ConfigError, flag
 
 __all__ = ["DEFAULT_PHOTONS", "SceneConfig", "SimulationInfo", "simulate"]
 
@@ -521,7 +521,7 @@ def _check_target(path: str, record: dict[str, Any], *, overwrite: bool) -> None
         raise OutputExistsError(
             path,
             "already exists and is not the output of this simulation",
-            "choose another path or pass --overwrite to replace it",
+            f"choose another path or pass {flag('overwrite')} to replace it",
         )
 
 
@@ -593,11 +593,11 @@ def simulate(
     photons = DEFAULT_PHOTONS if photons is None else float(photons)
     ny, nx = (int(v) for v in size)
     checks = {
-        "--frames": frames >= 1,
-        "--planes": planes is None or planes >= 1,
-        "--size": ny >= 1 and nx >= 1,
-        "--rate-hz": rate_hz > 0 and math.isfinite(rate_hz),
-        "--photons": photons > 0 and math.isfinite(photons),
+        flag("frames"): frames >= 1,
+        flag("planes"): planes is None or planes >= 1,
+        flag("size"): ny >= 1 and nx >= 1,
+        flag("rate_hz"): rate_hz > 0 and math.isfinite(rate_hz),
+        flag("photons"): photons > 0 and math.isfinite(photons),
         "pixel_size_um": pixel_size_um > 0,
     }
     for option, ok in checks.items():

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from srdvol.errors import ConfigError, DataError
+from srdvol.errors import ConfigError, DataError, flag
 
 __all__ = [
     "SPATIAL_TRIPLES",
@@ -84,14 +84,14 @@ def training_read_shape(
     if sampling == "spatial":
         if y % 2 or x % 2:
             raise ConfigError(
-                "--patch",
+                flag("patch"),
                 f"spatial sampling splits frames into 2x2 cells and patch y,x {y},{x} is odd",
                 "choose even y and x",
             )
         return (t, y, x)
     if sampling == "temporal":
         return (2 * t, y, x)
-    raise ConfigError("--sampling", f"unknown sampling {sampling!r}", "use spatial or temporal")
+    raise ConfigError(flag("sampling"), f"unknown sampling {sampling!r}", "use spatial or temporal")
 
 
 def spatial_pairs(
@@ -120,7 +120,7 @@ def spatial_pairs(
     *lead, height, width = patches.shape
     if height % 2 or width % 2:
         raise ConfigError(
-            "--patch",
+            flag("patch"),
             f"spatial sampling needs even frame sizes and got {height}x{width}",
             "choose even patch y and x",
         )
@@ -165,7 +165,7 @@ def temporal_pairs(
     frames = patches.shape[-3]
     if frames % 2 or frames < 2:
         raise ConfigError(
-            "--patch",
+            flag("patch"),
             f"temporal sampling pairs even and odd frames and got {frames} frames",
             "read 2 * patch_t frames per training patch",
         )

@@ -26,7 +26,8 @@ import numpy as np
 import xarray as xr
 
 from srdvol.axes import MOVIE_AXES, PARTITION_AXES
-from srdvol.errors import ConfigError, InputError
+from srdvol.errors import ConfigError, InputError, flag
+from srdvol.options import Patch
 
 __all__ = ["PatchSampler"]
 
@@ -76,22 +77,20 @@ class PatchSampler:
         world_size: int = 1,
         batch_size: int = 1,
     ) -> None:
-        patch = tuple(int(p) for p in patch)  # type: ignore[assignment]
-        if len(patch) != 3 or min(patch) < 1:
-            raise ConfigError("--patch", f"{patch} is not three positive sizes", "pass T,Y,X")
+        patch = Patch.parse(patch)
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(
                 "rank", f"rank {rank} is not in a world of {world_size}", "use 0 <= rank < size"
             )
         if batch_size < 1:
-            raise ConfigError("--batch-size", f"{batch_size} is not positive", "pass at least 1")
+            raise ConfigError(flag("batch_size"), f"{batch_size} is not positive", "give 1 or more")
         dims = tuple(str(d) for d in array.dims)
         missing = [d for d in MOVIE_AXES if d not in dims]
         if missing:
             raise InputError(
                 _source(array),
                 f"the image has no {' or '.join(missing)} axis (dims {''.join(dims)})",
-                "open it with its axes named, for example --axes tzyx",
+                f"open it with its axes named, for example {flag('axes')} tzyx",
             )
         frames = int(array.sizes["t"])
         if frames < patch[0]:
