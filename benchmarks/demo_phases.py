@@ -82,7 +82,7 @@ def main() -> None:
             result = evaluate_stores(out, truth=truth, noisy=noisy)
         with phase("report", rows):
             write_report(
-                root / "report.png", estimate=out, truth=truth, noisy=noisy, metrics=result
+                root / "report.png", denoised=out, truth=truth, noisy=noisy, metrics=result
             )
     gain = result["estimate"]["snr_db"] - result["noisy"]["snr_db"]
     print(f"load average {os.getloadavg()[0]:.1f}; SNR gain {gain:+.2f} dB")

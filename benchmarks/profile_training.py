@@ -51,7 +51,7 @@ def _cpu_ms(fn: Callable[[], Any], repeats: int) -> float:
 def _recording(args: argparse.Namespace, folder: Path) -> Path:
     if args.data is not None:
         return args.data
-    from srdvol.simulate.scene import simulate
+    from srdvol.simulate import simulate
 
     noisy = folder / "noisy.zarr"
     simulate(noisy, truth=folder / "truth.zarr", frames=96, size=(96, 96), rate_hz=0.3, photons=2.0)

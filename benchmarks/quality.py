@@ -48,7 +48,7 @@ from srdvol.core.metrics import evaluate, read_masks
 from srdvol.model.config import NetworkConfig
 from srdvol.ngff.read import open_image
 from srdvol.predict.predictors import ModelPredictor, predict_array
-from srdvol.simulate.scene import simulate
+from srdvol.simulate import simulate
 from srdvol.training.loop import train
 
 SIGMA_T = (0.0, 0.5, 1.0)

@@ -110,7 +110,7 @@ def bad_inputs(tmp_path_factory):
     import zarr
 
     from srdvol.model.config import NetworkConfig
-    from srdvol.simulate.scene import simulate
+    from srdvol.simulate import simulate
     from srdvol.training.loop import train
 
     root = tmp_path_factory.mktemp("bad-inputs")

@@ -71,7 +71,7 @@ def corrupt_model(path: Path, *, seed: int = 0) -> None:
 def faults(tmp_path_factory):
     """A simulated recording, a tiny model, and one damaged copy per fault of the issue."""
     from srdvol.model.config import NetworkConfig
-    from srdvol.simulate.scene import simulate
+    from srdvol.simulate import simulate
     from srdvol.training.loop import train
 
     root = tmp_path_factory.mktemp("faults")

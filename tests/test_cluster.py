@@ -12,8 +12,8 @@ from distributed import Client, LocalCluster
 
 from srdvol.dask.cluster import cpu_worker_spec, dashboard_link, gpu_worker_spec, open_cluster
 from srdvol.dask.gpus import resolve_gpus, visible_gpus
-from srdvol.options import parse_gpus
 from srdvol.errors import ClusterError, ConfigError, GPUUnavailableError, StoreNotFoundError
+from srdvol.options import parse_gpus
 
 
 def _torch_threads() -> int:

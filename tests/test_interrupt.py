@@ -158,7 +158,7 @@ def test_single_process_training_stops_at_a_step_boundary_and_says_where(tmp_pat
     """A real SIGINT during in-process training: the step in progress ends, the state is
     saved, and the exception notes it; resuming gives the uninterrupted weights."""
     from srdvol.model.config import NetworkConfig
-    from srdvol.simulate.scene import simulate
+    from srdvol.simulate import simulate
     from srdvol.training.loop import train
     from srdvol.training.patches import PatchSampler
 
@@ -203,7 +203,7 @@ def test_single_process_training_stops_at_a_step_boundary_and_says_where(tmp_pat
 def data(tmp_path_factory):
     """A small recording, a longer one for prediction, a tiny model, and reference results."""
     from srdvol.model.config import NetworkConfig
-    from srdvol.simulate.scene import simulate
+    from srdvol.simulate import simulate
     from srdvol.training.loop import train
 
     root = tmp_path_factory.mktemp("interrupt")

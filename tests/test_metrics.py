@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from srdvol.core.metrics import evaluate, evaluate_stores, format_metrics, frame_ssim, read_masks
 from srdvol.errors import InputError
-from srdvol.simulate.scene import simulate
+from srdvol.simulate import simulate
 
 OFFSET = 100.0
 

@@ -16,7 +16,7 @@ import zarr
 
 from srdvol.app.checks import default_model_path
 from srdvol.options import RunOptions
-from srdvol.simulate.scene import simulate
+from srdvol.simulate import simulate
 
 
 def _srdvol(*args: str) -> list[str]:

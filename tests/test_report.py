@@ -11,7 +11,7 @@ from matplotlib.image import imread
 from scipy import ndimage
 
 from srdvol.app.report import DPI, FIGURE_SIZE, write_report
-from srdvol.simulate.scene import simulate
+from srdvol.simulate import simulate
 
 WIDTH, HEIGHT = int(FIGURE_SIZE[0] * DPI), int(FIGURE_SIZE[1] * DPI)
 
@@ -71,13 +71,9 @@ def test_pipeline_call_style_with_estimate_and_precomputed_metrics(stores, tmp_p
     result["estimate"] = {**result["estimate"], "snr_db": 99.0}  # shown as given, not recomputed
     png = tmp_path / "p.png"
     shown = write_report(
-        png, estimate=stores / "noisy", truth=stores / "truth", noisy=None, metrics=result
+        png, denoised=stores / "noisy", truth=stores / "truth", noisy=None, metrics=result
     )
     assert shown["denoised"]["snr_db"] == 99.0 and "noisy" not in shown
     assert imread(png).shape[:2] == (HEIGHT, WIDTH)
-    with pytest.raises(ConfigError, match="estimate"):
-        write_report(
-            png, estimate=stores / "noisy", denoised=stores / "noisy", truth=stores / "truth"
-        )
     with pytest.raises(ConfigError, match="no image"):
         write_report(png, truth=stores / "truth")

@@ -15,7 +15,8 @@ from ome_zarr_models.v05.image import Image
 from ome_zarr_models.v05.labels import Labels
 
 from srdvol.errors import ConfigError, OutputExistsError
-from srdvol.simulate.scene import SceneConfig, _calcium_traces, _noisy_frame, simulate
+from srdvol.simulate import simulate
+from srdvol.simulate.scene import SceneConfig, _calcium_traces, noisy_frame
 
 
 def _read(path) -> np.ndarray:
@@ -62,7 +63,7 @@ def test_noise_is_poisson_plus_read_noise_around_the_truth(tmp_path):
     expected_var = cfg.gain**2 * photons.mean() + cfg.read_noise**2 + 1 / 12
     assert (resid**2).mean() == pytest.approx(expected_var, rel=0.02)
     # Without photons only the read noise (and rounding) is left around the offset.
-    dark = _noisy_frame(np.zeros((256, 256)), seed=0, t=0, z=0, cfg=cfg).astype(np.float64)
+    dark = noisy_frame(np.zeros((256, 256)), seed=0, t=0, z=0, cfg=cfg).astype(np.float64)
     assert dark.mean() == pytest.approx(cfg.offset, abs=0.1)
     assert dark.std() == pytest.approx(np.sqrt(cfg.read_noise**2 + 1 / 12), rel=0.02)
 
@@ -146,7 +147,7 @@ def test_existing_foreign_store_is_refused_before_anything_is_written(tmp_path):
 _CHILD = textwrap.dedent(
     """
     import json, resource, sys
-    from srdvol.simulate.scene import simulate
+    from srdvol.simulate import simulate
     out, truth, frames = sys.argv[1], sys.argv[2], int(sys.argv[3])
     info = simulate(out, truth=truth, frames=frames, size=(256, 256), chunks={"t": 4})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB

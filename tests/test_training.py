@@ -20,13 +20,13 @@ from srdvol.errors import ConfigError, DataError, OutputExistsError
 from srdvol.model.checkpoint import load_model, read_record
 from srdvol.model.config import NetworkConfig
 from srdvol.model.network import build_network
-from srdvol.simulate.scene import simulate
 from srdvol.options import TrainOptions
+from srdvol.simulate import simulate
 from srdvol.training.loop import run_loop, run_training, train
+from srdvol.training.patches import PatchSampler
 from srdvol.training.plan import prepare_training
 from srdvol.training.state import state_path
 from srdvol.training.trainer import Rank, Trainer, lr_factor
-from srdvol.training.patches import PatchSampler
 
 #: Small enough for a 2-core machine, big enough to learn something in a hundred steps.
 SMALL = NetworkConfig(channels=(4, 4, 8, 8), embed_dim=16, heads=2, patch_t=16)

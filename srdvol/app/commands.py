@@ -35,7 +35,7 @@ _RESUME = "run the same command again to resume"
 
 def run_simulate(out: str, *, truth: str, options: SimulateOptions | None = None) -> Any:
     """``srdvol simulate``: write a noisy recording and its ground truth; print a summary."""
-    from srdvol.simulate.scene import simulate
+    from srdvol.simulate import simulate
 
     info = simulate(out, truth=truth, **(options or SimulateOptions()).model_dump())
     say(
@@ -55,7 +55,7 @@ def run_evaluate(
     if report is not None:
         from srdvol.app.report import write_report
 
-        write_report(report, estimate=out, truth=truth, noisy=noisy, metrics=result)
+        write_report(report, denoised=out, truth=truth, noisy=noisy, metrics=result)
         say(f"report written to {report}")
     return format_metrics(result)
 

@@ -75,7 +75,7 @@ def run_demo(
     say(info_text(noisy, options))
     run_denoise(noisy, denoised, options)
     result = evaluate_stores(denoised, truth=truth, noisy=noisy)
-    write_report(report, estimate=denoised, truth=truth, noisy=noisy, metrics=result)
+    write_report(report, denoised=denoised, truth=truth, noisy=noisy, metrics=result)
     gain = result["estimate"]["snr_db"] - result["noisy"]["snr_db"]
     say(format_metrics(result))
     say(

@@ -58,7 +58,6 @@ def write_report(
     masks: np.ndarray | None = None,
     frame: int | None = None,
     offset: float | None = None,
-    estimate: Any = None,
     metrics: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Write a PNG comparing noisy, denoised and ground-truth data.
@@ -78,8 +77,6 @@ def write_report(
         With z (or c) axes the middle plane is shown.
     offset
         Detector baseline for the SNR; default: the truth store's simulation record, else 0.
-    estimate
-        Another name for ``denoised`` (the one :func:`srdvol.core.metrics.evaluate_stores` uses).
     metrics
         Metrics already computed, as :func:`srdvol.core.metrics.evaluate_stores` returns them
         (``{"estimate": ..., "noisy": ...}``) or keyed ``denoised`` / ``noisy``; only missing
@@ -94,14 +91,11 @@ def write_report(
     Raises
     ------
     ConfigError
-        If both ``denoised`` and ``estimate`` are given, or neither of ``noisy`` and ``denoised``.
+        If neither ``noisy`` nor ``denoised`` is given.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    if estimate is not None and denoised is not None:
-        raise ConfigError("estimate", "given together with denoised", "pass only one of them")
-    denoised = estimate if denoised is None else denoised
     if noisy is None and denoised is None:
         raise ConfigError("write_report", "has no image to show", "pass noisy and/or denoised")
     if isinstance(truth, str | os.PathLike):

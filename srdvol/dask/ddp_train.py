@@ -22,24 +22,17 @@ import contextlib
 import logging
 import os
 import signal
-import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from distributed import Client, Future
 
 from srdvol import interrupt
-from srdvol.dask.ranks import (
-    DDPContext,
-    GroupSpec,
-    RankOptions,
-    join_group,
-    leave_group,
-    working,
-)
+from srdvol.dask.ranks import DDPContext, GroupSpec, RankOptions
+from srdvol.dask.segments import drop_session, request_stop, segment_ends, train_segment
 from srdvol.dask.supervise import (
     POLL,
     Job,
@@ -54,8 +47,7 @@ from srdvol.dask.supervise import (
 )
 from srdvol.dask.workers import WorkerWatch, live_workers
 from srdvol.options import ReadOptions, TrainOptions, merge, refuse_unknown
-from srdvol.training.collective import agree
-from srdvol.training.loop import TrainingRun, run_training
+from srdvol.training.loop import run_training
 from srdvol.training.plan import TrainingPlan, prepare_training
 from srdvol.training.state import kept_text
 from srdvol.training.trainer import Rank, Trainer
@@ -69,159 +61,6 @@ STOP_GRACE = 300.0
 #: Task-name prefix of the training segments (what the dashboard shows).
 SEGMENT_PREFIX = "srdvol-training"
 _NO_RANKS = RankOptions()
-
-
-# --------------------------------------------------------------------------------------------
-# Worker side: training sessions that live across segment tasks
-
-
-@dataclass
-class _Session:
-    """One rank's training job in this worker process, between its segment tasks."""
-
-    run: TrainingRun
-    ctx: DDPContext
-    start: int
-    samples_per_step: int
-    stop: bool = False
-    busy: bool = False
-
-    def should_stop(self) -> bool:
-        """Every rank agrees (one tiny all-reduce per step) whether any was asked to stop."""
-        asked = self.stop or interrupt.requested() is not None
-        return agree(asked, self.ctx.world_size, self.run.device)
-
-    def report(self, step: int, loss: float) -> None:
-        """Rank 0's report of one step to the client."""
-        self.ctx.report(
-            step,
-            total=self.run.plan.steps,
-            loss=loss,
-            samples=(step - self.start) * self.samples_per_step,
-        )
-
-
-_SESSIONS: dict[str, _Session] = {}
-_STOPS: set[str] = set()  # stop requests that arrived before their session opened
-_SESSIONS_LOCK = threading.Lock()
-
-
-def _open_session(job: str, *, plan: TrainingPlan, group: GroupSpec) -> _Session:
-    interrupt.clear()  # a signal recorded before this job is not a request to stop it
-    device = join_group(group)
-    try:
-        ctx = DDPContext.joined(group, device)
-        run = TrainingRun(
-            plan,
-            device=device,
-            place=Rank(group.rank, group.world_size, ctx.wrap),
-            on_checkpoint=lambda path, step: ctx.checkpoint_written(str(path), step),
-        )
-    except BaseException:
-        leave_group()
-        raise
-    per_step = plan.batch_size * group.world_size
-    session = _Session(run, ctx, start=run.step, samples_per_step=per_step)
-    with _SESSIONS_LOCK:
-        _SESSIONS[job] = session
-        session.stop = job in _STOPS
-    return session
-
-
-def _close_session(job: str) -> None:
-    with _SESSIONS_LOCK:
-        _SESSIONS.pop(job, None)
-        _STOPS.discard(job)
-    leave_group()
-
-
-def _request_stop(job: str) -> bool:
-    """Ask this worker's rank of ``job`` to stop at its next step (runs on the worker)."""
-    with _SESSIONS_LOCK:
-        session = _SESSIONS.get(job)
-        if session is None:
-            _STOPS.add(job)
-            return False
-        session.stop = True
-        return True
-
-
-def _drop_session(job: str) -> bool:
-    """Forget an idle session of a failed job (runs on the worker); a busy one ends itself."""
-    with _SESSIONS_LOCK:
-        session = _SESSIONS.get(job)
-        if session is None or session.busy:
-            return False
-    _close_session(job)
-    return True
-
-
-def _session(job: str, segment: int, plan: TrainingPlan, group: GroupSpec) -> _Session:
-    if segment == 0:
-        return _open_session(job, plan=plan, group=group)
-    with _SESSIONS_LOCK:
-        found = _SESSIONS.get(job)
-    if found is None:
-        raise RuntimeError(f"training job {job} has no session on this worker (it was restarted)")
-    return found
-
-
-def _train_segment(
-    previous: dict[str, Any] | None,
-    *,
-    job: str,
-    segment: int,
-    until: int,
-    last: bool,
-    plan: TrainingPlan,
-    group: GroupSpec,
-) -> dict[str, Any]:
-    """One segment of one rank: train up to step ``until``; the last one writes the model.
-
-    ``previous`` is the result of the segment before (its dependency); after a stop the
-    remaining segments only pass the stopped result on.
-    """
-    if previous is not None and previous.get("stopped"):
-        return previous
-    with working(job):
-        session = _session(job, segment, plan, group)
-        session.busy = True
-        try:
-            if session.run.device.type == "cuda":
-                import torch
-
-                torch.cuda.set_device(0)  # per thread: a segment may run on another thread
-            reached = session.run.advance(
-                until,
-                on_step=session.report if session.ctx.is_main else None,
-                should_stop=session.should_stop,
-            )
-            stopped = reached < until
-            result: dict[str, Any] = {
-                "step": reached,
-                "saved_step": session.run.saved_step,
-                "stopped": stopped,
-                "signal": interrupt.requested(),
-                "record": None,
-            }
-            if last and not stopped:
-                record = session.run.finish()
-                result["record"] = record if session.ctx.is_main else None
-        except BaseException:
-            session.busy = False
-            _close_session(job)
-            raise
-    session.busy = False
-    if last or stopped:
-        _close_session(job)
-    return result
-
-
-def _segment_ends(start: int, end: int, every: int) -> list[int]:
-    """The step each segment trains up to: every checkpoint after ``start``, then ``end``."""
-    every = max(1, int(every))
-    ends = [step for step in range((start // every + 1) * every, end, every) if step > start]
-    return [*ends, end]
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,7 +172,7 @@ def _submit_segments(
     start = _start_step(plan)
     stop_after = plan.options.stop_after
     end = plan.steps if stop_after is None else min(plan.steps, stop_after)
-    ends = _segment_ends(start, end, plan.options.checkpoint_every)
+    ends = segment_ends(start, end, plan.options.checkpoint_every)
     portable = plan.portable()
     logger.info(
         "distributed training on %d ranks via %s (%s), %d segments",
@@ -349,7 +188,7 @@ def _submit_segments(
         previous: Future | None = None
         for k, until in enumerate(ends):
             previous = client.submit(
-                _train_segment,
+                train_segment,
                 previous,
                 job=job_id,
                 segment=k,
@@ -407,7 +246,7 @@ def _run_segments(
         except BaseException:
             with contextlib.suppress(Exception):
                 alive = [a for a in addresses if a in live_workers(client)]
-                client.run(_drop_session, job_id, workers=alive, on_error="ignore")
+                client.run(drop_session, job_id, workers=alive, on_error="ignore")
             raise
         finally:
             client.cancel([f for f in futures if not f.done()], force=True)
@@ -420,7 +259,7 @@ def _stop(job: Job, job_id: str, last: list[Future], plan: TrainingPlan) -> str:
     try:
         with interrupt.deferred():
             with contextlib.suppress(Exception):
-                job.client.run(_request_stop, job_id, workers=[a for a, _ in job.ranks])
+                job.client.run(request_stop, job_id, workers=[a for a, _ in job.ranks])
             deadline = time.monotonic() + STOP_GRACE
             while time.monotonic() < deadline and not all(f.done() for f in last):
                 job.drain()

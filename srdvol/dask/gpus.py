@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Sequence
 
 from srdvol.errors import ConfigError, GPUUnavailableError, flag
-from srdvol.options import DEVICE_PREFIXES, GPUChoice
+from srdvol.values import DEVICE_PREFIXES, GPUChoice
 
 __all__ = ["resolve_gpus", "visible_gpus"]
 

@@ -1,4 +1,4 @@
-"""Synthetic two-photon calcium imaging with its ground truth, written chunk by chunk.
+"""The simulated scene: cells, processes, neuropil, their calcium traces, and noisy frames.
 
 The scene is a field of GCaMP-labelled somata (ellipsoids with a dim nucleus), thin processes
 (blurred random curves, half of them dendrites that share their soma's activity), and a smooth,
@@ -22,24 +22,26 @@ noise of frame ``t`` in plane ``z`` from ``SeedSequence(seed, spawn_key=(1, t, z
 unit of generation, so the result is identical for any storage chunking, and only one slab of
 chunks (plus the static footprints) is ever in memory.
 
-Stores: OUT holds the noisy uint16 image, TRUTH the float32 truth and a label image of the cells
-at ``TRUTH/labels/cells`` (NGFF image-label, int32, axes (z,) y, x; 0 = background, cell ``k`` has
-label ``k``, the pixels where that cell's footprint dominates inside its outline).
+The stores are written by :mod:`srdvol.simulate.stores`.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from scipy import ndimage, signal, sparse
 
-from srdvol.errors import ConfigError, flag
-
-__all__ = ["DEFAULT_PHOTONS", "SceneConfig", "SimulationInfo", "simulate"]
+__all__ = [
+    "DEFAULT_PHOTONS",
+    "SceneConfig",
+    "build_scene",
+    "frame_block",
+    "noisy_frame",
+    "render_frames",
+]
 
 #: Default photon budget: mean photons per pixel and frame at rest (noisy SNR about 2 dB).
 DEFAULT_PHOTONS = 1.0
@@ -110,46 +112,8 @@ class SceneConfig:
     read_noise: float = 5.0
 
 
-@dataclass(frozen=True)
-class SimulationInfo:
-    """What :func:`simulate` wrote.
-
-    Attributes
-    ----------
-    out, truth
-        Paths of the noisy and the ground-truth stores.
-    dims, shape
-        Axis names and shape of both images (``("t", "y", "x")`` or ``("t", "z", "y", "x")``).
-    chunks
-        Storage chunks of the noisy image.
-    n_cells
-        Number of somata (labels 1..n_cells in ``TRUTH/labels/cells``).
-    photons, gain, offset, read_noise
-        Noise model (see the module docstring).
-    rate_hz, pixel_size_um, seed
-        Acquisition rate, pixel size and seed.
-    scene
-        The :class:`SceneConfig` values used, as a dict.
-    """
-
-    out: str
-    truth: str
-    dims: tuple[str, ...]
-    shape: tuple[int, ...]
-    chunks: tuple[int, ...]
-    n_cells: int
-    photons: float
-    gain: float
-    offset: float
-    read_noise: float
-    rate_hz: float
-    pixel_size_um: float
-    seed: int
-    scene: dict[str, Any] = field(default_factory=dict)
-
-
 @dataclass
-class _Scene:
+class Scene:
     """Static footprints (one sparse (pixels, sources) matrix per plane) and all traces."""
 
     shape_zyx: tuple[int, int, int]
@@ -305,7 +269,7 @@ def _calcium_traces(
     return np.maximum(dff, 0.0)
 
 
-def _build_scene(
+def build_scene(
     *,
     frames: int,
     zyx: tuple[int, int, int],
@@ -314,7 +278,7 @@ def _build_scene(
     photons: float,
     seed: int,
     cfg: SceneConfig,
-) -> _Scene:
+) -> Scene:
     """Everything that does not depend on the noise: footprints, traces, labels, photon scale."""
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_SCENE_KEY,)))
     nz, ny, nx = zyx
@@ -362,19 +326,17 @@ def _build_scene(
         footprints.append(mat)
     rest = np.concatenate([brightness, proc_brightness, np.ones(fields.shape[0])])
     mean_rest = np.mean([(fp @ rest).mean() for fp in footprints])
-    return _Scene(zyx, footprints, traces, labels, n_cells, photons / mean_rest)
+    return Scene(zyx, footprints, traces, labels, n_cells, photons / mean_rest)
 
 
-def _render_frames(scene: _Scene, t0: int, t1: int, z: int) -> np.ndarray:
+def render_frames(scene: Scene, t0: int, t1: int, z: int) -> np.ndarray:
     """Expected photons of frames ``t0:t1`` of plane ``z``, shape (t1 - t0, y, x), float64."""
     _, ny, nx = scene.shape_zyx
     block = scene.footprints[z] @ scene.traces[:, t0:t1]
     return (scene.photon_scale * block.T).reshape(t1 - t0, ny, nx)
 
 
-def _noisy_frame(
-    expected: np.ndarray, *, seed: int, t: int, z: int, cfg: SceneConfig
-) -> np.ndarray:
+def noisy_frame(expected: np.ndarray, *, seed: int, t: int, z: int, cfg: SceneConfig) -> np.ndarray:
     """One noisy uint16 frame from its expected photons, with its own seeded stream."""
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_NOISE_KEY, t, z)))
     counts = rng.poisson(expected).astype(np.float64)
@@ -385,321 +347,15 @@ def _noisy_frame(
 # --------------------------------------------------------------------------- stores
 
 
-def _frame_block(
-    scene: _Scene, kind: str, seed: int, cfg: SceneConfig, *, planes: bool, block_info: Any = None
+def frame_block(
+    scene: Scene, kind: str, seed: int, cfg: SceneConfig, *, planes: bool, block_info: Any = None
 ) -> np.ndarray:
     """One (1, [1,] y, x) block of the lazy noisy or truth image (used for metadata samples)."""
     loc = block_info[None]["array-location"]
     t, z = loc[0][0], (loc[1][0] if planes else 0)
-    expected = _render_frames(scene, t, t + 1, z)[0]
+    expected = render_frames(scene, t, t + 1, z)[0]
     if kind == "noisy":
-        frame: np.ndarray = _noisy_frame(expected, seed=seed, t=t, z=z, cfg=cfg)
+        frame: np.ndarray = noisy_frame(expected, seed=seed, t=t, z=z, cfg=cfg)
     else:
         frame = (cfg.offset + cfg.gain * expected).astype(np.float32)
     return frame.reshape((1, 1, *frame.shape) if planes else (1, *frame.shape))
-
-
-def _like(
-    scene: _Scene,
-    kind: str,
-    *,
-    dims: tuple[str, ...],
-    rate_hz: float,
-    px: float,
-    dz: float,
-    seed: int,
-    cfg: SceneConfig,
-    frames: int,
-) -> Any:
-    """A lazy DataArray of the simulated image, one dask chunk per frame (what create_output
-    copies: dims, scale, units; it samples one frame for the viewer's contrast window)."""
-    import dask.array as da
-    import xarray as xr
-
-    nz, ny, nx = scene.shape_zyx
-    planes = "z" in dims
-    chunks = ((1,) * frames, (1,) * nz, (ny,), (nx,)) if planes else ((1,) * frames, (ny,), (nx,))
-    dtype = np.uint16 if kind == "noisy" else np.float32
-    data = da.map_blocks(
-        _frame_block,
-        scene,
-        kind,
-        seed,
-        cfg,
-        planes=planes,
-        chunks=chunks,
-        dtype=dtype,
-        meta=np.empty((0,) * len(dims), dtype),
-    )
-    scale = {"t": 1.0 / rate_hz, "z": dz, "y": px, "x": px}
-    units = {"t": "second", "z": "micrometer", "y": "micrometer", "x": "micrometer"}
-    shape = data.shape
-    coords = {d: np.arange(n) * scale[d] for d, n in zip(dims, shape, strict=True)}
-    attrs = {
-        "axes_units": {d: units[d] for d in dims},
-        "scale": {d: scale[d] for d in dims},
-        "translation": dict.fromkeys(dims, 0.0),
-    }
-    return xr.DataArray(data, dims=dims, coords=coords, attrs=attrs, name=kind)
-
-
-def _create_image(
-    path: str,
-    *,
-    like: Any,
-    dtype: Any,
-    chunks: dict[str, int] | None,
-    provenance: dict[str, Any],
-    overwrite: bool,
-) -> Any:
-    """Create an OME-Zarr 0.5 image through :func:`srdvol.ngff.write.create_output`."""
-    from srdvol.ngff.write import create_output
-
-    return create_output(
-        path,
-        like=like,
-        dtype=dtype,
-        chunks=chunks,
-        ngff="0.5",
-        provenance=provenance,
-        overwrite=overwrite,
-        name=str(like.name),  # "noisy" or "truth", also the viewer's channel label
-    )
-
-
-def _write_labels(
-    truth: str, labels: np.ndarray, dims: tuple[str, ...], px: float, dz: float
-) -> None:
-    """Write the cell label image as an NGFF 0.5 image-label at ``TRUTH/labels/cells``."""
-    import zarr
-
-    spatial = tuple(d for d in dims if d != "t")
-    data = labels if "z" in spatial else labels[0]
-    root = zarr.open_group(truth, mode="r+")
-    group = root.require_group("labels")
-    group.attrs["ome"] = {"version": "0.5", "labels": ["cells"]}
-    cells = group.require_group("cells")
-    scale = [dz if d == "z" else px for d in spatial]
-    cells.attrs["ome"] = {
-        "version": "0.5",
-        "multiscales": [
-            {
-                "name": "cells",
-                "axes": [{"name": d, "type": "space", "unit": "micrometer"} for d in spatial],
-                "datasets": [
-                    {
-                        "path": "s0",
-                        "coordinateTransformations": [{"type": "scale", "scale": scale}],
-                    }
-                ],
-            }
-        ],
-        "image-label": {"version": "0.5", "source": {"image": "../../"}},
-    }
-    arr = cells.create_array(
-        "s0",
-        shape=data.shape,
-        dtype=np.int32,
-        chunks=data.shape,
-        dimension_names=list(spatial),
-        overwrite=True,
-    )
-    arr[...] = data
-
-
-def _check_target(path: str, record: dict[str, Any], *, overwrite: bool) -> None:
-    """Refuse, before writing anything, a store that is not this very simulation's output."""
-    import json
-
-    from srdvol.errors import OutputExistsError
-    from srdvol.ngff.write import read_provenance
-
-    if overwrite or not os.path.exists(path):
-        return
-    existing = (read_provenance(path) or {}).get("simulation")
-    if existing != json.loads(json.dumps(record)):
-        raise OutputExistsError(
-            path,
-            "already exists and is not the output of this simulation",
-            f"choose another path or pass {flag('overwrite')} to replace it",
-        )
-
-
-def _slabs(length: int, step: int) -> list[tuple[int, int]]:
-    return [(a, min(a + step, length)) for a in range(0, length, step)]
-
-
-def simulate(
-    out: str | os.PathLike[str],
-    *,
-    truth: str | os.PathLike[str],
-    frames: int = 128,
-    planes: int | None = None,
-    size: tuple[int, int] = (128, 128),
-    rate_hz: float = 0.3,
-    photons: float | None = None,
-    seed: int = 0,
-    chunks: dict[str, int] | None = None,
-    pixel_size_um: float = 1.0,
-    overwrite: bool = False,
-    scene: SceneConfig | None = None,
-) -> SimulationInfo:
-    """Write a noisy synthetic calcium-imaging movie and its ground truth as OME-Zarr 0.5.
-
-    Parameters
-    ----------
-    out
-        Path of the noisy image (uint16, axes t,y,x or t,z,y,x).
-    truth
-        Path of the ground truth (float32, same axes and shape, ``E[noisy]`` including the
-        offset) with the cell labels at ``labels/cells``.
-    frames
-        Number of time points.
-    planes
-        Number of z planes; ``None`` writes a (t, y, x) movie.
-    size
-        Frame size (y, x) in pixels.
-    rate_hz
-        Volume rate; the time scale is ``1 / rate_hz`` seconds. At the default 0.3 Hz the calcium
-        transients (decay ~0.8 s) are much shorter than the frame interval, so consecutive frames
-        are nearly independent.
-    photons
-        Mean expected photons per pixel and frame over the field of view at rest (no activity).
-        Default :data:`DEFAULT_PHOTONS` (noisy SNR of a few dB, the low-SNR regime of the paper).
-    seed
-        Seed of the scene and of the noise; the output is identical for any ``chunks``.
-    chunks
-        Storage chunks by axis name (``{"t": 16, "y": 128, "x": 128}``); ``None`` uses srdvol's
-        output defaults.
-    pixel_size_um
-        Pixel size in micrometer (y and x).
-    overwrite
-        Replace existing stores at ``out`` and ``truth``.
-    scene
-        Tissue and microscope parameters (:class:`SceneConfig`); the defaults model GCaMP6f in
-        mouse cortex with a photon-counting detector.
-
-    Returns
-    -------
-    SimulationInfo
-        Paths, shape, chunks, number of cells and the noise model.
-
-    Raises
-    ------
-    ConfigError
-        If a size, rate, photon budget or pixel size is not positive.
-    """
-    cfg = scene or SceneConfig()
-    photons = DEFAULT_PHOTONS if photons is None else float(photons)
-    ny, nx = (int(v) for v in size)
-    checks = {
-        flag("frames"): frames >= 1,
-        flag("planes"): planes is None or planes >= 1,
-        flag("size"): ny >= 1 and nx >= 1,
-        flag("rate_hz"): rate_hz > 0 and math.isfinite(rate_hz),
-        flag("photons"): photons > 0 and math.isfinite(photons),
-        "pixel_size_um": pixel_size_um > 0,
-    }
-    for option, ok in checks.items():
-        if not ok:
-            raise ConfigError(option, "must be a positive number", f"give a positive {option}")
-    from srdvol.ngff.write import check_output_path
-
-    check_output_path(truth, out)  # neither store may be, or lie inside, the other
-    nz = 1 if planes is None else int(planes)
-    dims = ("t", "y", "x") if planes is None else ("t", "z", "y", "x")
-    shape = (frames, ny, nx) if planes is None else (frames, nz, ny, nx)
-    px = float(pixel_size_um)
-    built = _build_scene(
-        frames=frames,
-        zyx=(nz, ny, nx),
-        px=px,
-        rate_hz=rate_hz,
-        photons=photons,
-        seed=seed,
-        cfg=cfg,
-    )
-    model = {
-        "dims": list(dims),
-        "shape": list(shape),
-        "photons": photons,
-        "gain": cfg.gain,
-        "offset": cfg.offset,
-        "read_noise": cfg.read_noise,
-        "rate_hz": rate_hz,
-        "pixel_size_um": px,
-        "seed": seed,
-        "n_cells": built.n_cells,
-        "scene": asdict(cfg),
-    }
-    for path, role in ((out, "noisy"), (truth, "truth")):
-        _check_target(os.fspath(path), {**model, "role": role}, overwrite=overwrite)
-    common = {
-        "dims": dims,
-        "rate_hz": rate_hz,
-        "px": px,
-        "dz": cfg.plane_spacing_um,
-        "seed": seed,
-        "cfg": cfg,
-        "frames": frames,
-    }
-    noisy_arr = _create_image(
-        os.fspath(out),
-        like=_like(built, "noisy", **common),
-        dtype=np.uint16,
-        chunks=chunks,
-        overwrite=overwrite,
-        provenance={"command": "simulate", "simulation": {**model, "role": "noisy"}},
-    )
-    truth_arr = _create_image(
-        os.fspath(truth),
-        like=_like(built, "truth", **common),
-        dtype=np.float32,
-        chunks=chunks,
-        overwrite=overwrite,
-        provenance={"command": "simulate", "simulation": {**model, "role": "truth"}},
-    )
-    _write_labels(os.fspath(truth), built.labels, dims, px, cfg.plane_spacing_um)
-    # Write whole shards (or chunks) of both arrays: slabs of t x z that cover full frames.
-    step_t = _write_unit(noisy_arr, truth_arr, axis=0)
-    step_z = 1 if planes is None else _write_unit(noisy_arr, truth_arr, axis=1)
-    for t0, t1 in _slabs(frames, step_t):
-        for z0, z1 in _slabs(nz, step_z):
-            expected = np.stack([_render_frames(built, t0, t1, z) for z in range(z0, z1)], axis=1)
-            noisy = np.empty(expected.shape, np.uint16)
-            for i in range(t1 - t0):
-                for j in range(z1 - z0):
-                    noisy[i, j] = _noisy_frame(
-                        expected[i, j], seed=seed, t=t0 + i, z=z0 + j, cfg=cfg
-                    )
-            exact = (cfg.offset + cfg.gain * expected).astype(np.float32)
-            where = (slice(t0, t1),) if planes is None else (slice(t0, t1), slice(z0, z1))
-            if planes is None:
-                noisy, exact = noisy[:, 0], exact[:, 0]
-            noisy_arr[where] = noisy
-            truth_arr[where] = exact
-    return SimulationInfo(
-        out=os.fspath(out),
-        truth=os.fspath(truth),
-        dims=dims,
-        shape=shape,
-        chunks=tuple(noisy_arr.chunks),
-        n_cells=built.n_cells,
-        photons=photons,
-        gain=cfg.gain,
-        offset=cfg.offset,
-        read_noise=cfg.read_noise,
-        rate_hz=rate_hz,
-        pixel_size_um=px,
-        seed=seed,
-        scene=asdict(cfg),
-    )
-
-
-def _write_unit(a: Any, b: Any, *, axis: int) -> int:
-    """Slab length along ``axis`` covering whole write units (shards, else chunks) of both."""
-    units = []
-    for arr in (a, b):
-        shards = getattr(arr, "shards", None)
-        units.append((shards or arr.chunks)[axis])
-    return math.lcm(*units)

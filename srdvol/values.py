@@ -1,0 +1,189 @@
+"""The value types of options and their one check each: a patch or block (:class:`Patch`), an
+overlap, a patch that fits the network, a GPU choice. :mod:`srdvol.options` builds the option
+groups from them; library code that takes raw values checks them here too."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, NamedTuple
+
+from srdvol.errors import ConfigError, flag
+
+__all__ = [
+    "DEFAULT_OVERLAP",
+    "DEVICE_PREFIXES",
+    "FRAMES_PER_LEVEL",
+    "MAX_OVERLAP",
+    "Block",
+    "GPUChoice",
+    "Patch",
+    "check_model_patch_t",
+    "check_overlap",
+    "parse_gpus",
+    "parse_triple",
+]
+
+#: Patch overlap of prediction: every voxel is covered by about 2.4 patches at 0.25.
+DEFAULT_OVERLAP = 0.25
+#: Above this the stride is 5 % of the patch and a run costs tens of times more (`srdvol info`).
+MAX_OVERLAP = 0.95
+#: patch_t is a multiple of this: the network halves t four times.
+FRAMES_PER_LEVEL = 16
+
+
+class Patch(NamedTuple):
+    """A patch (or any per-axis size) along t, y and x.
+
+    A tuple, so it unpacks, indexes and pickles like ``(t, y, x)``; :meth:`parse` reads every
+    form users write (``"32,64,64"``, a sequence, a mapping by axis name).
+    """
+
+    t: int
+    y: int
+    x: int
+
+    @classmethod
+    def parse(cls, value: Any, *, name: str = "patch") -> Patch:
+        """Read ``"32,64,64"``, ``(32, 64, 64)`` or ``{"t": 32, "y": 64, "x": 64}``.
+
+        Raises
+        ------
+        ConfigError
+            Unless there are exactly three positive integers; the error names ``name``.
+        """
+        if isinstance(value, cls):
+            return value
+        return cls(*parse_triple(value, name=name))
+
+    def as_dict(self) -> dict[str, int]:
+        """``{"t": ..., "y": ..., "x": ...}``."""
+        return dict(self._asdict())
+
+    def text(self) -> str:
+        """``"32,64,64"``, as the command line writes it."""
+        return ",".join(str(v) for v in self)
+
+
+#: A processing block (t, y, x): the same value type as a patch.
+Block = Patch
+
+
+def parse_triple(value: Any, *, name: str = "patch") -> tuple[int, int, int]:
+    """Parse ``"32,64,64"``, a sequence or a t/y/x mapping into three positive integers.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``name``, unless the value holds exactly three positive integers.
+    """
+    parts: Any
+    if isinstance(value, str):
+        parts = value.replace(" ", "").strip("()[]").split(",")
+    elif isinstance(value, Mapping):
+        parts = [value.get(a) for a in ("t", "y", "x")] if set(value) == {"t", "y", "x"} else []
+    else:
+        parts = value
+    try:
+        numbers = tuple(int(p) for p in parts)
+        exact = all(int(p) == float(p) for p in parts)
+    except (TypeError, ValueError):
+        numbers, exact = (), False
+    if len(numbers) != 3 or not exact or min(numbers) < 1:
+        raise ConfigError(
+            flag(name),
+            f"{value!r} is not three positive integers T,Y,X",
+            f"write it as T,Y,X, for example {flag(name)} 32,64,64",
+        )
+    return numbers  # type: ignore[return-value]
+
+
+def check_overlap(overlap: float) -> float:
+    """The one check of a patch overlap: a fraction in ``[0, MAX_OVERLAP]``.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``overlap``.
+    """
+    value = float(overlap)
+    if not 0.0 <= value <= MAX_OVERLAP:
+        raise ConfigError(
+            flag("overlap"),
+            f"{overlap!r} is outside [0, {MAX_OVERLAP}]",
+            f"use a fraction such as {DEFAULT_OVERLAP} (larger overlaps cost more; srdvol info "
+            "shows how much)",
+        )
+    return value
+
+
+def check_model_patch_t(patch: Patch) -> Patch:
+    """The one check that a patch fits the network: patch_t a multiple of 16.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``patch``.
+    """
+    if patch.t % FRAMES_PER_LEVEL:
+        fit = max(FRAMES_PER_LEVEL, round(patch.t / FRAMES_PER_LEVEL) * FRAMES_PER_LEVEL)
+        raise ConfigError(
+            flag("patch"),
+            f"patch_t {patch.t} is not a multiple of {FRAMES_PER_LEVEL} (the network halves t "
+            "four times)",
+            f"use {fit},{patch.y},{patch.x}",
+        )
+    return patch
+
+
+# ------------------------------------------------------------------------------ GPUs
+
+#: What ``gpus=`` accepts: ``None``/"auto" (GPUs when present), "all", "none", or a list of
+#: GPUs, each a position among the visible GPUs (int) or a device id as listed there (str).
+GPUChoice = Literal["auto", "all", "none"] | Sequence[int | str] | None
+
+#: How CUDA_VISIBLE_DEVICES names a device other than by index: a GPU UUID or a MIG instance.
+DEVICE_PREFIXES = ("GPU-", "MIG-")
+
+
+def parse_gpus(text: Any) -> GPUChoice:
+    """Read a GPU choice: ``auto``, ``all``, ``none`` or a comma-separated list.
+
+    Each list entry is a position in the visible list (``0,1``: the first two GPUs that
+    ``CUDA_VISIBLE_DEVICES`` shows, as CUDA numbers them inside the process) or a device id as
+    ``CUDA_VISIBLE_DEVICES`` writes it (``GPU-<uuid>``, ``MIG-<uuid>``);
+    :func:`srdvol.dask.cluster.resolve_gpus` checks that they are visible.
+
+    Returns
+    -------
+    None, str or list of int and str
+        ``None`` for no text, the keyword, or the entries (positions as int, ids as str).
+
+    Raises
+    ------
+    ConfigError
+        Naming ``gpus``, if the text is none of these.
+    """
+    if text is None:
+        return None
+    if not isinstance(text, str):  # already parsed (a list)
+        text = ",".join(str(v) for v in text)
+    value = text.strip()
+    if value.lower() in ("auto", "all", "none"):
+        return value.lower()  # type: ignore[return-value]
+    entries: list[int | str] = []
+    for part in (p.strip() for p in value.split(",")):
+        if part.isdigit():
+            entries.append(int(part))
+        elif part.startswith(DEVICE_PREFIXES) and len(part) > 4:
+            entries.append(part)
+        else:
+            entries = []
+            break
+    if not entries:
+        raise ConfigError(
+            flag("gpus"),
+            f"{text!r} is not a GPU choice",
+            "give auto, all, none, positions in the visible GPU list such as 0,1, or device "
+            "ids such as GPU-<uuid>",
+        )
+    return entries
