@@ -1,16 +1,16 @@
 """Denoising quality on simulated 0.3 Hz calcium imaging: srdvol against classical filters.
 
 For each photon budget the script simulates a noisy movie with its ground truth
-(:func:`srdvol.simulate.scene.simulate`), then scores, with :func:`srdvol.core.metrics.evaluate` (per-frame
-SNR in dB against the truth, detector offset removed; SSIM; cell-trace correlation):
+(:func:`srdvol.simulate.simulate`), then scores, with :func:`srdvol.core.metrics.evaluate`
+(per-frame SNR in dB against the truth, detector offset removed; SSIM; cell-trace correlation):
 
 - the noisy input;
 - a **3D Gaussian filter** (scipy ``gaussian_filter`` over t, y, x), the best of a grid of
   sigmas (``sigma_t`` in 0, 0.5, 1 frames x ``sigma_yx`` in 0.5..3 px) chosen *with* the truth,
   i.e. an oracle-tuned baseline (``sigma_t = 0`` is the 2D per-frame filter);
 - a **median filter**, the best of 3x3 per frame and 3x3x3 in (t, y, x), also oracle-picked;
-- **srdvol**: :func:`srdvol.training.loop.train` for ``--steps`` steps (spatial sampling, no truth), then
-  a whole-movie prediction with :func:`srdvol.predict.predictors.predict_array`.
+- **srdvol**: :func:`srdvol.training.loop.train` for ``--steps`` steps (spatial sampling, no
+  truth), then a whole-movie prediction with :func:`srdvol.predict.predictors.predict_array`.
 
 It prints one markdown table. The reference point from the project issue: upstream SRDTrans,
 675 CPU steps on 64³ patches, scored 12.0 dB where the Gaussian scored 17.2 dB (noisy 8.3 dB).

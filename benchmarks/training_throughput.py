@@ -1,4 +1,4 @@
-"""Distributed training throughput: samples/s of srdvol.dask.ddp_train on 1 and 2 CPU worker processes.
+"""Distributed training throughput: samples/s of srdvol.dask.ddp_train on 1 and 2 CPU workers.
 
 Run ``python benchmarks/training_throughput.py`` (options: ``--steps``, ``--workers 1 2``,
 ``--threads``, ``--patch T Y X``, ``--batch``, ``--network small|tiny|default``). It writes a
@@ -25,7 +25,7 @@ import zarr
 
 from srdvol.dask.cluster import open_cluster
 from srdvol.dask.ddp_train import train_distributed
-from srdvol.dask.supervise import Progress
+from srdvol.dask.supervise import StepReport
 from srdvol.model.config import NetworkConfig
 
 NETWORKS = {
@@ -60,7 +60,7 @@ def run(
     gpus: str | None,
 ) -> dict[str, float]:
     """Train once on ``workers`` ranks; return samples/s and wall time."""
-    reports: list[tuple[float, Progress]] = []
+    reports: list[tuple[float, StepReport]] = []
     with open_cluster(
         gpus=gpus or "none",
         workers=workers,

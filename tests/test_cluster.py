@@ -1,4 +1,4 @@
-"""Tests of srdvol.dask.cluster with real worker processes (kept to 1-2 workers with 1-2 threads)."""
+"""Tests of srdvol.dask.cluster, workers and gpus with real worker processes (1-2 of them)."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_parse_gpus_reads_the_option(text, expected):
 
 @pytest.mark.parametrize("text", ["", "gpu0", "-1", "0,x", "GPU-", "0,,1"])
 def test_parse_gpus_rejects_nonsense(text):
-    with pytest.raises(ConfigError, match="^gpus: ") as info:
+    with pytest.raises(ConfigError, match=r"^gpus: ") as info:
         parse_gpus(text)
     assert "GPU-<uuid>" in str(info.value)  # the fix names both forms
     assert info.value.command_line_message().startswith("--gpus: ")
@@ -148,7 +148,7 @@ def test_cpu_worker_spec_sets_threads_and_names():
     assert sorted(spec) == ["cpu-0", "cpu-1", "cpu-2"]
     assert all(s["options"]["env"]["OMP_NUM_THREADS"] == "2" for s in spec.values())
     assert all("resources" not in s["options"] for s in spec.values())
-    with pytest.raises(ConfigError, match="^workers: "):
+    with pytest.raises(ConfigError, match=r"^workers: "):
         cpu_worker_spec(0)
 
 
@@ -203,7 +203,7 @@ def test_open_cluster_without_gpus_refuses_gpu_request(monkeypatch, gpus):
 
 
 def test_open_cluster_rejects_zero_workers():
-    with pytest.raises(ConfigError, match="^workers: "), open_cluster(gpus="none", workers=0):
+    with pytest.raises(ConfigError, match=r"^workers: "), open_cluster(gpus="none", workers=0):
         pytest.fail("a cluster was started")
 
 

@@ -15,7 +15,7 @@ from distributed import Client, LocalCluster, SchedulerPlugin
 from torch import nn
 
 from srdvol.dask.ranks import DDPContext, RankOptions, run_distributed
-from srdvol.dask.supervise import Progress
+from srdvol.dask.supervise import StepReport
 from srdvol.errors import DataError, TrainingInterruptedError
 
 STEPS = 4
@@ -101,7 +101,7 @@ def cluster():
 def test_run_distributed_lets_rank_0_write_and_report(cluster, tmp_path):
     # The plumbing of run_distributed; that srdvol's DDP training averages gradients is shown
     # through the real training path in test_ddp_promises.py.
-    seen: list[Progress] = []
+    seen: list[StepReport] = []
     weights = run_distributed(
         cluster,
         _train_ddp,
@@ -189,7 +189,7 @@ def test_train_distributed_writes_model_and_resumes_exactly_after_a_lost_worker(
 
     # uninterrupted reference run
     reference = tmp_path / "reference.srdvol"
-    seen: list[Progress] = []
+    seen: list[StepReport] = []
     record = train_distributed(cluster, source, reference, progress=seen.append, **options)
     assert record.steps == 8
     assert read_record(reference).steps == 8
@@ -218,7 +218,7 @@ def test_train_distributed_writes_model_and_resumes_exactly_after_a_lost_worker(
 
     # the nanny restarts the worker; resuming from rank 0's state ends with the same weights
     cluster.wait_for_workers(2, timeout=60)
-    after: list[Progress] = []
+    after: list[StepReport] = []
     resumed = train_distributed(
         cluster, source, model, resume=True, progress=after.append, **options
     )
@@ -353,7 +353,7 @@ def test_a_killed_worker_process_ends_the_run_naming_worker_step_and_checkpoint(
     pid = _pids(cluster)[rank_1]
     killed: list[int] = []
 
-    def kill_at_step_3(report: Progress) -> None:
+    def kill_at_step_3(report: StepReport) -> None:
         if report.step >= 3 and not killed:
             os.kill(pid, signal.SIGKILL)  # the worker process dies without a word
             killed.append(report.step)
@@ -400,7 +400,7 @@ def test_ctrl_c_stops_every_rank_saves_the_state_and_resume_is_exact(
 
     model = tmp_path / "model.srdvol"
 
-    def ctrl_c_at_step_2(report: Progress) -> None:
+    def ctrl_c_at_step_2(report: StepReport) -> None:
         if report.step == 2:
             os.kill(os.getpid(), signal.SIGINT)
 
@@ -415,7 +415,7 @@ def test_ctrl_c_stops_every_rank_saves_the_state_and_resume_is_exact(
     assert not model.exists()
 
     cluster.wait_for_workers(2, timeout=60)
-    after: list[Progress] = []
+    after: list[StepReport] = []
     resumed = train_distributed(
         cluster, source, model, resume=True, progress=after.append, **options
     )

@@ -64,7 +64,7 @@ def test_config_validation_names_the_option() -> None:
         NetworkConfig(window=4, shift=4)
     with pytest.raises(ValidationError):
         NetworkConfig(unknown=1)  # type: ignore[call-arg]
-    with pytest.raises(ConfigError, match="^patch: patch_t 40 is not a multiple of 16") as info:
+    with pytest.raises(ConfigError, match=r"^patch: patch_t 40 is not a multiple of 16") as info:
         NetworkConfig.from_options(patch_t=40)
     assert info.value.command_line_message().startswith("--patch: patch_t 40")
     assert NetworkConfig.from_options(patch_t=48).patch_t == 48

@@ -96,7 +96,7 @@ def test_options_are_frozen_and_replace_validates():
     with pytest.raises(ValueError):
         options.steps = 4  # type: ignore[misc]
     assert options.replace(steps=5).steps == 5
-    with pytest.raises(ConfigError, match="^steps: "):
+    with pytest.raises(ConfigError, match=r"^steps: "):
         options.replace(steps=0)
 
 

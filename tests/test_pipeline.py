@@ -279,9 +279,9 @@ def test_info_refuses_an_unknown_output_format(make_image):
     from srdvol.errors import ConfigError
 
     source, _ = make_image(axes="tyx", shape=(16, 32, 32))
-    with pytest.raises(ConfigError, match="^ngff: "):
+    with pytest.raises(ConfigError, match=r"^ngff: "):
         info_text(source, RunOptions.from_flat({"ngff": "0.3"}))
-    with pytest.raises(ConfigError, match="^dtype: "):
+    with pytest.raises(ConfigError, match=r"^dtype: "):
         info_text(source, RunOptions.from_flat({"dtype": "complex64"}))
 
 

@@ -137,9 +137,9 @@ def test_temporal_pairs_reject_odd_frame_counts() -> None:
 def test_training_read_shape() -> None:
     assert training_read_shape((16, 64, 64), sampling="spatial") == (16, 64, 64)
     assert training_read_shape((16, 64, 64), sampling="temporal") == (32, 64, 64)
-    with pytest.raises(ConfigError, match="^patch: "):
+    with pytest.raises(ConfigError, match=r"^patch: "):
         training_read_shape((16, 63, 64), sampling="spatial")
-    with pytest.raises(ConfigError, match="^sampling: "):
+    with pytest.raises(ConfigError, match=r"^sampling: "):
         training_read_shape((16, 64, 64), sampling="diagonal")  # type: ignore[arg-type]
 
 

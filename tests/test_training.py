@@ -1,4 +1,4 @@
-"""Tests of srdvol.training.loop: a real (tiny) training run from a zarr store, determinism, resume."""
+"""Tests of srdvol.training: a real (tiny) training run from a zarr store, determinism, resume."""
 
 from __future__ import annotations
 

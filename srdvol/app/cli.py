@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from srdvol.app.config import config_defaults, load_config_file
+from srdvol.app.say import say
 from srdvol.errors import SrdvolError
 from srdvol.options import (
     DEFAULT_BATCH_SIZE,
@@ -43,7 +43,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-console = Console(stderr=True, highlight=False)
 
 
 def _load_config(
@@ -378,12 +377,12 @@ def main(argv: list[str] | None = None) -> None:
             import traceback
 
             traceback.print_exc()
-        console.print(_interrupted(exc, args), soft_wrap=True)
+        say(_interrupted(exc, args))
         raise SystemExit(interrupt.exit_code(exc)) from None
     except SrdvolError as exc:
         if debug:
             raise
-        console.print(f"srdvol: error: {exc.command_line_message()}", soft_wrap=True)
+        say(f"srdvol: error: {exc.command_line_message()}")
         raise SystemExit(exc.exit_code) from None
     except typer.Exit as exc:
         raise SystemExit(exc.exit_code) from None
@@ -395,10 +394,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # an error we did not foresee: still no raw traceback
         if debug:
             raise
-        console.print(
+        say(
             f"srdvol: internal error: {type(exc).__name__}: {exc}; rerun with srdvol --debug "
-            "to see the traceback and report it.",
-            soft_wrap=True,
+            "to see the traceback and report it."
         )
         raise SystemExit(1) from None
 

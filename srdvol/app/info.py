@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from srdvol.core.cast import cast_to
 from srdvol.errors import ConfigError, as_flags, flag
 from srdvol.options import RunOptions
 
@@ -282,10 +283,7 @@ def _stored_fraction(image: Any, *, dtype: Any, chunks: tuple[int, ...], zarr_fo
     )
     sample = np.asarray(image.data[middle], dtype=np.float64)
     sigma = [1.0 if a in ("t", "y", "x") else 0.0 for a in dims]
-    smooth = ndimage.gaussian_filter(sample, sigma)
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        smooth = np.clip(np.rint(smooth), info.min, info.max)
+    smooth = cast_to(ndimage.gaussian_filter(sample, sigma), dtype)
     with tempfile.TemporaryDirectory() as folder:
         array = zarr.create_array(
             Path(folder) / "sample.zarr",
@@ -296,7 +294,7 @@ def _stored_fraction(image: Any, *, dtype: Any, chunks: tuple[int, ...], zarr_fo
             zarr_format=zarr_format,
             **_array_kwargs(zarr_format, dims),
         )
-        array[...] = smooth.astype(dtype)
+        array[...] = smooth
         stored = array.nbytes_stored() - _metadata_bytes(Path(folder) / "sample.zarr")
     return stored / (smooth.size * dtype.itemsize)
 

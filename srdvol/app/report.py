@@ -2,7 +2,8 @@
 
 The figure is drawn with matplotlib's object API on an Agg canvas (no pyplot state, no display
 needed) at a fixed size, :data:`FIGURE_SIZE` inches at :data:`DPI`. Only the shown frame and the
-cell traces are loaded; the metrics are computed out of core by :func:`srdvol.core.metrics.evaluate`.
+cell traces are loaded; the metrics are computed out of core by
+:func:`srdvol.core.metrics.evaluate`.
 """
 
 from __future__ import annotations

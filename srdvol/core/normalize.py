@@ -186,7 +186,8 @@ def sample_statistics(
     ----------
     array
         The image as a lazy labelled array (dims a subset of t, c, z, y, x including t), as
-        :func:`srdvol.ngff.read.open_image` returns it; its dask chunks should be the storage chunks.
+        :func:`srdvol.ngff.read.open_image` returns it; its dask chunks should be the storage
+        chunks.
     max_bytes
         Upper bound on the sample, counted as float64 values held at once. At least one chunk
         (or part of one, cut along t, when a single chunk is larger) is always read.

@@ -36,7 +36,7 @@ from srdvol.dask.segments import drop_session, request_stop, segment_ends, train
 from srdvol.dask.supervise import (
     POLL,
     Job,
-    Progress,
+    StepReport,
     Watch,
     choose_backend,
     choose_workers,
@@ -287,7 +287,7 @@ def train_distributed(
     *,
     read: ReadOptions | None = None,
     ranks: RankOptions = _NO_RANKS,
-    progress: bool | Callable[[Progress], None] = True,
+    progress: bool | Callable[[StepReport], None] = True,
     **changes: Any,
 ) -> Any:
     """Train an SRDTrans model with one DistributedDataParallel rank per Dask worker.
@@ -314,7 +314,7 @@ def train_distributed(
     progress
         Show the training's progress on the client (:mod:`srdvol.progress`: step of total,
         loss, global samples/s, ETA), or a function that receives every
-        :class:`~srdvol.dask.supervise.Progress` report instead.
+        :class:`~srdvol.dask.supervise.StepReport` report instead.
 
     Returns
     -------

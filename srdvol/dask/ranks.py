@@ -24,7 +24,7 @@ from distributed import Client, get_worker
 
 from srdvol.dask.supervise import (
     Job,
-    Progress,
+    StepReport,
     Watch,
     choose_backend,
     choose_workers,
@@ -285,7 +285,7 @@ def run_distributed(
     workers: int | Sequence[str] | None = None,
     backend: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
-    on_progress: Callable[[Progress], None] | None = None,
+    on_progress: Callable[[StepReport], None] | None = None,
     **kwargs: Any,
 ) -> Any:
     """Run ``fn(ctx, *args, **kwargs)`` on one rank per worker, joined by torch.distributed.
@@ -307,7 +307,7 @@ def run_distributed(
     timeout
         Seconds a collective waits for a silent peer before the run fails.
     on_progress
-        Called on the client with each :class:`Progress` report of rank 0.
+        Called on the client with each :class:`StepReport` report of rank 0.
 
     Returns
     -------

@@ -30,7 +30,7 @@ from srdvol.training.collective import PeerLostError
 __all__ = [
     "POLL",
     "Job",
-    "Progress",
+    "StepReport",
     "Watch",
     "choose_backend",
     "choose_workers",
@@ -47,7 +47,7 @@ POLL = 0.25
 
 
 @dataclass(frozen=True)
-class Progress:
+class StepReport:
     """One progress report of rank 0, as the client receives it.
 
     ``samples_per_s`` is the global rate: samples of all ranks since the job started over the
@@ -154,9 +154,9 @@ def rendezvous(client: Client, first: str) -> str:
 
 
 def reporter(
-    on_progress: Callable[[Progress], None] | None, watch: Watch
+    on_progress: Callable[[StepReport], None] | None, watch: Watch
 ) -> Callable[[dict[str, Any]], None]:
-    """Turn rank 0's messages into :class:`Progress` for ``on_progress`` (global rate)."""
+    """Turn rank 0's messages into :class:`StepReport` for ``on_progress`` (global rate)."""
 
     def report(msg: dict[str, Any]) -> None:
         if on_progress is None or msg.get("kind") != "progress":
@@ -166,7 +166,7 @@ def reporter(
             rate = msg["samples"] / seconds if seconds > 0 else 0.0
         else:
             rate = float(msg.get("samples_per_s", 0.0))
-        on_progress(Progress(int(msg["step"]), int(msg["total"]), float(msg["loss"]), rate))
+        on_progress(StepReport(int(msg["step"]), int(msg["total"]), float(msg["loss"]), rate))
 
     return report
 

@@ -67,8 +67,8 @@ _QUALNAME = f"{CheckedBloscCodec.__module__}.{CheckedBloscCodec.__qualname__}"
 def install() -> None:
     """Make zarr use the checked codecs for arrays opened from now on (idempotent).
 
-    Runs when :mod:`srdvol.ngff.read` is imported, in the client and in every worker process that reads
-    through it.
+    Runs when :mod:`srdvol.ngff.read` is imported, in the client and in every worker process
+    that reads through it.
     """
     zarr.registry.register_codec("blosc", CheckedBloscCodec)
     zarr.config.set({"codecs.blosc": _QUALNAME})
