@@ -2,8 +2,8 @@
 
 The plain copy (read, decompress, compress, write; same chunks, same cluster) is the I/O limit the
 engine can reach; the identity model (:class:`srdvol.predict.predictors.AffineModel`) measures
-the engine's own cost: halo reads, patch gathering, blending and the wave writer. For each input size it prints
-seconds, MB/s of input, tasks per GB and peak resident memory of the whole process tree (client,
+the engine's own cost: halo reads, patch gathering, blending and the wave writer. For each
+input size it prints seconds, MB/s of input, tasks per GB and peak resident memory of the whole process tree (client,
 nannies, workers), as a markdown table.
 
 Run: ``python benchmarks/engine.py`` (``--help`` for sizes and workers).

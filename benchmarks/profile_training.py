@@ -4,8 +4,8 @@ Simulates the demo's recording (96 frames of 96x96 px at 0.3 Hz, photons 2) unle
 names a store, then times training steps of the default network exactly as
 :class:`srdvol.training.trainer.Trainer` takes them (deterministic CPU kernels, as training
 runs), on batches from :class:`srdvol.training.patches.PatchSampler`. CPU time of this process is
-reported, not wall time, so figures stay comparable on a machine that other jobs load (with one torch thread
-CPU time is what the step costs; the script prints the load average beside it).
+reported, not wall time, so figures stay comparable on a machine that other jobs load (with one
+torch thread CPU time is what the step costs; the script prints the load average beside it).
 
 Three tables:
 

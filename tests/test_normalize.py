@@ -21,7 +21,7 @@ from srdvol.errors import ConfigError, DataError
 
 
 def zarr_image(path: Path, data: np.ndarray, chunks: tuple[int, ...], dims: str) -> xr.DataArray:
-    """Write ``data`` to a real zarr store and open it as srdvol.ngff.read does (lazy, read-only)."""
+    """Write ``data`` to a real zarr store and open it as srdvol does (lazy, read-only)."""
     arr = zarr.create_array(str(path), shape=data.shape, chunks=chunks, dtype=data.dtype)
     arr[...] = data
     ro = zarr.open_array(str(path), mode="r")
