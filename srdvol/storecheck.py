@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from srdvol.errors import DataError, OutputPathError
+from srdvol.errors import DataError, OutputPathError, SrdvolError
 
 __all__ = [
     "MissingChunks",
@@ -344,14 +344,18 @@ def probe_writable(
 
 
 def _probe_url(target: str, named: str) -> None:
-    import fsspec
+    from srdvol.remote import filesystem, translated
 
-    fs, root = fsspec.core.url_to_fs(target)
+    fs, root = filesystem(target)
     probe = f"{root.rstrip('/')}.srdvol-probe-{uuid.uuid4().hex[:8]}"
     try:
-        fs.pipe_file(probe, b"")
-        fs.rm_file(probe)
+        # an unreachable endpoint, absent or refused credentials, a missing bucket: one sentence
+        with translated(named, writing=True, fs=fs):
+            fs.pipe_file(probe, b"")
+            fs.rm_file(probe)
     except OSError as exc:
+        if isinstance(exc, SrdvolError):
+            raise
         raise OutputPathError(
             named,
             f"the location cannot be written ({_reason(exc)})",
@@ -437,10 +441,14 @@ def storage_errors(subject: str | os.PathLike[str], *, resume: str) -> Iterator[
     OutputPathError
         For ENOSPC/EDQUOT (full disk or quota) and EROFS/EACCES/EPERM; other errors pass.
     """
+    from srdvol.remote import translated
+
     try:
-        yield
+        # a remote output whose endpoint went away, or whose credentials expired, mid-run
+        with translated(subject, writing=True, then=resume):
+            yield
     except OSError as exc:
-        if exc.errno not in _FULL | _DENIED:
+        if isinstance(exc, SrdvolError) or exc.errno not in _FULL | _DENIED:
             raise
         where = f" writing {exc.filename}" if exc.filename else ""
         if exc.errno in _FULL:
