@@ -462,6 +462,7 @@ def _cluster(cluster: Mapping[str, Any] | None, client: Any = None) -> Iterator[
     with open_cluster(**dict(cluster or {})) as opened:
         if not (cluster or {}).get("scheduler"):  # our own workers only
             opened.register_plugin(_QuietTaskErrors())
+            opened.register_plugin(_CloseStoreSessions())
         link = dashboard_link(opened)
         if link:
             _say(f"dashboard: {link}")
@@ -491,6 +492,23 @@ class _QuietTaskErrors(WorkerPlugin):
 
 def _drop_compute_failed(record: Any) -> bool:
     return not str(record.msg).startswith("Compute Failed")
+
+
+class _CloseStoreSessions(WorkerPlugin):
+    """Worker plugin: close the HTTP sessions of remote stores (``s3://``) as a worker shuts
+    down, which would otherwise print aiohttp's "Unclosed client session" on stderr."""
+
+    name = "srdvol-close-store-sessions"
+    idempotent = True
+
+    def setup(self, worker: Any) -> None:
+        """Nothing to set up."""
+
+    def teardown(self, worker: Any) -> None:
+        """Close the sessions (called by distributed while the worker closes)."""
+        from srdvol.remote import close_sessions
+
+        close_sessions()
 
 
 def _wants_cluster_training(cluster: Mapping[str, Any]) -> bool:

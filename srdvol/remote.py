@@ -31,6 +31,7 @@ from srdvol.errors import RemoteStoreError, SrdvolError, StoreNotFoundError
 
 __all__ = [
     "check_readable",
+    "close_sessions",
     "filesystem",
     "is_remote",
     "remote_error",
@@ -337,3 +338,36 @@ def _check_prefix(fs: Any, root: str, url: str) -> None:
             f"nothing is stored under this URL (the bucket {bucket!r} exists)",
             "check the path after the bucket name",
         )
+
+
+def close_sessions() -> int:
+    """Close the HTTP sessions of the s3fs filesystems that zarr opened in this process.
+
+    zarr opens its stores' filesystems in asynchronous mode, whose sessions s3fs leaves to their
+    user to close; a Dask worker that read or wrote ``s3://`` then printed aiohttp's "Unclosed
+    client session" on stderr as it exited. Called when srdvol's workers shut down.
+
+    Returns
+    -------
+    int
+        How many filesystems were closed.
+    """
+    import sys
+
+    s3fs = sys.modules.get("s3fs")
+    if s3fs is None:
+        return 0
+    from zarr.core.sync import sync
+
+    closed = 0
+    for fs in list(s3fs.S3FileSystem._cache.values()):
+        creator = getattr(fs, "_s3creator", None)
+        if not getattr(fs, "asynchronous", False) or creator is None:
+            continue
+        try:
+            sync(creator.__aexit__(None, None, None), timeout=5)
+        except Exception:  # a session of another event loop, or one closed already
+            continue
+        fs._s3 = fs._s3creator = None  # a later request connects again
+        closed += 1
+    return closed

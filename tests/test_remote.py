@@ -18,13 +18,18 @@ import hashlib
 import json
 import logging
 import os
+import re
+import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from srdvol.cli import main
@@ -72,6 +77,9 @@ def _forget_filesystems() -> None:
     it was made with; each case changes the environment, as a new command would."""
     import s3fs
 
+    from srdvol.remote import close_sessions
+
+    close_sessions()  # zarr's sessions, which would complain when collected
     s3fs.S3FileSystem.clear_instance_cache()
 
 
@@ -406,6 +414,80 @@ def test_faults_leave_one_line_on_the_stderr_of_a_real_process(remote, tmp_path)
         assert code == 2, err
         assert err.count("\n") == 1 and not out, err
         assert err.startswith(f"srdvol: error: {url}: ") and words in err, err
+
+
+BLOCK = re.compile(r"^denoising (\d+)/5 blocks")
+
+
+def test_predict_into_the_bucket_resumes_after_ctrl_c(remote, monkeypatch, capfd, tmp_path):
+    """``srdvol predict s3://.../long.zarr s3://.../resumed.zarr`` in a real process: Ctrl-C
+    once a block is written (SIGINT to the process group, as a terminal sends it), then the same
+    command again (here in-process, its workers still separate processes); the result matches
+    a prediction made in this process."""
+    from srdvol.predict import ModelPredictor, predict_array
+
+    out = f"s3://{BUCKET}/resumed.zarr"
+    argv = ["predict", f"s3://{BUCKET}/long.zarr", out, *MODEL, "--block", "16,32,32"]
+    argv += ["--workers", "1"]
+    monkeypatch.chdir(remote.root)
+    monkeypatch.setenv("SRDVOL_PROGRESS_INTERVAL", "0.2")
+    log = tmp_path / "first.log"
+    with log.open("w") as stderr:
+        first = subprocess.Popen(
+            _srdvol(*argv),
+            cwd=remote.root,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while not any(
+            (m := BLOCK.match(line)) and int(m.group(1)) >= 1
+            for line in log.read_text().splitlines()
+        ):
+            assert first.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        os.killpg(first.pid, signal.SIGINT)
+        assert first.wait(timeout=120) == 130, log.read_text()
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    text = log.read_text()
+    last = text.strip().splitlines()[-1]
+    found = re.match(
+        rf"srdvol: interrupted by SIGINT: (\d+) of 5 blocks written and recorded in "
+        rf"{re.escape(out)}/s0/\.srdvol-ledger\.json; to resume, run: (.*)$",
+        last,
+    )
+    assert found, text
+    kept = int(found.group(1))
+    assert 1 <= kept < 5
+    assert shlex.split(found.group(2)) == ["srdvol", *argv]
+    assert not any(noise in text for noise in NOISE), text
+    assert not remote.admin.exists(f"{BUCKET}/resumed.zarr.srdvol-lock")  # let go of the output
+
+    capfd.readouterr()
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capfd.readouterr()  # file descriptors: the workers' stderr too
+    assert code == 0, captured.err
+    assert f"wrote {out}: {5 - kept} block(s) computed, {kept} already done" in captured.err
+    assert not any(noise in captured.err for noise in NOISE), captured.err
+
+    import zarr
+
+    written = zarr.open_array(f"{out}/s0", mode="r")[...]
+    data = zarr.open_array(remote.root / "long.zarr" / "s0", mode="r")[...]
+    expected = predict_array(
+        data, ModelPredictor(remote.root / "m16.safetensors", device="cpu"), patch=(16, 16, 16)
+    )
+    np.testing.assert_allclose(written, expected, rtol=1e-5, atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------
