@@ -34,6 +34,7 @@ __all__ = [
     "close_sessions",
     "filesystem",
     "is_remote",
+    "protocol_of",
     "remote_error",
     "translated",
 ]
@@ -43,8 +44,8 @@ METADATA = ("zarr.json", ".zgroup", ".zarray")
 _S3 = ("s3", "s3a")
 #: What the first path component of a URL is called, per protocol.
 _BUCKET = {"s3": "bucket", "s3a": "bucket", "gs": "bucket", "gcs": "bucket", "az": "container"}
+#: Connection failures, by class name (botocore's, aiohttp's, fsspec's); see _STORAGE_MODULES.
 _UNREACHABLE = {
-    # botocore, aiohttp, fsspec, and the builtin ConnectionError family
     "EndpointConnectionError",
     "ConnectTimeoutError",
     "ConnectionClosedError",

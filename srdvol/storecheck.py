@@ -347,12 +347,24 @@ def _probe_url(target: str, named: str) -> None:
     from srdvol.remote import filesystem, translated
 
     fs, root = filesystem(target)
-    probe = f"{root.rstrip('/')}.srdvol-probe-{uuid.uuid4().hex[:8]}"
+    suffix = f".srdvol-probe-{uuid.uuid4().hex[:8]}"
+    probe = root.rstrip("/") + suffix
     try:
         # an unreachable endpoint, absent or refused credentials, a missing bucket: one sentence
         with translated(named, writing=True, fs=fs):
             fs.pipe_file(probe, b"")
-            fs.rm_file(probe)
+            try:
+                fs.rm_file(probe)
+            except PermissionError:
+                # may write but not delete: srdvol removes its lock file (and this probe)
+                raise OutputPathError(
+                    named,
+                    "the credentials may write objects there but not delete them, and srdvol "
+                    f"deletes its lock file when it ends (the probe {target.rstrip('/')}{suffix} "
+                    "it wrote is left behind)",
+                    "use credentials that may also delete there (s3:DeleteObject), and delete "
+                    "the probe object",
+                ) from None
     except OSError as exc:
         if isinstance(exc, SrdvolError):
             raise

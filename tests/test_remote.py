@@ -7,8 +7,9 @@ variables. Commands run in-process for the table of faults, and as real ``srdvol
 interrupt and a resume, and the stderr a user reads.
 
 Permission errors come from moto's IAM enforcement, switched on for those cases only: a user
-"nobody" without any policy (reading is denied) and a user "reader" whose policy allows only
-``s3:GetObject`` and ``s3:ListBucket`` on the bucket (writing is denied). The endpoint of the
+"nobody" without any policy (reading is denied), a user "reader" whose policy allows only
+``s3:GetObject`` and ``s3:ListBucket`` on the bucket (writing is denied), and a user "writer"
+who may also put objects but not delete them. The endpoint of the
 "unreachable" cases is a port on 127.0.0.1 that nothing listens on (connection refused).
 """
 
@@ -140,12 +141,15 @@ def remote(tmp_path_factory):
             }
         ],
     }
+    no_delete = json.loads(json.dumps(read_only))
+    no_delete["Statement"][0]["Action"].append("s3:PutObject")
+    policies = {"reader": read_only, "writer": no_delete, "nobody": None}
     users = {}
-    for name in ("reader", "nobody"):
+    for name, policy in policies.items():
         iam.create_user(UserName=name)
-        if name == "reader":
+        if policy is not None:
             iam.put_user_policy(
-                UserName=name, PolicyName="read-only", PolicyDocument=json.dumps(read_only)
+                UserName=name, PolicyName="limited", PolicyDocument=json.dumps(policy)
             )
         key = iam.create_access_key(UserName=name)["AccessKey"]
         users[name] = {
@@ -345,6 +349,30 @@ def test_remote_fault_is_one_sentence_and_writes_nothing(
     assert not any(noise in err + out for noise in NOISE), err
     assert bucket_state(remote) == bucket  # nothing written (not even a probe), bucket kept
     assert local_state(remote.root) == local
+
+
+def test_credentials_that_may_write_but_not_delete_are_refused_naming_the_probe(
+    remote, monkeypatch, capsys
+):
+    """srdvol deletes its lock file at the end of a run, so such credentials are refused before
+    any work; the probe object that found it out cannot be deleted either, and is named."""
+    monkeypatch.chdir(remote.root)
+    for option, setting in remote.users["writer"].items():
+        monkeypatch.setenv(option, setting)
+    before = bucket_state(remote)
+    with enforced_auth():
+        code, _, err = run_cli(capsys, "predict", IN, OUT, *MODEL)
+    message = err.strip()
+    assert code == 2 and message.count("\n") == 0, message
+    assert message.startswith(f"srdvol: error: {OUT}: the credentials may write objects there ")
+    assert "but not delete them" in message and "s3:DeleteObject" in message
+    left = set(bucket_state(remote)) - set(before)
+    assert len(left) == 1, left  # the probe, and nothing else
+    (probe,) = left
+    assert re.fullmatch(rf"{BUCKET}/out\.zarr\.srdvol-probe-[0-9a-f]{{8}}", probe)
+    assert f"(the probe s3://{probe} it wrote is left behind)" in message
+    remote.admin.rm_file(probe)
+    assert bucket_state(remote) == before
 
 
 def test_unknown_protocols_and_missing_backends_are_named(monkeypatch, capsys, tmp_path):
