@@ -25,6 +25,7 @@ __all__ = [
     "OutputExistsError",
     "OutputLockedError",
     "OutputPathError",
+    "RemoteStoreError",
     "SrdvolError",
     "StoreNotFoundError",
     "TrainingInterruptedError",
@@ -133,6 +134,11 @@ class ModelMismatchError(SrdvolError, ValueError):
 
 class ClusterError(SrdvolError, ConnectionError):
     """The Dask scheduler cannot be reached or the cluster cannot be started."""
+
+
+class RemoteStoreError(SrdvolError, OSError):
+    """A remote store (``s3://`` ...) cannot be reached, or the credentials are missing or may
+    not do what srdvol needs (a missing bucket is a :class:`StoreNotFoundError`)."""
 
 
 class GPUUnavailableError(SrdvolError, RuntimeError):

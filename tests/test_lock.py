@@ -134,3 +134,29 @@ def test_fsspec_urls_hold_a_lock_object():
         with hold(out):
             pass
     fs.rm_file(path.removeprefix("memory://"))
+
+
+def test_a_lock_that_cannot_be_removed_does_not_hide_the_runs_own_error(monkeypatch):
+    """The store went away mid-run: the run's error is what the user sees; after a run that
+    finished, a note names the lock left behind (the next run on this host takes it over)."""
+    import srdvol.ngff.lock as lock
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    folder = f"memory://locks-{uuid.uuid4().hex}"
+    monkeypatch.setattr(lock, "_release", unreachable)
+    notes: list[str] = []
+    with (
+        pytest.raises(OSError, match="the disk filled up"),
+        hold(f"{folder}/failed.zarr", note=notes.append),
+    ):
+        raise OSError("the disk filled up")
+    assert not notes
+    with hold(f"{folder}/done.zarr", note=notes.append) as path:
+        pass
+    assert notes == [
+        f"srdvol: note: {folder}/done.zarr: the lock file {path} could not be removed "
+        "(ConnectionRefusedError: [Errno 111] Connection refused); the next run takes it over"
+    ]
+    fsspec.filesystem("memory").rm(folder.removeprefix("memory://"), recursive=True)

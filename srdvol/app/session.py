@@ -20,11 +20,12 @@ def cluster_session(options: ClusterOptions, client: Any = None) -> Iterator[Any
         yield client
         return
     from srdvol.dask.cluster import dashboard_link, open_cluster
-    from srdvol.dask.workers import QuietTaskErrors
+    from srdvol.dask.workers import CloseStoreSessions, QuietTaskErrors
 
     with open_cluster(options) as opened:
         if not options.scheduler:  # our own workers only
             opened.register_plugin(QuietTaskErrors())
+            opened.register_plugin(CloseStoreSessions())
         link = dashboard_link(opened)
         if link:
             say(f"dashboard: {link}")

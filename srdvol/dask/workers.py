@@ -22,6 +22,7 @@ from distributed import Client, WorkerPlugin
 __all__ = [
     "CONFIRM_LOST",
     "THREAD_VARS",
+    "CloseStoreSessions",
     "ModelPlugin",
     "QuietTaskErrors",
     "SignalPlugin",
@@ -263,3 +264,20 @@ class QuietTaskErrors(WorkerPlugin):
 
 def _drop_compute_failed(record: Any) -> bool:
     return not str(record.msg).startswith("Compute Failed")
+
+
+class CloseStoreSessions(WorkerPlugin):
+    """Worker plugin: close the HTTP sessions of remote stores (``s3://``) as a worker shuts
+    down, which would otherwise print aiohttp's "Unclosed client session" on stderr."""
+
+    name = "srdvol-close-store-sessions"
+    idempotent = True
+
+    def setup(self, worker: Any) -> None:
+        """Nothing to set up."""
+
+    def teardown(self, worker: Any) -> None:
+        """Close the sessions (called by distributed while the worker closes)."""
+        from srdvol.ngff.remote import close_sessions
+
+        close_sessions()

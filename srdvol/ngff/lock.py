@@ -160,12 +160,24 @@ def hold(
     created = _acquire(path, out=os.fspath(out), token=token, note=note)
     with _HELD_LOCK:
         _HELD[path] = [token, 1]
+    ended = False
     try:
         yield path
+        ended = True
     finally:
         with _HELD_LOCK:
             del _HELD[path]
-        _release(path, token, created)
+        try:
+            _release(path, token, created)
+        except Exception as exc:
+            # A store that went away (or turned read-only) mid-run: the run's own error, already
+            # on its way, says so; a lock left behind by this host's finished process is taken
+            # over by the next run.
+            if ended and note is not None:
+                note(
+                    f"srdvol: note: {os.fspath(out)}: the lock file {path} could not be removed "
+                    f"({type(exc).__name__}: {exc}); the next run takes it over"
+                )
 
 
 def _acquire(path: str, *, out: str, token: str, note: Callable[[str], None] | None) -> list[str]:

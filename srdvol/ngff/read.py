@@ -224,10 +224,13 @@ def _open_unchecked(
 
 def _open_node(source: str) -> zarr.Array | zarr.Group:
     """Open a Zarr group or array read-only, turning every kind of failure into one error."""
+    from srdvol.ngff.remote import check_readable
+
     if "://" not in source and not os.path.exists(source):
         raise StoreNotFoundError(
             source, "no such file or directory", "check the path of the input image"
         )
+    check_readable(source)  # a remote store: endpoint, bucket and credentials, in one sentence
     try:
         return zarr.open(source, mode="r")
     except (FileNotFoundError, ValueError, KeyError, OSError) as err:
@@ -525,6 +528,12 @@ class NamedReads:
         except (SrdvolError, MemoryError):
             raise
         except Exception as exc:
+            from srdvol.ngff.remote import remote_error
+
+            # a lost connection or expired credentials: the store, not this chunk, is the problem
+            remote = remote_error(self.location, exc, then="run the same command again")
+            if remote is not None:
+                raise remote from None
             raise self._named(key, exc) from None
 
     def _chunk_shape(self) -> tuple[int, ...]:

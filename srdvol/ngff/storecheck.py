@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from srdvol.errors import DataError, OutputPathError
+from srdvol.errors import DataError, OutputPathError, SrdvolError, flag
 
 __all__ = [
     "MissingChunks",
@@ -247,7 +247,7 @@ def check_chunks(image: Any, *, allow_missing: bool = False) -> MissingChunks | 
             f"{found.describe()}, and zarr would read {'it' if found.count == 1 else 'them'} "
             f"as the fill value {found.fill_value} (an incomplete copy, or a shape in the "
             "metadata larger than the data written)",
-            "copy the image again from its source, or pass --allow-missing-chunks if the "
+            f"copy the image again from its source, or pass {flag('allow_missing_chunks')} if the "
             "writer left out chunks equal to the fill value on purpose",
         )
     return found
@@ -344,14 +344,30 @@ def probe_writable(
 
 
 def _probe_url(target: str, named: str) -> None:
-    import fsspec
+    from srdvol.ngff.remote import filesystem, translated
 
-    fs, root = fsspec.core.url_to_fs(target)
-    probe = f"{root.rstrip('/')}.srdvol-probe-{uuid.uuid4().hex[:8]}"
+    fs, root = filesystem(target)
+    suffix = f".srdvol-probe-{uuid.uuid4().hex[:8]}"
+    probe = root.rstrip("/") + suffix
     try:
-        fs.pipe_file(probe, b"")
-        fs.rm_file(probe)
+        # an unreachable endpoint, absent or refused credentials, a missing bucket: one sentence
+        with translated(named, writing=True, fs=fs):
+            fs.pipe_file(probe, b"")
+            try:
+                fs.rm_file(probe)
+            except PermissionError:
+                # may write but not delete: srdvol removes its lock file (and this probe)
+                raise OutputPathError(
+                    named,
+                    "the credentials may write objects there but not delete them, and srdvol "
+                    f"deletes its lock file when it ends (the probe {target.rstrip('/')}{suffix} "
+                    "it wrote is left behind)",
+                    "use credentials that may also delete there (s3:DeleteObject), and delete "
+                    "the probe object",
+                ) from None
     except OSError as exc:
+        if isinstance(exc, SrdvolError):
+            raise
         raise OutputPathError(
             named,
             f"the location cannot be written ({_reason(exc)})",
@@ -437,10 +453,14 @@ def storage_errors(subject: str | os.PathLike[str], *, resume: str) -> Iterator[
     OutputPathError
         For ENOSPC/EDQUOT (full disk or quota) and EROFS/EACCES/EPERM; other errors pass.
     """
+    from srdvol.ngff.remote import translated
+
     try:
-        yield
+        # a remote output whose endpoint went away, or whose credentials expired, mid-run
+        with translated(subject, writing=True, then=resume):
+            yield
     except OSError as exc:
-        if exc.errno not in _FULL | _DENIED:
+        if isinstance(exc, SrdvolError) or exc.errno not in _FULL | _DENIED:
             raise
         where = f" writing {exc.filename}" if exc.filename else ""
         if exc.errno in _FULL:

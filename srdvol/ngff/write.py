@@ -81,10 +81,10 @@ def _ome_writer() -> Any:
 
 def _location(path: str | os.PathLike[str]) -> tuple[str, str]:
     """(protocol, normalised path) of a local path or fsspec URL, for comparing locations."""
-    import fsspec
+    from srdvol.ngff.remote import filesystem
 
     text = os.fspath(path)
-    fs, root = fsspec.core.url_to_fs(text)
+    fs, root = filesystem(text)  # a missing fsspec backend is one sentence
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     if protocol in ("file", "local"):
         return "file", os.path.realpath(root)
