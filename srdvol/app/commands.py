@@ -637,6 +637,7 @@ def run_predict(
     from srdvol.ngff.lock import hold
     from srdvol.ngff.storecheck import storage_errors
     from srdvol.ngff.write import check_output, check_output_path, create_output, write_pyramid
+    from srdvol.options import OutputOptions
     from srdvol.predict.predictors import ModelPredictor, check_model
 
     read = dict(read or {})
@@ -671,10 +672,8 @@ def run_predict(
     }
     output = {
         "like": image,
-        "dtype": out_dtype,
-        "ngff": ngff,
+        "options": OutputOptions.create(dtype=dtype, ngff=ngff, overwrite=overwrite),
         "provenance": record_of_run,
-        "overwrite": overwrite,
         "keep": [model],
     }
     with hold(out, note=_say):
@@ -746,6 +745,7 @@ def run_denoise(
     """
     from srdvol.ngff.lock import hold
     from srdvol.ngff.write import check_output, check_output_path, make_run_id
+    from srdvol.options import OutputOptions
     from srdvol.training.loop import state_path
 
     read = dict(read or {})
@@ -781,10 +781,10 @@ def run_denoise(
             check_output(
                 out,
                 like=image,
-                dtype=out_dtype,
-                ngff=predict_options.get("ngff", "0.5"),
+                options=OutputOptions.create(
+                    dtype=dtype, ngff=predict_options.get("ngff", "0.5"), overwrite=overwrite
+                ),
                 provenance={"run_id": run_id},
-                overwrite=overwrite,
                 keep=[model, state_path(model)],
             )
             provenance["run_id"] = run_id

@@ -447,22 +447,21 @@ def _create_image(
     path: str,
     *,
     like: Any,
-    dtype: Any,
     chunks: dict[str, int] | None,
     provenance: dict[str, Any],
     overwrite: bool,
 ) -> Any:
-    """Create an OME-Zarr 0.5 image through :func:`srdvol.ngff.write.create_output`."""
+    """Create an OME-Zarr 0.5 image of ``like``'s dtype through
+    :func:`srdvol.ngff.write.create_output`."""
     from srdvol.ngff.write import create_output
+    from srdvol.options import OutputOptions
 
     return create_output(
         path,
         like=like,
-        dtype=dtype,
+        options=OutputOptions(dtype="input", ngff="0.5", overwrite=overwrite),
         chunks=chunks,
-        ngff="0.5",
         provenance=provenance,
-        overwrite=overwrite,
         name=str(like.name),  # "noisy" or "truth", also the viewer's channel label
     )
 
@@ -646,7 +645,6 @@ def simulate(
     noisy_arr = _create_image(
         os.fspath(out),
         like=_like(built, "noisy", **common),
-        dtype=np.uint16,
         chunks=chunks,
         overwrite=overwrite,
         provenance={"command": "simulate", "simulation": {**model, "role": "noisy"}},
@@ -654,7 +652,6 @@ def simulate(
     truth_arr = _create_image(
         os.fspath(truth),
         like=_like(built, "truth", **common),
-        dtype=np.float32,
         chunks=chunks,
         overwrite=overwrite,
         provenance={"command": "simulate", "simulation": {**model, "role": "truth"}},
