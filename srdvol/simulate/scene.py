@@ -469,41 +469,18 @@ def _create_image(
 def _write_labels(
     truth: str, labels: np.ndarray, dims: tuple[str, ...], px: float, dz: float
 ) -> None:
-    """Write the cell label image as an NGFF 0.5 image-label at ``TRUTH/labels/cells``."""
-    import zarr
+    """Write the cell label image as an NGFF image-label at ``TRUTH/labels/cells``."""
+    from srdvol.ngff.labels import write_labels
 
     spatial = tuple(d for d in dims if d != "t")
-    data = labels if "z" in spatial else labels[0]
-    root = zarr.open_group(truth, mode="r+")
-    group = root.require_group("labels")
-    group.attrs["ome"] = {"version": "0.5", "labels": ["cells"]}
-    cells = group.require_group("cells")
-    scale = [dz if d == "z" else px for d in spatial]
-    cells.attrs["ome"] = {
-        "version": "0.5",
-        "multiscales": [
-            {
-                "name": "cells",
-                "axes": [{"name": d, "type": "space", "unit": "micrometer"} for d in spatial],
-                "datasets": [
-                    {
-                        "path": "s0",
-                        "coordinateTransformations": [{"type": "scale", "scale": scale}],
-                    }
-                ],
-            }
-        ],
-        "image-label": {"version": "0.5", "source": {"image": "../../"}},
-    }
-    arr = cells.create_array(
-        "s0",
-        shape=data.shape,
-        dtype=np.int32,
-        chunks=data.shape,
-        dimension_names=list(spatial),
-        overwrite=True,
+    write_labels(
+        truth,
+        (labels if "z" in spatial else labels[0]).astype(np.int32),
+        name="cells",
+        axes=spatial,
+        scale=[dz if d == "z" else px for d in spatial],
+        units=dict.fromkeys(spatial, "micrometer"),
     )
-    arr[...] = data
 
 
 def _check_target(path: str, record: dict[str, Any], *, overwrite: bool) -> None:
