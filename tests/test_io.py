@@ -1,4 +1,4 @@
-"""Tests for srdvol.ngff.read: reading OME-Zarr written by ome-zarr itself, plain arrays, bad inputs."""
+"""Tests for srdvol.ngff.read: OME-Zarr written by ome-zarr itself, plain arrays, bad inputs."""
 
 from __future__ import annotations
 
