@@ -44,8 +44,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from srdvol.core.metrics import evaluate, read_masks
+from srdvol.core.metrics import evaluate
 from srdvol.model.config import NetworkConfig
+from srdvol.ngff.labels import read_masks
 from srdvol.ngff.read import open_image
 from srdvol.predict.predictors import ModelPredictor, predict_array
 from srdvol.simulate import simulate

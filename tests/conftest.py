@@ -187,3 +187,49 @@ def digest(path: str | os.PathLike[str]) -> str:
 def store_digest() -> Callable[[str | os.PathLike[str]], str]:
     """Return a function hashing every file under a store (to show an input is unchanged)."""
     return digest
+
+
+# ---- the NGFF layer's parametrised set: every NGFF version x every way of holding pixels
+
+
+@pytest.fixture(params=["0.4", "0.5"])
+def ngff(request: pytest.FixtureRequest) -> str:
+    """Each NGFF version srdvol reads and writes: 0.4 (Zarr v2) and 0.5 (Zarr v3)."""
+    return str(request.param)
+
+
+@pytest.fixture(params=["numpy", "dask"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """How an image's pixels are held: in memory (numpy) or lazily (dask)."""
+    return str(request.param)
+
+
+def held_as(image: Any, backend: str) -> Any:
+    """``image`` (a DataArray) with its pixels loaded into numpy, or kept as dask."""
+    import dask.array as da
+
+    if backend == "numpy":
+        loaded = image.copy(data=np.asarray(image.data))
+        assert isinstance(loaded.data, np.ndarray)
+        return loaded
+    assert isinstance(image.data, da.Array)
+    return image
+
+
+def validate_ngff(path: str | os.PathLike[str]) -> Any:
+    """Validate a store with ome-zarr-models (the version its Zarr format implies) and read
+    every level back with ome-zarr's Reader; return the ome-zarr-models ``Image``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from ome_zarr.io import parse_url
+        from ome_zarr.reader import Reader
+        from ome_zarr_models import v04, v05
+
+    group = zarr.open_group(os.fspath(path), mode="r")
+    models = v05 if group.metadata.zarr_format == 3 else v04
+    image = models.Image.from_zarr(group)
+    paths = [d.path for d in image.ome_attributes.multiscales[0].datasets]
+    nodes = list(Reader(parse_url(os.fspath(path), mode="r"))())
+    assert nodes, "ome-zarr's Reader found no image"
+    assert [tuple(level.shape) for level in nodes[0].data] == [group[p].shape for p in paths]
+    return image

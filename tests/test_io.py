@@ -1,4 +1,4 @@
-"""Tests for srdvol.ngff.read: reading OME-Zarr written by ome-zarr itself, plain arrays, bad inputs."""
+"""Tests for srdvol.ngff.read: OME-Zarr written by ome-zarr itself, plain arrays, bad inputs."""
 
 from __future__ import annotations
 
@@ -260,10 +260,10 @@ BAD = [
     (_few_frames, DataError, r"15 frames, fewer than the 16.*at least 16 frames"),
     (_complex, UnsupportedDtypeError, r"complex dtype complex64.*convert it"),
     (_bool, UnsupportedDtypeError, r"bool dtype bool.*convert it"),
-    (_plain_without_axes, InputError, r"plain Zarr array.*pass the axis order with --axes"),
-    (_group_without_multiscales, InputError, r"no OME-Zarr multiscales.*raw --axes tzyx"),
-    (_level_out_of_range, InputError, r"level 3 does not exist.*--level between 0 and 0"),
-    (_channel_out_of_range, InputError, r"channel 2 does not exist.*--channel between 0 and 1"),
+    (_plain_without_axes, InputError, r"plain Zarr array.*pass the axis order, for example axes="),
+    (_group_without_multiscales, InputError, r"no OME-Zarr multiscales.*raw with axes=tzyx"),
+    (_level_out_of_range, InputError, r"level 3 does not exist.*pass level between 0 and 0"),
+    (_channel_out_of_range, InputError, r"channel 2 does not exist.*pass channel between 0 and 1"),
     (_malformed_array_json, InputError, r"/zarr.json: the array metadata cannot be read \(JSON"),
     (_array_json_without_shape, InputError, r"/zarr.json: .* cannot be read \(KeyError: 'shape'"),
     (_malformed_v2_zarray, InputError, r"/.zarray: the array metadata cannot be read"),

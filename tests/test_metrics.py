@@ -11,7 +11,7 @@ import pytest
 import xarray as xr
 from scipy import ndimage
 
-from srdvol.core.metrics import evaluate, evaluate_stores, format_metrics, frame_ssim, read_masks
+from srdvol.core.metrics import evaluate, evaluate_stores, format_metrics, frame_ssim
 from srdvol.errors import InputError
 from srdvol.simulate import simulate
 
@@ -169,6 +169,8 @@ def test_evaluate_stores_reads_offset_and_labels_from_the_simulated_truth(tmp_pa
     info = simulate(tmp_path / "noisy", truth=tmp_path / "truth", frames=16, size=(40, 40))
     result = evaluate_stores(tmp_path / "noisy", truth=tmp_path / "truth", noisy=tmp_path / "noisy")
     assert result["offset"] == info.offset
+    from srdvol.ngff.labels import read_masks
+
     labels = read_masks(tmp_path / "truth")
     assert labels is not None and labels.shape == (40, 40)
     import zarr

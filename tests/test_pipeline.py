@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from conftest import validate_ngff
 
 from srdvol.app.checks import default_model_path
 from srdvol.options import RunOptions
@@ -127,28 +128,6 @@ def _number(text: str, pattern: str) -> float:
     return float(match.group(1))
 
 
-def _validate_ngff(path: str, ngff: str) -> None:
-    """Validate with ome-zarr-models and read every level back with ome-zarr's Reader."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from ome_zarr.io import parse_url
-        from ome_zarr.reader import Reader
-        from ome_zarr_models import v04, v05
-
-    group = zarr.open_group(path, mode="r")
-    model = (v05 if ngff == "0.5" else v04).Image.from_zarr(group)
-    paths = (
-        [d.path for d in model.attributes.multiscales[0].datasets]
-        if ngff == "0.4"
-        else [d.path for d in model.attributes.ome.multiscales[0].datasets]
-    )
-    assert paths == [f"s{k}" for k in range(len(paths))]
-    nodes = list(Reader(parse_url(path, mode="r"))())
-    assert [tuple(level.shape) for level in nodes[0].data] == [group[p].shape for p in paths]
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     from srdvol.model.config import NetworkConfig
@@ -216,7 +195,8 @@ def test_info_lists_exactly_the_levels_predict_writes(
 
     lazy = denoise(open_image(source), AffineModel(), patch=(16, 16, 16), chunks=group["s0"].chunks)
     assert len(lazy.data.__dask_graph__()) == int(_number(text, r"(\d+) dask tasks"))
-    _validate_ngff(out, ngff)
+    model = validate_ngff(out)
+    assert [d.path for d in model.ome_attributes.multiscales[0].datasets] == [n for n, *_ in listed]
     # The size estimate is an estimate: it must be the right order of magnitude.
     stored = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
     estimate = _number(text, r"about ([\d.]+) KiB on disk") * 1024

@@ -25,7 +25,7 @@ from srdvol.app.checks import (
 )
 from srdvol.app.say import say
 from srdvol.app.session import cluster_session, wants_cluster_training
-from srdvol.options import Autocast, OutputDtype, RunOptions, SimulateOptions
+from srdvol.options import Autocast, RunOptions, SimulateOptions
 
 __all__ = ["run_denoise", "run_evaluate", "run_predict", "run_simulate", "run_train"]
 
@@ -145,7 +145,7 @@ def _predict(
 ) -> Any:
     from srdvol.model.checkpoint import check_compatible, model_checksum, read_record
     from srdvol.ngff.lock import hold
-    from srdvol.ngff.write import check_output, check_output_path
+    from srdvol.ngff.write import check_output, check_output_path, output_dtype
     from srdvol.predict.predictors import check_model
 
     image = checked.image if checked else open_input(source, options.read)
@@ -153,7 +153,7 @@ def _predict(
     record = read_record(model)
     predict = options.predict
     check_compatible(record, patch=predict.patch, subject=os.fspath(model))
-    out_dtype = _output_dtype(options, image)
+    out_dtype = str(output_dtype(options.output.dtype, image))
     if checked is None:
         check_output_location(out, image=image, dtype=out_dtype)
     if checked is None or not checked.data_sampled:
@@ -169,10 +169,8 @@ def _predict(
     }
     output = {
         "like": image,
-        "dtype": out_dtype,
-        "ngff": options.output.ngff.value,
+        "options": options.output,
         "provenance": run_record,
-        "overwrite": options.output.overwrite,
         "keep": [model],
     }
     with hold(out, note=say):
@@ -228,11 +226,6 @@ def _write(
     return report
 
 
-def _output_dtype(options: RunOptions, image: Any) -> str:
-    dtype = options.output.dtype
-    return str(image.dtype) if dtype == OutputDtype.input else dtype.value
-
-
 def _autocast(value: Autocast) -> str | bool:
     return {Autocast.on: True, Autocast.off: False}.get(value, "auto")
 
@@ -272,7 +265,7 @@ def run_denoise(
     input and the model, the output location, the GPUs, the output lock and an existing output.
     """
     from srdvol.ngff.lock import hold
-    from srdvol.ngff.write import check_output, check_output_path, make_run_id
+    from srdvol.ngff.write import check_output, check_output_path, make_run_id, output_dtype
     from srdvol.training.state import state_path
 
     image = open_input(source, options.read)
@@ -283,7 +276,7 @@ def run_denoise(
     if not model_given:
         check_model_path(model, source)
     check_cluster_options(options.cluster)
-    out_dtype = _output_dtype(options, image)
+    out_dtype = str(output_dtype(options.output.dtype, image))
     check_output_location(out, image=image, dtype=out_dtype)
     provenance: dict[str, Any] = {"command": "denoise", "training": _training_record(options)}
     with hold(out, note=say):
@@ -299,10 +292,8 @@ def run_denoise(
             check_output(
                 out,
                 like=image,
-                dtype=out_dtype,
-                ngff=options.output.ngff.value,
+                options=options.output,
                 provenance={"run_id": run_id},
-                overwrite=options.output.overwrite,
                 keep=keep,
             )
             provenance["run_id"] = run_id

@@ -9,7 +9,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from srdvol.core.cast import cast_to
-from srdvol.errors import ConfigError, as_flags, flag
+from srdvol.errors import as_flags, flag
+from srdvol.ngff.formats import format_for
+from srdvol.ngff.write import output_dtype
 from srdvol.options import RunOptions
 
 __all__ = ["info_text"]
@@ -27,7 +29,7 @@ def info_text(source: str | os.PathLike[str], options: RunOptions | None = None)
     """
     options = options or RunOptions()
     read, predict = options.read, options.predict
-    dtype, ngff = options.output.dtype.value, options.output.ngff.value
+    ngff = options.output.ngff.value
     if os.fspath(source).endswith(".safetensors"):
         return _model_text(source)
     from srdvol.ngff.read import describe_image
@@ -62,34 +64,13 @@ def info_text(source: str | os.PathLike[str], options: RunOptions | None = None)
 
     # describe_image has listed the chunks already (and reported missing ones above).
     image = open_image(source, **read.open_options())
-    out_dtype = _check_output_options(image, dtype=dtype, ngff=ngff)
+    out_dtype = output_dtype(options.output.dtype, image)
     patch = predict.patch or options.train.patch_or_default()
     lines += _denoise_lines(
         image, patch=patch, block=predict.block, overlap=predict.overlap, dtype=out_dtype
     )
     lines += _output_lines(image, dtype=out_dtype, ngff=ngff)
     return as_flags("\n".join(lines))
-
-
-def _check_output_options(image: Any, *, dtype: str, ngff: str) -> Any:
-    """Refuse what create_output would refuse; return the output dtype ``--dtype`` asks for."""
-    import numpy as np
-
-    from srdvol.ngff.write import NGFF_VERSIONS
-
-    if ngff not in NGFF_VERSIONS:
-        raise ConfigError(flag("ngff"), f"NGFF version {ngff!r} is not supported", "use 0.5 or 0.4")
-    try:
-        out = np.dtype(image.dtype if dtype == "input" else dtype)
-    except TypeError:
-        out = np.dtype("c8")  # refused just below, with the same message
-    if out.kind not in "iuf":
-        raise ConfigError(
-            flag("dtype"),
-            f"output dtype {dtype!r} is not an integer or real float",
-            "use float32 or input",
-        )
-    return out
 
 
 def _denoise_lines(
@@ -228,16 +209,16 @@ def _output_lines(image: Any, *, dtype: Any, ngff: str) -> list[str]:
     dims = tuple(str(d) for d in image.dims)
     shape = tuple(int(n) for n in image.shape)
     chunks = tuple(output_chunks(dict(zip(dims, shape, strict=True)), dtype=dtype).values())
-    zarr_format = 3 if ngff == "0.5" else 2
-    codec = _codec_text(zarr_format, dims)
+    fmt = format_for(ngff)
+    codec = _codec_text(fmt.compressor())
     # write_pyramid gives every level the chunks of s0, cut to the level's shape.
     levels = [(shape, chunks)] + [
         (level, tuple(min(c, n) for c, n in zip(chunks, level, strict=True)))
         for level in pyramid_shapes(shape, dims)
     ]
     raw = sum(math.prod(level) for level, _ in levels) * dtype.itemsize
-    fraction = _stored_fraction(image, dtype=dtype, chunks=chunks, zarr_format=zarr_format)
-    lines = [f"  write      {dtype} OME-Zarr, NGFF {ngff} (Zarr v{zarr_format}), {codec}"]
+    fraction = _stored_fraction(image, dtype=dtype, chunks=chunks, fmt=fmt)
+    lines = [f"  write      {dtype} OME-Zarr, NGFF {ngff} (Zarr v{fmt.zarr_format}), {codec}"]
     for k, (level, level_chunks) in enumerate(levels):
         label = "levels" if k == 0 else ""
         lines.append(f"  {label:<10} s{k} {level} in chunks {level_chunks}")
@@ -250,18 +231,15 @@ def _output_lines(image: Any, *, dtype: Any, ngff: str) -> list[str]:
     return lines
 
 
-def _codec_text(zarr_format: int, dims: tuple[str, ...]) -> str:
-    """The output's compressor in words, from the settings srdvol.ngff.write writes with."""
-    from srdvol.ngff.write import _array_kwargs
-
-    codec = _array_kwargs(zarr_format, dims)["compressors"]
+def _codec_text(codec: Any) -> str:
+    """The output's compressor (its format object's) in words."""
     cname = getattr(codec.cname, "value", codec.cname)
     shuffle = getattr(codec.shuffle, "value", codec.shuffle)
     shuffle = {0: "noshuffle", 1: "shuffle", 2: "bitshuffle"}.get(shuffle, shuffle)
     return f"blosc-{cname} level {codec.clevel}, {shuffle}"
 
 
-def _stored_fraction(image: Any, *, dtype: Any, chunks: tuple[int, ...], zarr_format: int) -> float:
+def _stored_fraction(image: Any, *, dtype: Any, chunks: tuple[int, ...], fmt: Any) -> float:
     """Stored bytes per raw byte for one output chunk of stand-in data.
 
     Denoised data is smooth, so a Gaussian-smoothed chunk from the middle of the recording,
@@ -273,8 +251,6 @@ def _stored_fraction(image: Any, *, dtype: Any, chunks: tuple[int, ...], zarr_fo
     import numpy as np
     import zarr
     from scipy import ndimage
-
-    from srdvol.ngff.write import _array_kwargs
 
     dims = tuple(str(d) for d in image.dims)
     middle = tuple(
@@ -291,8 +267,8 @@ def _stored_fraction(image: Any, *, dtype: Any, chunks: tuple[int, ...], zarr_fo
             chunks=smooth.shape,
             dtype=dtype,
             fill_value=0,
-            zarr_format=zarr_format,
-            **_array_kwargs(zarr_format, dims),
+            zarr_format=fmt.zarr_format,
+            **fmt.array_kwargs(dims),
         )
         array[...] = smooth
         stored = array.nbytes_stored() - _metadata_bytes(Path(folder) / "sample.zarr")

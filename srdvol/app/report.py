@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from srdvol.core.metrics import as_movie, cell_traces, evaluate, read_masks, simulation_record
+from srdvol.core.metrics import as_movie, cell_traces, evaluate
 from srdvol.errors import ConfigError
+from srdvol.ngff.labels import read_masks
+from srdvol.ngff.provenance import simulation_record
 
 __all__ = ["DPI", "FIGURE_SIZE", "write_report"]
 

@@ -47,8 +47,6 @@ __all__ = [
     "evaluate_stores",
     "format_metrics",
     "frame_ssim",
-    "read_masks",
-    "simulation_record",
 ]
 
 #: Gaussian window of SSIM (sigma 1.5 px, truncated at 3.5 sigma: an 11 x 11 window).
@@ -299,56 +297,6 @@ def evaluate(
     return result
 
 
-def _find_key(tree: Any, key: str) -> Any:
-    """First value stored under ``key`` anywhere in nested dicts (provenance layouts vary)."""
-    if isinstance(tree, dict):
-        if key in tree:
-            return tree[key]
-        for value in tree.values():
-            found = _find_key(value, key)
-            if found is not None:
-                return found
-    return None
-
-
-def read_masks(path: str | os.PathLike[str]) -> np.ndarray | None:
-    """The first label image under ``PATH/labels`` (NGFF image-label), or ``None``.
-
-    Parameters
-    ----------
-    path
-        An OME-Zarr image group, such as the truth written by :func:`srdvol.simulate.scene.simulate`.
-    """
-    import zarr
-
-    try:
-        group = zarr.open_group(os.fspath(path), mode="r")
-        labels = group["labels"]
-    except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError):
-        return None
-    attrs = dict(labels.attrs)
-    names = (attrs.get("ome") or attrs).get("labels") or []
-    if not names:
-        return None
-    image = labels[names[0]]
-    meta = dict(image.attrs)
-    meta = meta.get("ome", meta)
-    dataset = meta["multiscales"][0]["datasets"][0]["path"]
-    return np.asarray(image[dataset][...])
-
-
-def simulation_record(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The ``simulation`` record :func:`srdvol.simulate.scene.simulate` stored with a store, if any."""
-    import zarr
-
-    try:
-        group = zarr.open_group(os.fspath(path), mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        return None
-    found = _find_key(dict(group.attrs), "simulation")
-    return found if isinstance(found, dict) else None
-
-
 def evaluate_stores(
     path: str | os.PathLike[str],
     *,
@@ -380,6 +328,8 @@ def evaluate_stores(
     StoreNotFoundError
         If a path is not an image store.
     """
+    from srdvol.ngff.labels import read_masks
+    from srdvol.ngff.provenance import simulation_record
     from srdvol.ngff.read import open_image
 
     truth_img = open_image(truth)

@@ -6,7 +6,7 @@ disk) is decoded from whatever memory follows it: an error on one run, silently 
 another. (Seen in CI: the statistics sample decoded a half-length chunk that a later read of the
 same file failed on.) :func:`install` makes zarr decode Blosc chunks of Zarr v3 arrays and v2
 arrays with subclasses that first compare the header with the buffer; a short chunk then fails
-every time, and :class:`srdvol.ngff.read.NamedReads` names it. Encoding is unchanged.
+every time, and :class:`srdvol.ngff.reads.NamedReads` names it. Encoding is unchanged.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ _QUALNAME = f"{CheckedBloscCodec.__module__}.{CheckedBloscCodec.__qualname__}"
 def install() -> None:
     """Make zarr use the checked codecs for arrays opened from now on (idempotent).
 
-    Runs when :mod:`srdvol.ngff.read` is imported, in the client and in every worker process
+    Runs when :mod:`srdvol.ngff.reads` is imported, in the client and in every worker process
     that reads through it.
     """
     zarr.registry.register_codec("blosc", CheckedBloscCodec)

@@ -9,7 +9,6 @@ and translation as attributes.
 
 from __future__ import annotations
 
-import itertools
 import os
 from typing import Any
 
@@ -19,24 +18,14 @@ import xarray as xr
 import zarr
 from dask.base import tokenize
 
-from srdvol.axes import parse_axes, validate_axes
-from srdvol.errors import (
-    DataError,
-    InputError,
-    SrdvolError,
-    StoreNotFoundError,
-    UnsupportedDtypeError,
-)
-from srdvol.ngff import blosc
+from srdvol.errors import DataError, InputError, StoreNotFoundError, UnsupportedDtypeError, flag
+from srdvol.ngff.metadata import LevelMetadata, axes_for, read_image_metadata
+from srdvol.ngff.reads import NamedReads
 
 __all__ = ["MIN_FRAMES", "NamedReads", "check_image", "describe_image", "open_image"]
 
-blosc.install()  # a truncated chunk fails every read instead of decoding stray memory
-
 #: The smallest patch_t the network accepts; a shorter movie cannot be denoised.
 MIN_FRAMES = 16
-
-_SPACE_NAMES = {"z", "y", "x"}
 
 
 def open_image(
@@ -118,8 +107,8 @@ def check_image(image: xr.DataArray) -> None:
             subject,
             f"the time axis has {frames} frames, fewer than the {MIN_FRAMES} the smallest patch "
             "needs",
-            f"denoise a recording with at least {MIN_FRAMES} frames (check --axes if t is not "
-            "the time axis)",
+            f"denoise a recording with at least {MIN_FRAMES} frames (check {flag('axes')} if "
+            "t is not the time axis)",
         )
 
 
@@ -198,26 +187,25 @@ def _open_unchecked(
             raise InputError(
                 source,
                 "this is a plain Zarr array without OME-Zarr axis metadata",
-                "pass the axis order with --axes (for example --axes tzyx)",
+                f"pass the axis order, for example {flag('axes')}=tzyx",
             )
         if level != 0:
             raise InputError(
                 source,
                 f"level {level} was requested but a plain Zarr array has only level 0",
-                "drop --level or point at an OME-Zarr image with a pyramid",
+                f"drop {flag('level')} or point at an OME-Zarr image with a pyramid",
             )
-        names = _axes_for(axes, node.ndim, source)
-        meta = _Meta(names, {}, {n: 1.0 for n in names}, {n: 0.0 for n in names}, None, 1, "")
+        meta = LevelMetadata.plain(axes_for(axes, node.ndim, source))
         array = node
     else:
-        meta = _read_multiscales(node, source, level=level, axes=axes)
+        meta = read_image_metadata(node, source, level=level, axes=axes)
         array = _level_array(node, meta.array_path, source)
         if array.ndim != len(meta.axes):
             raise InputError(
                 source,
                 f"level {level} has {array.ndim} dimensions but the metadata names "
                 f"{len(meta.axes)} axes",
-                "repair the multiscales metadata or pass matching --axes",
+                f"repair the multiscales metadata or pass matching {flag('axes')}",
             )
     return _to_dataarray(array, meta, source=source, level=level, channel=channel)
 
@@ -251,154 +239,6 @@ def _open_node(source: str) -> zarr.Array | zarr.Group:
         ) from err
 
 
-class _Meta:
-    """What the multiscales metadata says about one level."""
-
-    def __init__(
-        self,
-        axes: tuple[str, ...],
-        units: dict[str, str | None],
-        scale: dict[str, float],
-        translation: dict[str, float],
-        version: str | None,
-        levels: int,
-        array_path: str,
-    ) -> None:
-        self.axes = axes
-        self.units = {n: units.get(n) for n in axes}
-        self.scale = scale
-        self.translation = translation
-        self.version = version
-        self.levels = levels
-        self.array_path = array_path
-
-
-def _read_multiscales(group: zarr.Group, source: str, *, level: int, axes: str | None) -> _Meta:
-    """Parse NGFF 0.4 (``multiscales`` at the top) or 0.5 (under ``ome``) image metadata."""
-    attrs = dict(group.attrs)
-    ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else None
-    container = ome if ome is not None else attrs
-    multiscales = container.get("multiscales")
-    if not multiscales:
-        arrays = sorted(group.array_keys())
-        hint = f" (it holds the arrays {', '.join(arrays)})" if arrays else ""
-        raise InputError(
-            source,
-            f"this Zarr group has no OME-Zarr multiscales metadata{hint}",
-            "point at the array inside it and pass the axis order, for example "
-            f"{source.rstrip('/')}/{arrays[0] if arrays else '0'} --axes tzyx",
-        )
-    ms = multiscales[0]
-    if ome is not None:
-        version = str(ome.get("version", ms.get("version", "0.5")))
-    else:
-        version = str(ms.get("version", "0.4"))
-    datasets = ms.get("datasets") or []
-    if not datasets:
-        raise InputError(
-            source,
-            "the multiscales metadata lists no datasets, so the image has no array to read",
-            "repair the image's metadata (each level needs a datasets entry with its path), or "
-            "point at the array itself and pass --axes",
-        )
-    if not 0 <= level < len(datasets):
-        raise InputError(
-            source,
-            f"level {level} does not exist (the image has levels 0 to {len(datasets) - 1})",
-            f"pass --level between 0 and {len(datasets) - 1}",
-        )
-    raw_axes = ms.get("axes")
-    if axes is not None:
-        names = _axes_for(axes, len(raw_axes) if raw_axes else None, source)
-    elif raw_axes:
-        names = _names_from_metadata(raw_axes, source)
-    else:
-        raise InputError(
-            source,
-            "the multiscales metadata names no axes (NGFF before 0.3)",
-            "pass the axis order with --axes (for example --axes tzyx)",
-        )
-    units = {}
-    for name, entry in zip(names, raw_axes or [], strict=False):
-        unit = entry.get("unit") if isinstance(entry, dict) else None
-        units[name] = str(unit) if unit else None
-    ndim = len(names)
-    scale, translation = _transforms(datasets[level].get("coordinateTransformations"), ndim, source)
-    top_scale, top_shift = _transforms(ms.get("coordinateTransformations"), ndim, source)
-    # The multiscale-wide transform applies after the level's: x -> top(level(x)).
-    scale = [s * ts for s, ts in zip(scale, top_scale, strict=True)]
-    translation = [t * ts + tt for t, ts, tt in zip(translation, top_scale, top_shift, strict=True)]
-    return _Meta(
-        names,
-        units,
-        dict(zip(names, scale, strict=True)),
-        dict(zip(names, translation, strict=True)),
-        version,
-        len(datasets),
-        str(datasets[level]["path"]),
-    )
-
-
-def _names_from_metadata(raw_axes: list[Any], source: str) -> tuple[str, ...]:
-    """Map NGFF axes (name + type) to canonical names: type time -> t, channel -> c."""
-    names: list[str] = []
-    for entry in raw_axes:
-        name = str(entry["name"] if isinstance(entry, dict) else entry).lower()
-        kind = entry.get("type") if isinstance(entry, dict) else None
-        if kind == "time" or name in {"t", "time"}:
-            names.append("t")
-        elif kind == "channel" or name in {"c", "ch", "channel"}:
-            names.append("c")
-        elif name in _SPACE_NAMES:
-            names.append(name)
-        else:
-            names.append(name)  # validate_axes names it in the error
-    try:
-        return validate_axes(names, subject=source)
-    except InputError as err:
-        raise InputError(
-            source, err.problem, f"{err.fix}; --axes also overrides the metadata's axis names"
-        ) from err
-
-
-def _axes_for(spec: str, ndim: int | None, source: str) -> tuple[str, ...]:
-    names = parse_axes(spec, subject=source)
-    if ndim is not None and len(names) != ndim:
-        raise InputError(
-            source,
-            f"--axes {''.join(names)} names {len(names)} axes but the array has {ndim}",
-            f"give exactly {ndim} axis letters",
-        )
-    return names
-
-
-def _transforms(
-    items: list[dict[str, Any]] | None, ndim: int, source: str
-) -> tuple[list[float], list[float]]:
-    """Compose NGFF scale/translation transforms into one per-axis scale and translation."""
-    scale = [1.0] * ndim
-    translation = [0.0] * ndim
-    for item in items or []:
-        kind = item.get("type")
-        if kind == "identity":
-            continue
-        if "path" in item:
-            raise InputError(
-                source,
-                f"a {kind} transform stored in a separate file ({item['path']}) is not supported",
-                "write the transform inline in the multiscales metadata",
-            )
-        values = [float(v) for v in item.get(kind, [])]
-        if len(values) != ndim:
-            continue  # malformed transform: keep pixel units rather than fail on metadata
-        if kind == "scale":
-            scale = [s * v for s, v in zip(scale, values, strict=True)]
-            translation = [t * v for t, v in zip(translation, values, strict=True)]
-        elif kind == "translation":
-            translation = [t + v for t, v in zip(translation, values, strict=True)]
-    return scale, translation
-
-
 def _metadata_file(source: str, node_path: str) -> str | None:
     """The Zarr metadata file of a node (``zarr.json`` or ``.zarray``/``.zgroup``), if any."""
     import fsspec
@@ -425,7 +265,7 @@ def _level_array(group: zarr.Group, array_path: str, source: str) -> zarr.Array:
                 source,
                 f"the multiscales metadata lists the dataset {array_path!r} but the store has "
                 "no such array",
-                "repair the image or pick another --level",
+                f"repair the image or pick another {flag('level')}",
             ) from err
         raise InputError(
             metadata,
@@ -438,7 +278,7 @@ def _level_array(group: zarr.Group, array_path: str, source: str) -> zarr.Array:
 
 
 def _to_dataarray(
-    array: zarr.Array, meta: _Meta, *, source: str, level: int, channel: int | None
+    array: zarr.Array, meta: LevelMetadata, *, source: str, level: int, channel: int | None
 ) -> xr.DataArray:
     names = meta.axes
     storage = array.shards if getattr(array, "shards", None) else array.chunks
@@ -455,14 +295,14 @@ def _to_dataarray(
         if "c" not in names:
             raise InputError(
                 source,
-                f"--channel {channel} was given but the image has no channel axis",
-                "drop --channel",
+                f"{flag('channel')} {channel} was given but the image has no channel axis",
+                f"drop {flag('channel')}",
             )
         if not 0 <= channel < sizes["c"]:
             raise InputError(
                 source,
                 f"channel {channel} does not exist (the image has channels 0 to {sizes['c'] - 1})",
-                f"pass --channel between 0 and {sizes['c'] - 1}",
+                f"pass {flag('channel')} between 0 and {sizes['c'] - 1}",
             )
         index = names.index("c")
         cut = [slice(None)] * len(names)
@@ -478,7 +318,7 @@ def _to_dataarray(
                 meta.scale[axis] * np.arange(n, dtype=np.float64) + meta.translation[axis]
             )
     attrs = {
-        "axes_units": dict(meta.units) if meta.units else {n: None for n in names},
+        "axes_units": dict(meta.units),
         "scale": dict(meta.scale),
         "translation": dict(meta.translation),
         "source": source,
@@ -490,109 +330,6 @@ def _to_dataarray(
         "array_path": meta.array_path,
     }
     return xr.DataArray(data, dims=names, coords=coords, attrs=attrs, name="image")
-
-
-class NamedReads:
-    """The level array as dask reads it: a failed chunk read names the chunk.
-
-    zarr reports a damaged chunk without saying which one (``error during blosc
-    decompression: -1``, ``cannot reshape array of size ...``); this wrapper turns such an error
-    into a :class:`~srdvol.errors.DataError` whose subject is the chunk's store path and whose
-    problem gives its region in array coordinates. It is picklable (Dask workers read through
-    it, and the error travels back to the client).
-
-    Parameters
-    ----------
-    array
-        The Zarr array, opened read-only.
-    location
-        Its path or URL (store path plus the array's path inside it).
-    dims
-        Axis names, for the region.
-    """
-
-    def __init__(self, array: zarr.Array, *, location: str, dims: tuple[str, ...]) -> None:
-        self.array = array
-        self.location = location
-        self.dims = tuple(dims)
-        self.shape = tuple(array.shape)
-        self.dtype = np.dtype(array.dtype)
-        self.ndim = len(self.shape)
-
-    def __dask_tokenize__(self) -> tuple[Any, ...]:
-        return ("srdvol-read", self.location, self.shape, str(self.dtype), self._chunk_shape())
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        try:
-            return np.asarray(self.array[key])
-        except (SrdvolError, MemoryError):
-            raise
-        except Exception as exc:
-            from srdvol.ngff.remote import remote_error
-
-            # a lost connection or expired credentials: the store, not this chunk, is the problem
-            remote = remote_error(self.location, exc, then="run the same command again")
-            if remote is not None:
-                raise remote from None
-            raise self._named(key, exc) from None
-
-    def _chunk_shape(self) -> tuple[int, ...]:
-        return tuple(int(c) for c in (getattr(self.array, "shards", None) or self.array.chunks))
-
-    def _named(self, key: Any, exc: Exception) -> DataError:
-        """Find the chunk(s) of ``key`` that fail and describe the first one."""
-        chunk = self._chunk_shape()
-        spans = []
-        for part, size, c in zip(_as_slices(key, self.ndim), self.shape, chunk, strict=True):
-            start, stop, _ = part.indices(size)
-            spans.append(range(start // c, max(start // c + 1, -(-stop // c))))
-        failing, error = None, exc
-        for index in itertools.product(*spans):
-            region = tuple(
-                slice(i * c, min((i + 1) * c, n))
-                for i, c, n in zip(index, chunk, self.shape, strict=True)
-            )
-            try:
-                self.array[region]
-            except Exception as inner:  # the one that fails
-                failing, error = index, inner
-                break
-        detail = f"{type(error).__name__}: {error}"
-        if failing is None:
-            where = ", ".join(
-                f"{d}={p.indices(n)[0]}:{p.indices(n)[1]}"
-                for d, p, n in zip(self.dims, _as_slices(key, self.ndim), self.shape, strict=True)
-            )
-            return DataError(
-                self.location,
-                f"the region {where} cannot be read ({detail})",
-                "check the store and its metadata, or restore the image from a good copy",
-            )
-        where = ", ".join(
-            f"{d}={i * c}:{min((i + 1) * c, n)}"
-            for d, i, c, n in zip(self.dims, failing, chunk, self.shape, strict=True)
-        )
-        subject = f"{self.location.rstrip('/')}/{self.array.metadata.encode_chunk_key(failing)}"
-        if isinstance(error, ValueError) and "reshape" in str(error):
-            problem = (
-                f"the chunk at {where} does not fit the chunk shape {chunk} that the array "
-                f"metadata gives ({detail})"
-            )
-            fix = "correct chunk_shape (and shape) in the array's metadata, or restore the image"
-        else:
-            problem = f"the chunk at {where} cannot be read or decoded ({detail})"
-            fix = (
-                "restore this chunk from a good copy of the image (a truncated or damaged "
-                "file), then run the same command again"
-            )
-        return DataError(subject, problem, fix)
-
-
-def _as_slices(key: Any, ndim: int) -> tuple[slice, ...]:
-    """Dask reads with a tuple of slices; normalise to one slice per axis."""
-    parts = key if isinstance(key, tuple) else (key,)
-    out = [p if isinstance(p, slice) else slice(int(p), int(p) + 1) for p in parts]
-    return (*out, *[slice(None)] * (ndim - len(out)))
 
 
 def _bytes_on_disk(source: str, array_path: str) -> int | None:

@@ -117,22 +117,21 @@ def _create_image(
     path: str,
     *,
     like: Any,
-    dtype: Any,
     chunks: dict[str, int] | None,
     provenance: dict[str, Any],
     overwrite: bool,
 ) -> Any:
-    """Create an OME-Zarr 0.5 image through :func:`srdvol.ngff.write.create_output`."""
+    """Create an OME-Zarr 0.5 image of ``like``'s dtype through
+    :func:`srdvol.ngff.write.create_output`."""
     from srdvol.ngff.write import create_output
+    from srdvol.options import OutputOptions
 
     return create_output(
         path,
         like=like,
-        dtype=dtype,
+        options=OutputOptions(dtype="input", ngff="0.5", overwrite=overwrite),
         chunks=chunks,
-        ngff="0.5",
         provenance=provenance,
-        overwrite=overwrite,
         name=str(like.name),  # "noisy" or "truth", also the viewer's channel label
     )
 
@@ -140,41 +139,18 @@ def _create_image(
 def _write_labels(
     truth: str, labels: np.ndarray, dims: tuple[str, ...], px: float, dz: float
 ) -> None:
-    """Write the cell label image as an NGFF 0.5 image-label at ``TRUTH/labels/cells``."""
-    import zarr
+    """Write the cell label image as an NGFF image-label at ``TRUTH/labels/cells``."""
+    from srdvol.ngff.labels import write_labels
 
     spatial = tuple(d for d in dims if d != "t")
-    data = labels if "z" in spatial else labels[0]
-    root = zarr.open_group(truth, mode="r+")
-    group = root.require_group("labels")
-    group.attrs["ome"] = {"version": "0.5", "labels": ["cells"]}
-    cells = group.require_group("cells")
-    scale = [dz if d == "z" else px for d in spatial]
-    cells.attrs["ome"] = {
-        "version": "0.5",
-        "multiscales": [
-            {
-                "name": "cells",
-                "axes": [{"name": d, "type": "space", "unit": "micrometer"} for d in spatial],
-                "datasets": [
-                    {
-                        "path": "s0",
-                        "coordinateTransformations": [{"type": "scale", "scale": scale}],
-                    }
-                ],
-            }
-        ],
-        "image-label": {"version": "0.5", "source": {"image": "../../"}},
-    }
-    arr = cells.create_array(
-        "s0",
-        shape=data.shape,
-        dtype=np.int32,
-        chunks=data.shape,
-        dimension_names=list(spatial),
-        overwrite=True,
+    write_labels(
+        truth,
+        (labels if "z" in spatial else labels[0]).astype(np.int32),
+        name="cells",
+        axes=spatial,
+        scale=[dz if d == "z" else px for d in spatial],
+        units=dict.fromkeys(spatial, "micrometer"),
     )
-    arr[...] = data
 
 
 def _check_target(path: str, record: dict[str, Any], *, overwrite: bool) -> None:
@@ -295,7 +271,6 @@ def simulate(
     noisy_arr = _create_image(
         os.fspath(out),
         like=_like(built, "noisy", **common),
-        dtype=np.uint16,
         chunks=chunks,
         overwrite=overwrite,
         provenance={"command": "simulate", "simulation": {**model, "role": "noisy"}},
@@ -303,7 +278,6 @@ def simulate(
     truth_arr = _create_image(
         os.fspath(truth),
         like=_like(built, "truth", **common),
-        dtype=np.float32,
         chunks=chunks,
         overwrite=overwrite,
         provenance={"command": "simulate", "simulation": {**model, "role": "truth"}},
