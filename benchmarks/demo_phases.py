@@ -45,10 +45,10 @@ def phase(name: str, rows: list[tuple[str, float, float]]) -> Iterator[None]:
 def main() -> None:
     from srdvol.app.commands import run_predict, run_simulate, run_train
     from srdvol.app.demo import DEMO, demo_options
+    from srdvol.app.evaluate import evaluate_stores
     from srdvol.app.info import info_text
     from srdvol.app.report import write_report
     from srdvol.app.session import cluster_session
-    from srdvol.core.metrics import evaluate_stores
     from srdvol.options import SimulateOptions
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

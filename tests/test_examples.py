@@ -89,7 +89,7 @@ def test_neural_volume_example_denoises_a_tzyx_recording(tmp_path):
     values = assert_valid_denoised(run / "denoised.zarr", noisy=run / "noisy.zarr")
     assert values.shape == (32, 2, 48, 48)
     # the scores it printed are those of the files it left
-    from srdvol.core.metrics import evaluate_stores
+    from srdvol.app.evaluate import evaluate_stores
 
     printed = _metrics(result.stdout)
     scores = evaluate_stores(

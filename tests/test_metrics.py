@@ -11,7 +11,8 @@ import pytest
 import xarray as xr
 from scipy import ndimage
 
-from srdvol.core.metrics import evaluate, evaluate_stores, format_metrics, frame_ssim
+from srdvol.app.evaluate import evaluate_stores, format_metrics
+from srdvol.core.metrics import evaluate, frame_ssim
 from srdvol.errors import InputError
 from srdvol.simulate import simulate
 

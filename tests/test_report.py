@@ -64,7 +64,7 @@ def test_report_traces_differ_from_a_blank_trace_panel(stores, tmp_path):
 
 
 def test_pipeline_call_style_with_estimate_and_precomputed_metrics(stores, tmp_path):
-    from srdvol.core.metrics import evaluate_stores
+    from srdvol.app.evaluate import evaluate_stores
     from srdvol.errors import ConfigError
 
     result = evaluate_stores(stores / "noisy", truth=stores / "truth", noisy=stores / "noisy")

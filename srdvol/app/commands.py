@@ -49,7 +49,7 @@ def run_evaluate(
     out: str, *, truth: str, noisy: str | None = None, report: str | os.PathLike[str] | None = None
 ) -> str:
     """``srdvol evaluate``: metrics of OUT (and of the noisy input) against the truth."""
-    from srdvol.core.metrics import evaluate_stores, format_metrics
+    from srdvol.app.evaluate import evaluate_stores, format_metrics
 
     result = evaluate_stores(out, truth=truth, noisy=noisy)
     if report is not None:

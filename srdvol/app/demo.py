@@ -59,8 +59,8 @@ def run_demo(
     Uses the GPU when one is visible, else one CPU worker. Running it again resumes (or, after
     a finished run, only evaluates again); ``overwrite`` starts the denoising afresh.
     """
+    from srdvol.app.evaluate import evaluate_stores, format_metrics
     from srdvol.app.report import write_report
-    from srdvol.core.metrics import evaluate_stores, format_metrics
 
     folder = Path(workdir)
     folder.mkdir(parents=True, exist_ok=True)
