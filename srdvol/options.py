@@ -25,6 +25,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    model_validator,
 )
 
 from srdvol.core.tiling import Window
@@ -38,6 +39,7 @@ from srdvol.values import (
     Block,
     GPUChoice,
     Patch,
+    Span,
     check_model_patch_t,
     check_overlap,
     parse_gpus,
@@ -166,8 +168,16 @@ def refuse_unknown(changes: Mapping[str, Any], what: str) -> None:
         raise ConfigError(flag(name), f"is not {what}", _KNOWN_FIX)
 
 
+def _span(axis: str) -> Any:
+    return Annotated[Span | None, BeforeValidator(lambda v: _parse_span(v, axis))]
+
+
+def _parse_span(value: Any, axis: str) -> Span | None:
+    return None if value is None else Span.parse(value, name=axis)
+
+
 class ReadOptions(_Options):
-    """Which array of the input is read."""
+    """Which array of the input is read, and which part of it."""
 
     level: int = Field(0, ge=0, description="Multiscale level to read (0: full resolution).")
     channel: int | None = Field(None, ge=0, description="Only this channel (default: all).")
@@ -175,10 +185,30 @@ class ReadOptions(_Options):
     allow_missing_chunks: bool = Field(
         False, description="Read chunks missing from the input as the fill value (a warning)."
     )
+    t: _span("t") = Field(None, description="Only frames START:STOP (STOP excluded).")
+    z: _span("z") = Field(None, description="Only z planes START:STOP, or one plane.")
+    c: _span("c") = Field(None, description="Only channels START:STOP, or one channel.")
+    y: _span("y") = Field(None, description="Only rows START:STOP (a crop).")
+    x: _span("x") = Field(None, description="Only columns START:STOP (a crop).")
+
+    @model_validator(mode="after")
+    def _one_channel_option(self) -> ReadOptions:
+        if self.channel is not None and self.c is not None:
+            raise ConfigError(
+                flag("c"), f"given together with {flag('channel')}", "give only one of them"
+            )
+        return self
+
+    def selection(self) -> dict[str, Span]:
+        """The part of the input to read, by axis (``channel`` is ``c`` of one index)."""
+        spans = {a: getattr(self, a) for a in ("t", "c", "z", "y", "x") if getattr(self, a)}
+        if self.channel is not None:
+            spans["c"] = Span(self.channel, self.channel + 1)
+        return spans
 
     def open_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`srdvol.ngff.read.open_image`."""
-        return {"level": self.level, "axes": self.axes, "channel": self.channel}
+        return {"level": self.level, "axes": self.axes, "select": self.selection()}
 
 
 class TrainOptions(_Options):

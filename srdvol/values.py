@@ -17,6 +17,7 @@ __all__ = [
     "Block",
     "GPUChoice",
     "Patch",
+    "Span",
     "check_model_patch_t",
     "check_overlap",
     "parse_gpus",
@@ -66,6 +67,57 @@ class Patch(NamedTuple):
 
 #: A processing block (t, y, x): the same value type as a patch.
 Block = Patch
+
+
+class Span(NamedTuple):
+    """Indices ``start:stop`` along one axis (``stop`` excluded; ``None``: to the end).
+
+    :meth:`parse` reads what users write: ``"100:200"``, ``"7"`` (that one index), ``":50"``,
+    ``"10:"``, a pair or an int.
+    """
+
+    start: int
+    stop: int | None
+
+    @classmethod
+    def parse(cls, value: Any, *, name: str) -> Span:
+        """Read a span; a bad one raises :class:`ConfigError` naming ``name``."""
+        if isinstance(value, cls):
+            return value
+        try:
+            if isinstance(value, int) and not isinstance(value, bool):
+                start, stop = value, value + 1
+            elif isinstance(value, str) and ":" not in value:
+                start = int(value.strip())
+                stop = start + 1
+            elif isinstance(value, str):
+                first, _, last = value.strip().partition(":")
+                start = int(first) if first.strip() else 0
+                stop = int(last) if last.strip() else None
+            else:
+                first, last = value
+                start, stop = int(first or 0), None if last is None else int(last)
+        except (TypeError, ValueError):
+            start, stop = -1, None
+        if start < 0 or (stop is not None and stop <= start):
+            raise ConfigError(
+                flag(name),
+                f"{value!r} is not a range START:STOP of indices (0 <= START < STOP)",
+                f"write it as {flag(name)} 100:200 (STOP excluded), {flag(name)} 7 for one "
+                "index, or leave out an end",
+            )
+        return cls(start, stop)
+
+    def bounds(self, length: int) -> tuple[int, int]:
+        """``(start, stop)`` within an axis of ``length``; ``ValueError`` if it falls outside."""
+        stop = length if self.stop is None else self.stop
+        if self.start >= length or stop > length:
+            raise ValueError(f"{self.text()} is outside the axis (indices 0 to {length - 1})")
+        return self.start, stop
+
+    def text(self) -> str:
+        """``"100:200"`` (or ``"100:"``), as the command line writes it."""
+        return f"{self.start}:{'' if self.stop is None else self.stop}"
 
 
 def parse_triple(value: Any, *, name: str = "patch") -> tuple[int, int, int]:

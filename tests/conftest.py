@@ -233,3 +233,33 @@ def validate_ngff(path: str | os.PathLike[str]) -> Any:
     assert nodes, "ome-zarr's Reader found no image"
     assert [tuple(level.shape) for level in nodes[0].data] == [group[p].shape for p in paths]
     return image
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from srdvol.model.config import NetworkConfig
+    from srdvol.training.loop import train
+
+    root = tmp_path_factory.mktemp("tiny-model")
+    from srdvol.simulate import simulate
+
+    simulate(root / "noisy.zarr", truth=root / "truth.zarr", frames=16, size=(32, 32), seed=2)
+    model = root / "tiny.safetensors"
+    train(
+        root / "noisy.zarr",
+        model,
+        patch=(16, 16, 16),
+        steps=1,
+        batch_size=1,
+        network=NetworkConfig.tiny(patch_t=16),
+        progress=False,
+    )
+    return model
+
+
+@pytest.fixture(scope="module")
+def one_worker():
+    from srdvol.dask.cluster import open_cluster
+
+    with open_cluster(gpus="none", workers=1, threads_per_worker=1, dashboard_address=None) as c:
+        yield c

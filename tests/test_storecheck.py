@@ -98,8 +98,8 @@ def test_only_the_selected_channel_counts(tmp_path, make_image):
     level = open_image(path).attrs["array_path"]
     array = zarr.open_array(f"{path}/{level}", mode="r")
     _remove_chunk(f"{path}/{level}", array, (1, 2, 0, 0))  # channel 2, frames 8:16
-    assert find_missing_chunks(path, array_path=level, dims="tcyx", channel=0).count == 0
-    found = find_missing_chunks(path, array_path=level, dims="tcyx", channel=2)
+    assert find_missing_chunks(path, array_path=level, dims="tcyx", region={"c": (0, 1)}).count == 0
+    found = find_missing_chunks(path, array_path=level, dims="tcyx", region={"c": (2, 3)})
     assert (found.count, found.total) == (1, 2)
     assert found.positions[0] == {"t": (8, 16), "c": (2, 3), "y": (0, 8), "x": (0, 8)}
     with pytest.raises(DataError, match=r"1 of the 2 chunks is missing \(at t=8:16, c=2:3"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -117,6 +117,25 @@ ChannelOpt = Annotated[int | None, typer.Option("--channel", min=0, help="Only t
 AxesOpt = Annotated[
     str | None, typer.Option("--axes", help="Axes of a plain Zarr array, e.g. tzyx.")
 ]
+
+
+def _span_option(axis: str, what: str) -> Any:
+    return Annotated[
+        str | None,
+        typer.Option(
+            f"--{axis}",
+            help=f"Only {what} START:STOP (STOP excluded; one index, or an open end, also "
+            "works); the output lines up with the input.",
+            show_default="all",
+        ),
+    ]
+
+
+TOpt = _span_option("t", "frames")
+ZOpt = _span_option("z", "z planes")
+COpt = _span_option("c", "channels")
+YOpt = _span_option("y", "rows (y)")
+XOpt = _span_option("x", "columns (x)")
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Replace an output of another run.")
 ]
@@ -188,6 +207,11 @@ def info(
     level: LevelOpt = 0,
     channel: ChannelOpt = None,
     axes: AxesOpt = None,
+    t: TOpt = None,
+    z: ZOpt = None,
+    c: COpt = None,
+    y: YOpt = None,
+    x: XOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Show axes, shape, chunks, size and what `srdvol denoise` would do and write, with its
@@ -262,6 +286,11 @@ def train(
     level: LevelOpt = 0,
     channel: ChannelOpt = None,
     axes: AxesOpt = None,
+    t: TOpt = None,
+    z: ZOpt = None,
+    c: COpt = None,
+    y: YOpt = None,
+    x: XOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Self-supervised training on IN (no clean data needed)."""
@@ -292,6 +321,11 @@ def predict(
     level: LevelOpt = 0,
     channel: ChannelOpt = None,
     axes: AxesOpt = None,
+    t: TOpt = None,
+    z: ZOpt = None,
+    c: COpt = None,
+    y: YOpt = None,
+    x: XOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Denoise IN into OUT with a trained model."""
@@ -327,6 +361,11 @@ def denoise(
     level: LevelOpt = 0,
     channel: ChannelOpt = None,
     axes: AxesOpt = None,
+    t: TOpt = None,
+    z: ZOpt = None,
+    c: COpt = None,
+    y: YOpt = None,
+    x: XOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Train on IN (unless --model is given), then denoise IN into OUT."""

@@ -243,6 +243,11 @@ def _parameters(options: RunOptions, *, patch: Any) -> dict[str, Any]:
         "level": read.level,
         "channel": read.channel,
         "axes": read.axes,
+        **(
+            {"select": {a: s.text() for a, s in read.selection().items()}}
+            if read.selection()
+            else {}
+        ),
     }
 
 

@@ -10,6 +10,7 @@ and translation as attributes.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import dask.array as da
@@ -18,9 +19,17 @@ import xarray as xr
 import zarr
 from dask.base import tokenize
 
-from srdvol.errors import DataError, InputError, StoreNotFoundError, UnsupportedDtypeError, flag
+from srdvol.errors import (
+    ConfigError,
+    DataError,
+    InputError,
+    StoreNotFoundError,
+    UnsupportedDtypeError,
+    flag,
+)
 from srdvol.ngff.metadata import LevelMetadata, axes_for, read_image_metadata
 from srdvol.ngff.reads import NamedReads
+from srdvol.values import Span
 
 __all__ = ["MIN_FRAMES", "NamedReads", "check_image", "describe_image", "open_image"]
 
@@ -34,6 +43,7 @@ def open_image(
     level: int = 0,
     axes: str | None = None,
     channel: int | None = None,
+    select: Mapping[str, Any] | None = None,
 ) -> xr.DataArray:
     """Open an OME-Zarr image or a plain Zarr array read-only as a lazy labelled array.
 
@@ -49,7 +59,12 @@ def open_image(
         for an OME-Zarr image it overrides the names in the metadata.
     channel
         Keep only this channel index (the ``c`` axis stays, with length 1, so the output keeps
-        the input's axes).
+        the input's axes); the same as ``select={"c": channel}``.
+    select
+        Read only a part: ``{axis: span}`` with spans ``"START:STOP"``, ``(start, stop)`` or
+        one index (:class:`srdvol.values.Span`). Every axis stays; the translation moves to the
+        part's origin so it lines up with the whole image in a viewer, and
+        ``attrs["selection"]`` records ``{axis: [start, stop]}`` in the level's indices.
 
     Returns
     -------
@@ -57,21 +72,21 @@ def open_image(
         Lazy dask-backed array; dims are canonical axis names; coords are physical positions
         (``scale * index + translation``) on every axis but ``c``; attrs hold ``axes_units``,
         ``scale``, ``translation``, ``source``, ``level``, ``levels``, ``ngff_version``,
-        ``store_chunks`` and ``channel``.
+        ``store_chunks``, ``channel`` (the first channel read, or None) and ``selection``.
 
     Raises
     ------
     StoreNotFoundError
         The path does not exist or is not a Zarr store.
     InputError
-        Missing axes (no OME metadata and no ``axes``), no time axis, a level or channel out of
-        range.
+        Missing axes (no OME metadata and no ``axes``), no time axis, a level, channel or
+        selection out of range.
     DataError
         Fewer than :data:`MIN_FRAMES` frames.
     UnsupportedDtypeError
         Complex, bool or non-numeric dtype.
     """
-    image = _open_unchecked(path, level=level, axes=axes, channel=channel)
+    image = _open_unchecked(path, level=level, axes=axes, select=_selection(channel, select))
     check_image(image)
     return image
 
@@ -118,8 +133,10 @@ def describe_image(
     level: int = 0,
     axes: str | None = None,
     channel: int | None = None,
+    select: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Summarise an image for ``srdvol info``, without reading any pixel data.
+    """Summarise an image (or the part ``select`` names, as for :func:`open_image`) for
+    ``srdvol info``, without reading any pixel data.
 
     Structural problems (not a store, no axes, no time axis) raise as in :func:`open_image`;
     content problems that would stop ``denoise`` (dtype, too few frames) are listed under
@@ -138,7 +155,7 @@ def describe_image(
     """
     from srdvol.ngff.storecheck import find_missing_chunks
 
-    image = _open_unchecked(path, level=level, axes=axes, channel=channel)
+    image = _open_unchecked(path, level=level, axes=axes, select=_selection(channel, select))
     problems: list[str] = []
     try:
         check_image(image)
@@ -166,7 +183,7 @@ def describe_image(
             image.attrs["source"],
             array_path=image.attrs["array_path"],
             dims=[str(d) for d in image.dims],
-            channel=channel,
+            region=image.attrs["selection"],
         ),
         "problems": problems,
     }
@@ -176,10 +193,21 @@ def describe_image(
 # opening
 
 
+def _selection(channel: int | None, select: Mapping[str, Any] | None) -> dict[str, Span]:
+    spans = {str(a): Span.parse(v, name=str(a)) for a, v in (select or {}).items()}
+    if channel is not None:
+        if "c" in spans:
+            raise ConfigError(
+                flag("c"), f"given together with {flag('channel')}", "give only one of them"
+            )
+        spans["c"] = Span(int(channel), int(channel) + 1)
+    return spans
+
+
 def _open_unchecked(
-    path: str | os.PathLike[str], *, level: int, axes: str | None, channel: int | None
+    path: str | os.PathLike[str], *, level: int, axes: str | None, select: dict[str, Span]
 ) -> xr.DataArray:
-    """Open and label the array; check structure (axes, level, channel) but not content."""
+    """Open and label the array; check structure (axes, level, selection) but not content."""
     source = os.fspath(path)
     node = _open_node(source)
     if isinstance(node, zarr.Array):
@@ -207,7 +235,7 @@ def _open_unchecked(
                 f"{len(meta.axes)} axes",
                 f"repair the multiscales metadata or pass matching {flag('axes')}",
             )
-    return _to_dataarray(array, meta, source=source, level=level, channel=channel)
+    return _to_dataarray(array, meta, source=source, level=level, select=select)
 
 
 def _open_node(source: str) -> zarr.Array | zarr.Group:
@@ -277,8 +305,36 @@ def _level_array(group: zarr.Group, array_path: str, source: str) -> zarr.Array:
     return node
 
 
+def _bounds(
+    select: dict[str, Span], names: tuple[str, ...], shape: tuple[int, ...], source: str
+) -> dict[str, tuple[int, int]]:
+    """Each selected axis's ``(start, stop)`` in the level's indices, checked against it."""
+    sizes = dict(zip(names, shape, strict=True))
+    bounds = {}
+    for axis, span in select.items():
+        option = "channel" if axis == "c" else axis
+        if axis not in sizes:
+            raise InputError(
+                source,
+                f"{flag(option)} {span.text()} was given but the image has no {axis} axis "
+                f"(axes {''.join(names)})",
+                f"drop {flag(option)}",
+            )
+        try:
+            bounds[axis] = span.bounds(sizes[axis])
+        except ValueError as exc:
+            last = sizes[axis] - 1
+            fix = f"give a range inside 0:{sizes[axis]}"
+            problem = f"{flag(option)} {exc}"
+            if span.stop == span.start + 1:  # one index
+                fix = f"pass {flag(option)} between 0 and {last}"
+                problem = f"{flag(option)} {span.start} does not exist ({axis} indices 0 to {last})"
+            raise InputError(source, problem, fix) from None
+    return bounds
+
+
 def _to_dataarray(
-    array: zarr.Array, meta: LevelMetadata, *, source: str, level: int, channel: int | None
+    array: zarr.Array, meta: LevelMetadata, *, source: str, level: int, select: dict[str, Span]
 ) -> xr.DataArray:
     names = meta.axes
     storage = array.shards if getattr(array, "shards", None) else array.chunks
@@ -290,43 +346,34 @@ def _to_dataarray(
         meta=np.empty((0,) * array.ndim, dtype=array.dtype),
         name=f"srdvol-read-{tokenize(reads)}",
     )
-    sizes = dict(zip(names, array.shape, strict=True))
-    if channel is not None:
-        if "c" not in names:
-            raise InputError(
-                source,
-                f"{flag('channel')} {channel} was given but the image has no channel axis",
-                f"drop {flag('channel')}",
-            )
-        if not 0 <= channel < sizes["c"]:
-            raise InputError(
-                source,
-                f"channel {channel} does not exist (the image has channels 0 to {sizes['c'] - 1})",
-                f"pass {flag('channel')} between 0 and {sizes['c'] - 1}",
-            )
-        index = names.index("c")
-        cut = [slice(None)] * len(names)
-        cut[index] = slice(channel, channel + 1)
-        data = data[tuple(cut)]
+    bounds = _bounds(select, names, tuple(array.shape), source)
+    if bounds:  # slicing the lazy array: only the chunks of the part are ever read
+        data = data[tuple(slice(*bounds.get(a, (None, None))) for a in names)]
+    starts = {a: bounds.get(a, (0, 0))[0] for a in names}
+    # The part's origin in physical units (the channel axis keeps its own: a channel index is
+    # not a position).
+    translation = {
+        a: meta.translation[a] + (0 if a == "c" else starts[a] * meta.scale[a])
+        for a in names
+        if a in meta.translation
+    }
     coords: dict[str, Any] = {}
     for axis, n in zip(names, data.shape, strict=True):
         if axis == "c":
-            start = channel or 0
-            coords["c"] = np.arange(start, start + n)
+            coords["c"] = np.arange(starts["c"], starts["c"] + n)
         else:
-            coords[axis] = (
-                meta.scale[axis] * np.arange(n, dtype=np.float64) + meta.translation[axis]
-            )
+            coords[axis] = meta.scale[axis] * np.arange(n, dtype=np.float64) + translation[axis]
     attrs = {
         "axes_units": dict(meta.units),
         "scale": dict(meta.scale),
-        "translation": dict(meta.translation),
+        "translation": translation,
         "source": source,
         "level": level,
         "levels": meta.levels,
         "ngff_version": meta.version,
         "store_chunks": dict(zip(names, (int(c) for c in storage), strict=True)),
-        "channel": channel,
+        "channel": bounds["c"][0] if "c" in bounds else None,
+        "selection": {a: list(b) for a, b in bounds.items()},
         "array_path": meta.array_path,
     }
     return xr.DataArray(data, dims=names, coords=coords, attrs=attrs, name="image")

@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -144,7 +144,7 @@ def find_missing_chunks(
     *,
     array_path: str = "",
     dims: Sequence[str] | None = None,
-    channel: int | None = None,
+    region: Mapping[str, Sequence[int]] | None = None,
 ) -> MissingChunks | None:
     """List the chunks a Zarr array's store holds and report those it lacks.
 
@@ -156,8 +156,9 @@ def find_missing_chunks(
         The level array inside it (``"s0"``; ``""`` for a plain array).
     dims
         Axis names, for the positions (default ``dim_0, dim_1, ...``).
-    channel
-        Only the chunks of this channel count (``dims`` must then contain ``c``).
+    region
+        Only the chunks overlapping this part count: ``{axis: (start, stop)}`` in the array's
+        indices (a selection read with ``srdvol.ngff.read.open_image(..., select=)``).
 
     Returns
     -------
@@ -183,11 +184,13 @@ def find_missing_chunks(
             present[coords] = True
     names = list(dims) if dims is not None else [f"dim_{i}" for i in range(len(grid))]
     offset = [0] * len(grid)
-    if channel is not None and "c" in names:
-        axis = names.index("c")
-        index = channel // chunk[axis]
-        present = np.take(present, [index], axis=axis)
-        offset[axis] = index
+    for axis_name, (start, stop) in (region or {}).items():
+        if axis_name not in names:
+            continue
+        axis = names.index(axis_name)
+        first, last = int(start) // chunk[axis], -(-int(stop) // chunk[axis])
+        present = np.take(present, range(first, last), axis=axis)
+        offset[axis] = first
 
     def region(index: Sequence[int]) -> dict[str, tuple[int, int]]:
         return {
@@ -235,7 +238,7 @@ def check_chunks(image: Any, *, allow_missing: bool = False) -> MissingChunks | 
         image.attrs["source"],
         array_path=image.attrs.get("array_path", ""),
         dims=[str(d) for d in image.dims],
-        channel=image.attrs.get("channel"),
+        region=image.attrs.get("selection"),
     )
     if found is None or found.count == 0:
         return found
@@ -255,13 +258,14 @@ def check_chunks(image: Any, *, allow_missing: bool = False) -> MissingChunks | 
 
 def _read_region(image: Any, region: dict[str, tuple[int, int]]) -> None:
     """Read one chunk's region (array coordinates) through the image, so that a chunk that
-    cannot be decoded is named before missing chunks are blamed."""
-    selected = image.attrs.get("channel") is not None
-    index = tuple(
-        slice(0, 1) if dim == "c" and selected else slice(start, stop)
-        for dim, (start, stop) in region.items()
-    )
-    image.data[index].compute(scheduler="sync")
+    cannot be decoded is named before missing chunks are blamed; the image may be a part of
+    the array (its ``selection``), so the region is cut to that part first."""
+    selection = image.attrs.get("selection") or {}
+    index = []
+    for dim, (start, stop) in region.items():
+        first, last = selection.get(dim, (0, stop))
+        index.append(slice(max(start, first) - first, min(stop, last) - first))
+    image.data[tuple(index)].compute(scheduler="sync")
 
 
 # --------------------------------------------------------------------------------------------
