@@ -32,6 +32,7 @@ from srdvol.core.tiling import Window
 from srdvol.errors import ConfigError, flag
 from srdvol.model.config import NetworkConfig
 from srdvol.values import (
+    DEFAULT_COMPRESSION,
     DEFAULT_OVERLAP,
     DEVICE_PREFIXES,
     FRAMES_PER_LEVEL,
@@ -42,6 +43,7 @@ from srdvol.values import (
     Span,
     check_model_patch_t,
     check_overlap,
+    parse_compression,
     parse_gpus,
     parse_triple,
 )
@@ -49,9 +51,11 @@ from srdvol.values import (
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_CHECKPOINT_EVERY",
+    "DEFAULT_COMPRESSION",
     "DEFAULT_DASHBOARD_ADDRESS",
     "DEFAULT_LR",
     "DEFAULT_OVERLAP",
+    "DEFAULT_PHOTONS",
     "DEFAULT_STEPS",
     "DEFAULT_TRAIN_PATCH",
     "DEVICE_PREFIXES",
@@ -89,6 +93,9 @@ DEFAULT_BATCH_SIZE = 4
 #: Adam's peak learning rate (the training module's docstring says why 1e-3).
 DEFAULT_LR = 1e-3
 DEFAULT_CHECKPOINT_EVERY = 100
+#: Default photon budget of a simulation: mean photons per pixel and frame at rest (noisy SNR
+#: about 2 dB).
+DEFAULT_PHOTONS = 1.0
 #: Where a local cluster serves its dashboard unless the user asks for another address: this
 #: machine only (reach it through an SSH tunnel, or pass another address such as 0.0.0.0:8787).
 DEFAULT_DASHBOARD_ADDRESS = "127.0.0.1:8787"
@@ -129,6 +136,7 @@ class Autocast(enum.StrEnum):
 _ModelPatchField = Annotated[
     Patch, BeforeValidator(Patch.parse), AfterValidator(check_model_patch_t)
 ]
+_ChunksField = Annotated[Patch, BeforeValidator(lambda v: Patch.parse(v, name="chunks"))]
 _BlockField = Annotated[Patch, BeforeValidator(lambda v: Patch.parse(v, name="block"))]
 _OverlapField = Annotated[float, AfterValidator(check_overlap)]
 
@@ -265,7 +273,19 @@ class OutputOptions(_Options):
 
     dtype: OutputDtype = Field(OutputDtype.float32, description="float32, or the input's dtype.")
     ngff: Ngff = Field(Ngff.v05, description="NGFF version: 0.5 (Zarr v3) or 0.4 (Zarr v2).")
+    chunks: _ChunksField | None = Field(
+        None,
+        description="Output chunks T,Y,X (c and z chunks are one plane); default: up to 16 "
+        "frames within 4 MiB, planes up to 512 x 512.",
+    )
+    compression: Annotated[int, BeforeValidator(parse_compression)] = Field(
+        DEFAULT_COMPRESSION, description="blosc-zstd level 1-9, or none (0)."
+    )
     overwrite: bool = Field(False, description="Replace an output of another run.")
+
+    def chunk_map(self) -> dict[str, int] | None:
+        """The chunks by axis name, as :func:`srdvol.ngff.write.create_output` takes them."""
+        return None if self.chunks is None else self.chunks.as_dict()
 
 
 class ClusterOptions(_Options):
@@ -297,8 +317,11 @@ class SimulateOptions(_Options):
         (128, 128), description="Frame size Y,X."
     )
     rate_hz: float = Field(0.3, gt=0, allow_inf_nan=False, description="Volume rate in Hz.")
-    photons: float | None = Field(
-        None, gt=0, allow_inf_nan=False, description="Photons per pixel of a bright cell."
+    photons: float = Field(
+        DEFAULT_PHOTONS,
+        gt=0,
+        allow_inf_nan=False,
+        description="Mean photons per pixel and frame at rest (lower: noisier).",
     )
     seed: int = Field(0, description="Random seed.")
     pixel_size_um: float = Field(1.0, gt=0, allow_inf_nan=False, description="Pixel size (µm).")

@@ -286,3 +286,34 @@ def test_config_file_choices_are_checked(tmp_path, capsys, text, words):
     )
     assert code == 2 and err.count("\n") == 1
     assert "run.toml" in err and words in err
+
+
+def test_help_shows_a_default_for_every_option_and_a_guide_for_every_choice():
+    """`srdvol COMMAND --help` names each option's default (a value or what happens without
+    it), and each choice option says what its choices are for (issue 11)."""
+    import typer
+
+    from srdvol.app.cli import app
+
+    group = typer.main.get_command(app)
+    missing, unguided = [], []
+    assert len(group.commands) >= 7
+    for name, command in group.commands.items():
+        ctx = command.make_context(name, [], resilient_parsing=True)
+        for param in command.params:
+            if param.param_type_name != "option" or param.is_flag or param.required:
+                continue
+            if param.name in ("help", "version", "debug"):
+                continue
+            record = param.get_help_record(ctx)
+            text = " ".join(record[1].split()) if record else ""
+            if "[default:" not in text:
+                missing.append(f"{name} {param.opts[0]}")
+            metavar = record[0] if record else ""
+            if "|" in metavar:  # a choice option: <spatial|temporal|auto>
+                choices = metavar.split("<", 1)[1].rstrip(">").split("|")
+                guide = text.split("[default:")[0]
+                if not all(choice in guide for choice in choices):
+                    unguided.append(f"{name} {param.opts[0]}")
+    assert not missing, missing
+    assert not unguided, unguided

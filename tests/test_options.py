@@ -42,6 +42,11 @@ BAD = [
     ({"level": -1}, "level", "greater than or equal to 0"),
     ({"workers": 0}, "workers", "greater than or equal to 1"),
     ({"gpus": "gpu0"}, "gpus", "not a GPU choice"),
+    ({"chunks": "16,0,64"}, "chunks", "not three positive integers"),
+    ({"compression": "11"}, "compression", "not a compression level"),
+    ({"compression": "zlib"}, "compression", "not a compression level"),
+    ({"t": "5:2"}, "t", "not a range START:STOP"),
+    ({"x": "a:b"}, "x", "not a range START:STOP"),
     ({"patches": "16,64,64"}, "patches", "is not an option"),
 ]
 
@@ -98,6 +103,13 @@ def test_options_are_frozen_and_replace_validates():
     assert options.replace(steps=5).steps == 5
     with pytest.raises(ConfigError, match=r"^steps: "):
         options.replace(steps=0)
+
+
+def test_output_chunks_and_compression_read_the_forms_users_write():
+    output = RunOptions.from_flat({"chunks": "8,256,256", "compression": "none"}).output
+    assert output.chunk_map() == {"t": 8, "y": 256, "x": 256} and output.compression == 0
+    assert RunOptions.from_flat({"compression": "9"}).output.compression == 9
+    assert RunOptions().output.compression == 3 and RunOptions().output.chunk_map() is None
 
 
 def test_gpu_choices():

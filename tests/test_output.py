@@ -108,6 +108,26 @@ def test_codec_chunks_and_omero(tmp_path, make_image, ngff, backend):
     validate_ngff(out)
 
 
+@pytest.mark.parametrize("compression", [0, 9])
+def test_chosen_chunks_and_compression_reach_every_level(tmp_path, make_image, ngff, compression):
+    from srdvol.ngff.pyramid import write_pyramid
+
+    path, data = make_image(axes="tyx", shape=(16, 160, 160), dtype="uint16")
+    out = str(tmp_path / "out.zarr")
+    options = OutputOptions(dtype="input", ngff=ngff, chunks=(8, 64, 32), compression=compression)
+    array = create_output(out, like=open_image(path), options=options, provenance={})
+    assert array.chunks == (8, 64, 32)
+    array[...] = data
+    assert write_pyramid(out) == ["s0", "s1", "s2"]
+    for level in ("s0", "s1", "s2"):
+        codecs = zarr.open_array(f"{out}/{level}", mode="r").compressors
+        if compression:
+            assert [c.clevel for c in codecs] == [9], level
+        else:
+            assert codecs == (), level  # stored uncompressed
+    validate_ngff(out)
+
+
 def test_output_chunks_defaults():
     # 512x512 float32 frames are 1 MiB: 4 frames make the 4 MiB target
     assert output_chunks({"t": 1000, "z": 10, "y": 512, "x": 512}) == {

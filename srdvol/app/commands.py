@@ -240,6 +240,8 @@ def _parameters(options: RunOptions, *, patch: Any) -> dict[str, Any]:
         "window": predict.window.value,
         "dtype": options.output.dtype.value,
         "ngff": options.output.ngff.value,
+        "chunks": list(options.output.chunks) if options.output.chunks else None,
+        "compression": options.output.compression,
         "level": read.level,
         "channel": read.channel,
         "axes": read.axes,
@@ -336,5 +338,7 @@ def _predict_record(options: RunOptions) -> dict[str, str]:
         "dtype": output.dtype.value,
         "ngff": output.ngff.value,
         "autocast": predict.autocast.value,
+        "chunks": tuple(output.chunks) if output.chunks else None,
+        "compression": output.compression,
     }
     return {k: str(v) for k, v in values.items()}

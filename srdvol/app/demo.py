@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from srdvol.app.commands import run_denoise, run_simulate
-from srdvol.app.info import info_text
 from srdvol.app.say import say
 from srdvol.options import RunOptions, SimulateOptions
 
@@ -60,6 +59,7 @@ def run_demo(
     a finished run, only evaluates again); ``overwrite`` starts the denoising afresh.
     """
     from srdvol.app.evaluate import evaluate_stores, format_metrics
+    from srdvol.app.info import info_text
     from srdvol.app.report import write_report
 
     folder = Path(workdir)

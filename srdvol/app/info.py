@@ -11,7 +11,7 @@ from typing import Any
 from srdvol.core.cast import cast_to
 from srdvol.errors import as_flags, flag
 from srdvol.ngff.formats import format_for
-from srdvol.ngff.write import output_dtype
+from srdvol.ngff.write import output_chunks, output_dtype
 from srdvol.options import RunOptions
 
 __all__ = ["info_text"]
@@ -65,11 +65,15 @@ def info_text(source: str | os.PathLike[str], options: RunOptions | None = None)
     # describe_image has listed the chunks already (and reported missing ones above).
     image = open_image(source, **read.open_options())
     out_dtype = output_dtype(options.output.dtype, image)
+    shape = dict(zip((str(d) for d in image.dims), image.shape, strict=True))
+    out_chunks = output_chunks(shape, dtype=out_dtype, chunks=options.output.chunk_map())
     patch = predict.patch or options.train.patch_or_default()
     lines += _denoise_lines(
-        image, patch=patch, block=predict.block, overlap=predict.overlap, dtype=out_dtype
+        image, patch=patch, block=predict.block, overlap=predict.overlap, chunks=out_chunks
     )
-    lines += _output_lines(image, dtype=out_dtype, ngff=ngff)
+    lines += _output_lines(
+        image, dtype=out_dtype, ngff=ngff, chunks=out_chunks, compression=options.output.compression
+    )
     return as_flags("\n".join(lines))
 
 
@@ -79,14 +83,14 @@ def _denoise_lines(
     patch: tuple[int, int, int],
     block: tuple[int, int, int] | None,
     overlap: float,
-    dtype: Any,
+    chunks: dict[str, int],
 ) -> list[str]:
     """Training patch and padding, block plan, its cost, workers."""
     from srdvol.core.tiling import plan_cost
     from srdvol.dask.gpus import visible_gpus
 
     sizes = dict(zip(("t", "y", "x"), patch, strict=True))
-    plan = _block_plan(image, sizes=sizes, block=block, overlap=overlap, dtype=dtype)
+    plan = _block_plan(image, sizes=sizes, block=block, overlap=overlap, chunks=chunks)
     cost = plan_cost(plan)
     tasks, exact = _task_count(image, plan, overlap=overlap)
     lines = [
@@ -123,21 +127,19 @@ def _block_plan(
     sizes: dict[str, int],
     block: tuple[int, int, int] | None,
     overlap: float,
-    dtype: Any,
+    chunks: dict[str, int],
 ) -> Any:
     """The block plan ``srdvol predict`` will use: blocks aligned to the output's chunks."""
     from srdvol.core.tiling import plan_blocks
     from srdvol.dask.graph import DEFAULT_BLOCK_MEMORY
-    from srdvol.ngff.write import output_chunks
 
     dims = tuple(str(d) for d in image.dims)
-    out_chunks = output_chunks(dict(zip(dims, image.shape, strict=True)), dtype=dtype)
     return plan_blocks(
         image.shape,
         dims=dims,
         patch=sizes,
         overlap=overlap,
-        chunks=tuple(out_chunks.values()),
+        chunks=tuple(chunks[d] for d in dims),
         block=dict(zip(("t", "y", "x"), block, strict=True)) if block else None,
         memory=DEFAULT_BLOCK_MEMORY,
     )
@@ -202,22 +204,24 @@ def _padding_lines(image: Any, sizes: dict[str, int]) -> list[str]:
     return lines
 
 
-def _output_lines(image: Any, *, dtype: Any, ngff: str) -> list[str]:
+def _output_lines(
+    image: Any, *, dtype: Any, ngff: str, chunks: dict[str, int], compression: int
+) -> list[str]:
     """What ``srdvol predict`` will write: dtype, format, chunks, codec, levels and size."""
-    from srdvol.ngff.write import output_chunks, pyramid_shapes
+    from srdvol.ngff.write import pyramid_shapes
 
     dims = tuple(str(d) for d in image.dims)
     shape = tuple(int(n) for n in image.shape)
-    chunks = tuple(output_chunks(dict(zip(dims, shape, strict=True)), dtype=dtype).values())
     fmt = format_for(ngff)
-    codec = _codec_text(fmt.compressor())
+    codec = _codec_text(fmt.compressor(compression) if compression else None)
+    chunks = tuple(chunks[d] for d in dims)
     # write_pyramid gives every level the chunks of s0, cut to the level's shape.
     levels = [(shape, chunks)] + [
         (level, tuple(min(c, n) for c, n in zip(chunks, level, strict=True)))
         for level in pyramid_shapes(shape, dims)
     ]
     raw = sum(math.prod(level) for level, _ in levels) * dtype.itemsize
-    fraction = _stored_fraction(image, dtype=dtype, chunks=chunks, fmt=fmt)
+    fraction = _stored_fraction(image, dtype=dtype, chunks=chunks, fmt=fmt, compression=compression)
     lines = [f"  write      {dtype} OME-Zarr, NGFF {ngff} (Zarr v{fmt.zarr_format}), {codec}"]
     for k, (level, level_chunks) in enumerate(levels):
         label = "levels" if k == 0 else ""
@@ -233,13 +237,17 @@ def _output_lines(image: Any, *, dtype: Any, ngff: str) -> list[str]:
 
 def _codec_text(codec: Any) -> str:
     """The output's compressor (its format object's) in words."""
+    if codec is None:
+        return "uncompressed"
     cname = getattr(codec.cname, "value", codec.cname)
     shuffle = getattr(codec.shuffle, "value", codec.shuffle)
     shuffle = {0: "noshuffle", 1: "shuffle", 2: "bitshuffle"}.get(shuffle, shuffle)
     return f"blosc-{cname} level {codec.clevel}, {shuffle}"
 
 
-def _stored_fraction(image: Any, *, dtype: Any, chunks: tuple[int, ...], fmt: Any) -> float:
+def _stored_fraction(
+    image: Any, *, dtype: Any, chunks: tuple[int, ...], fmt: Any, compression: int
+) -> float:
     """Stored bytes per raw byte for one output chunk of stand-in data.
 
     Denoised data is smooth, so a Gaussian-smoothed chunk from the middle of the recording,
@@ -268,7 +276,7 @@ def _stored_fraction(image: Any, *, dtype: Any, chunks: tuple[int, ...], fmt: An
             dtype=dtype,
             fill_value=0,
             zarr_format=fmt.zarr_format,
-            **fmt.array_kwargs(dims),
+            **fmt.array_kwargs(dims, compression=compression),
         )
         array[...] = smooth
         stored = array.nbytes_stored() - _metadata_bytes(Path(folder) / "sample.zarr")

@@ -36,6 +36,7 @@ from ome_zarr_models.v05 import multiscales as multiscales05
 from pydantic import BaseModel, ValidationError
 
 from srdvol.errors import ConfigError, InputError, flag
+from srdvol.values import DEFAULT_COMPRESSION
 
 __all__ = [
     "FORMATS",
@@ -50,7 +51,7 @@ __all__ = [
 #: The NGFF 0.4 keys srdvol reads and writes, at the top level of a group's attributes.
 _V04_KEYS = ("multiscales", "omero", "labels", "image-label")
 #: Blosc settings of every array srdvol writes (fast, and bit-shuffle suits float32 data).
-_BLOSC = {"cname": "zstd", "clevel": 3}
+_CNAME = "zstd"
 
 
 class NgffFormat(ABC):
@@ -108,10 +109,13 @@ class NgffFormat(ABC):
         """
 
     @abstractmethod
-    def compressor(self) -> Any:
-        """srdvol's compressor (blosc-zstd, level 3, bit-shuffle) in this version's terms."""
+    def compressor(self, level: int = DEFAULT_COMPRESSION) -> Any:
+        """srdvol's compressor (blosc-zstd at ``level``, bit-shuffle) in this version's terms;
+        ``None`` for level 0 (no compression)."""
 
-    def array_kwargs(self, axes: Sequence[str]) -> dict[str, Any]:
+    def array_kwargs(
+        self, axes: Sequence[str], *, compression: int = DEFAULT_COMPRESSION
+    ) -> dict[str, Any]:
         """Keyword arguments of ``zarr.Group.create_array`` for every image level: the layout
         (:meth:`layout_kwargs`) and srdvol's compressor.
 
@@ -119,8 +123,11 @@ class NgffFormat(ABC):
         ----------
         axes
             Axis names in storage order.
+        compression
+            blosc-zstd level, 1 (fast) to 9 (small); 0 stores the chunks uncompressed.
         """
-        return {"compressors": self.compressor(), **self.layout_kwargs(axes)}
+        codec = self.compressor(compression) if compression else None
+        return {"compressors": codec, **self.layout_kwargs(axes)}
 
     # ---------------------------------------------------------------- reading
 
@@ -302,10 +309,10 @@ class FormatV04(NgffFormat):
     def layout_kwargs(self, axes: Sequence[str]) -> dict[str, Any]:
         return {"chunk_key_encoding": {"name": "v2", "separator": "/"}}
 
-    def compressor(self) -> Any:
+    def compressor(self, level: int = DEFAULT_COMPRESSION) -> Any:
         from numcodecs import Blosc
 
-        return Blosc(**_BLOSC, shuffle=Blosc.BITSHUFFLE)
+        return Blosc(cname=_CNAME, clevel=level, shuffle=Blosc.BITSHUFFLE)
 
 
 class FormatV05(NgffFormat):
@@ -341,10 +348,10 @@ class FormatV05(NgffFormat):
             "dimension_names": tuple(axes),
         }
 
-    def compressor(self) -> Any:
+    def compressor(self, level: int = DEFAULT_COMPRESSION) -> Any:
         from zarr.codecs import BloscCodec
 
-        return BloscCodec(**_BLOSC, shuffle="bitshuffle")
+        return BloscCodec(cname=_CNAME, clevel=level, shuffle="bitshuffle")
 
 
 #: The versions srdvol reads and writes, newest first (the first is the default output).

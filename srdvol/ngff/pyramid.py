@@ -160,7 +160,8 @@ def write_pyramid(
             dtype=base.dtype,
             fill_value=0,
             overwrite=True,
-            **fmt.array_kwargs(axes),
+            compressors=base.compressors,  # the codec (and level) of s0
+            **fmt.layout_kwargs(axes),
         )
         # Read the previous level in blocks of twice the new chunk in y and x: one task, one chunk.
         read = tuple(2 * c if axis in (iy, ix) else c for axis, c in enumerate(chunks))

@@ -258,6 +258,7 @@ class _OutputPlan:
     dtype: np.dtype[Any]
     record: dict[str, Any]
     action: str
+    compression: int
 
 
 def _plan_output(
@@ -279,9 +280,12 @@ def _plan_output(
     out_dtype = output_dtype(options.dtype, like)
     axes = validate_axes([str(d) for d in like.dims], subject=source or target)
     shape = {a: int(n) for a, n in zip(axes, like.shape, strict=True)}
-    chunk_map = output_chunks(shape, dtype=out_dtype, chunks=chunks)
+    wanted = {**(options.chunk_map() or {}), **dict(chunks or {})}
+    chunk_map = output_chunks(shape, dtype=out_dtype, chunks=wanted or None)
     record = new_record(provenance, like=like, ngff=fmt.version, dtype=out_dtype)
-    plan = _OutputPlan(target, fmt, tuple(axes), shape, chunk_map, out_dtype, record, "create")
+    plan = _OutputPlan(
+        target, fmt, tuple(axes), shape, chunk_map, out_dtype, record, "create", options.compression
+    )
     if not exists(target):
         return plan
     if not is_zarr_store(target):
@@ -326,7 +330,7 @@ def _write_new(plan: _OutputPlan, *, like: xr.DataArray, name: str) -> None:
         chunks=tuple(plan.chunks.values()),
         dtype=plan.dtype,
         fill_value=0,
-        **fmt.array_kwargs(plan.axes),
+        **fmt.array_kwargs(plan.axes, compression=plan.compression),
     )
     scale = [float(like.attrs.get("scale", {}).get(a, 1.0)) for a in plan.axes]
     translation = [float(like.attrs.get("translation", {}).get(a, 0.0)) for a in plan.axes]

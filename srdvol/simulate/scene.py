@@ -35,7 +35,6 @@ import numpy as np
 from scipy import ndimage, signal, sparse
 
 __all__ = [
-    "DEFAULT_PHOTONS",
     "SceneConfig",
     "build_scene",
     "frame_block",
@@ -43,8 +42,6 @@ __all__ = [
     "render_frames",
 ]
 
-#: Default photon budget: mean photons per pixel and frame at rest (noisy SNR about 2 dB).
-DEFAULT_PHOTONS = 1.0
 #: Spawn-key prefixes keep the scene stream and the per-frame noise streams apart.
 _SCENE_KEY = 0
 _NOISE_KEY = 1

@@ -19,7 +19,6 @@ import numpy as np
 from srdvol.errors import flag
 from srdvol.options import SimulateOptions, merge, refuse_unknown
 from srdvol.simulate.scene import (
-    DEFAULT_PHOTONS,
     Scene,
     SceneConfig,
     build_scene,
@@ -199,7 +198,7 @@ def simulate(
         ``1 / rate_hz`` seconds: at 0.3 Hz the calcium transients, decay ~0.8 s, are much
         shorter than the frame interval, so consecutive frames are nearly independent);
         ``photons`` (mean expected photons per pixel and frame over the field of view at rest,
-        default :data:`~srdvol.simulate.scene.DEFAULT_PHOTONS`: a noisy SNR of a few dB);
+        default :data:`~srdvol.options.DEFAULT_PHOTONS`: a noisy SNR of a few dB);
         ``seed`` (the scene and the noise; the output is identical for any ``chunks``);
         ``pixel_size_um``; ``overwrite`` (replace existing stores).
     chunks
@@ -225,7 +224,7 @@ def simulate(
     refuse_unknown(changes, "a simulation option")
     cfg = scene or SceneConfig()
     frames, planes, rate_hz, seed = options.frames, options.planes, options.rate_hz, options.seed
-    photons = DEFAULT_PHOTONS if options.photons is None else float(options.photons)
+    photons = float(options.photons)
     ny, nx = options.size
     pixel_size_um, overwrite = options.pixel_size_um, options.overwrite
     from srdvol.ngff.write import check_output_path
