@@ -52,6 +52,7 @@ from srdvol.tiling import BlockPlan, Window, plan_blocks
 
 __all__ = [
     "BlockDataError",
+    "BlockInputError",
     "Ledger",
     "Progress",
     "WriteReport",
@@ -73,6 +74,10 @@ UPFRONT_MEMORY_FRACTION = 0.25
 
 class BlockDataError(DataError):
     """A block holds NaN or Inf values; the run stops and names the block."""
+
+
+class BlockInputError(BlockDataError):
+    """A block's input holds NaN or Inf values (in chunks the statistics sample did not read)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +280,7 @@ def _denoise_block(
         lefts.append(left)
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         where = ", ".join(f"{a}={s}:{e}" for a, s, e in zip(plan.dims, starts, stops, strict=True))
-        raise BlockDataError(
+        raise BlockInputError(
             f"block {tuple(location)} ({where})",
             "the input holds NaN or Inf values",
             "replace them (e.g. with the local median) and run again",

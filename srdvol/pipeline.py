@@ -632,7 +632,7 @@ def run_predict(
     """
     from srdvol import progress
     from srdvol.cluster import ModelPlugin
-    from srdvol.engine import denoise, write
+    from srdvol.engine import BlockInputError, denoise, write
     from srdvol.lock import hold
     from srdvol.model.checkpoint import check_compatible, model_checksum, read_record
     from srdvol.output import check_output, check_output_path, create_output, write_pyramid
@@ -696,14 +696,25 @@ def run_predict(
             )
             client.register_plugin(ModelPlugin(os.fspath(model)))
             with progress.denoising() as bar:
-                report = write(
-                    lazy,
-                    target,
-                    ledger=_ledger_path(out),
-                    run_id=run_id,
-                    client=client,
-                    progress=bar,
-                )
+                try:
+                    report = write(
+                        lazy,
+                        target,
+                        ledger=_ledger_path(out),
+                        run_id=run_id,
+                        client=client,
+                        progress=bar,
+                    )
+                except BlockInputError as exc:
+                    # NaN/Inf outside the statistics sample: the output keeps the blocks
+                    # finished before this one (recorded in its ledger) for the rerun.
+                    raise BlockInputError(
+                        f"{os.fspath(source)}, {exc.subject}",
+                        exc.problem,
+                        f"replace them (e.g. with the local median) in place and run the same "
+                        f"command again: it keeps the blocks already written to {os.fspath(out)} "
+                        "and computes the rest",
+                    ) from exc
             write_pyramid(out, client=client)
     _say(
         f"wrote {out}: {report.computed} block(s) computed, {report.skipped} already done, "
