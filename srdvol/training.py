@@ -12,12 +12,14 @@ Defaults, and why (upstream uses Adam lr 1e-4, betas (0.5, 0.999), batch 1 per G
 on raw mean-centred intensities): srdvol feeds ``(x - mean) / std``, so the input has unit scale
 whatever the detector gain, and a larger learning rate is stable. The default is Adam lr 1e-3
 with upstream's betas, a linear warm-up over the first 5 % of the steps, a cosine decay to 10 % at
-the last step, the gradient norm clipped at 1, and batch 4. Measured on CPU (simulated 0.3 Hz
-calcium, 64 frames of 64x64 at 2 photons/pixel: noisy 6.3 dB, best oracle-tuned 3D Gaussian
-16.8 dB): a ~40 k-parameter network after 300 steps of 4 patches (16, 32, 32) reached 8.3 / 12.7
-/ 14.7 / 15.4 dB at lr 1e-4 / 3e-4 / 1e-3 / 3e-3 and diverged at 1e-2; the default 1.8 M network,
-150 steps of (16, 64, 64), reached 15.6 dB at 1e-3, 15.9 dB with clipping, and diverged at 3e-3
-without clipping (16.9 dB with it, after a loss spike). 1e-3 is the stable choice.
+the last step, the gradient norm clipped at 1, and batch 4. Measured on CPU with
+``benchmarks/training_choices.py`` (benchmarks/RESULTS.md; simulated 0.3 Hz calcium, 64 frames of
+64x64 at 2 photons/pixel, one seed: noisy 6.3 dB): a ~40 k-parameter network after 300 steps of
+4 patches (16, 32, 32) reached 8.0 / 13.4 / 14.3 / 15.7 / 15.8 dB at lr 1e-4 / 3e-4 / 1e-3 /
+3e-3 / 1e-2, the last through a loss spike of 4e7; the default 1.8 M network, 150 steps of
+(16, 64, 64), reached 16.6 dB at 1e-3 with clipping and 15.8 dB without, and at 3e-3 16.7 dB with
+clipping and -9.1 dB without (it never recovered). 1e-3 stays the default: past the warm-up its
+loss stayed below 2, where 3e-3 spiked to 9e4 (default network, clipped) and 1e-2 to 4e7.
 
 :func:`train` is :func:`prepare_training` (every check, the statistics, the resume state: a
 :class:`TrainingPlan`) followed by :func:`run_training` (build, resume, loop, checkpoint, write);
