@@ -8,10 +8,11 @@ SSIM; cell-trace correlation):
 - the noisy input;
 - a **3D Gaussian filter** (scipy ``gaussian_filter`` over t, y, x) and a **median filter**
   (t x yx x yx window), each *oracle-tuned*: every point of a grid of sigmas (sizes) is scored
-  against the truth, and the best one is picked **separately for SNR and for SSIM** (two rows
-  each). A pick at the upper end of a grid axis (or at its lower end above the axis' natural
-  bound) widens that axis and searches again, so no pick sits at an edge of the searched grid
-  unless it is a natural bound (``sigma_t = 0`` or a median 1 frame long: the per-frame filter);
+  against the truth, and the best one is picked **separately for SNR, for SSIM and for trace
+  correlation** (three rows each). A pick at either end of a grid axis widens that axis and
+  searches again, so no pick sits at an edge of the searched grid unless it is a natural end of
+  the axis: ``sigma_t = 0`` or a median 1 frame long (the per-frame filter), ``sigma_t`` = the
+  movie's length or a median of ``2 * frames - 1`` (the time average), 1 px (no spatial filter);
 - **srdvol**: training as :func:`srdvol.train` does it (spatial sampling, no truth), then a
   whole-movie prediction with :func:`srdvol.predict.predict_array` at ``--overlap`` (default:
   the command line's default, 0.25);
@@ -22,7 +23,7 @@ SSIM; cell-trace correlation):
 It prints the chosen parameters of every baseline per seed, one row per seed and method, and a
 summary over the seeds (mean, sample standard deviation, min-max). ``--json FILE`` keeps every
 figure. Timings are wall seconds of this process with the load average beside them (the machine
-may be shared; SNR and SSIM do not depend on the load).
+may be shared; the scores do not depend on the load).
 
 Run from the repository root (results: benchmarks/RESULTS.md)::
 
