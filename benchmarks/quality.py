@@ -12,7 +12,8 @@ SSIM; cell-trace correlation):
   correlation** (three rows each). A pick at either end of a grid axis widens that axis and
   searches again, so no pick sits at an edge of the searched grid unless it is a natural end of
   the axis: ``sigma_t = 0`` or a median 1 frame long (the per-frame filter), ``sigma_t`` = the
-  movie's length or a median of ``2 * frames - 1`` (the time average), 1 px (no spatial filter);
+  movie's length or a median of ``2 * frames - 1`` (the time average), ``sigma_yx = 0`` or a
+  median 1 px wide (no spatial filter);
 - **srdvol**: training as :func:`srdvol.train` does it (spatial sampling, no truth), then a
   whole-movie prediction with :func:`srdvol.predict.predict_array` at ``--overlap`` (default:
   the command line's default, 0.25);
