@@ -1,42 +1,49 @@
 """Denoising quality on simulated 0.3 Hz calcium imaging: srdvol against classical filters.
 
-For each photon budget the script simulates a noisy movie with its ground truth
-(:func:`srdvol.simulate.simulate`), then scores, with :func:`srdvol.core.metrics.evaluate`
-(per-frame SNR in dB against the truth, detector offset removed; SSIM; cell-trace correlation):
+For each photon budget and each seed the script simulates a noisy movie with its ground truth
+(:func:`srdvol.simulate.simulate`, the seed also seeds training), then scores, with
+:func:`srdvol.core.metrics.evaluate` (per-frame SNR in dB against the truth, detector offset removed;
+SSIM; cell-trace correlation):
 
 - the noisy input;
-- a **3D Gaussian filter** (scipy ``gaussian_filter`` over t, y, x), the best of a grid of
-  sigmas (``sigma_t`` in 0, 0.5, 1 frames x ``sigma_yx`` in 0.5..3 px) chosen *with* the truth,
-  i.e. an oracle-tuned baseline (``sigma_t = 0`` is the 2D per-frame filter);
-- a **median filter**, the best of 3x3 per frame and 3x3x3 in (t, y, x), also oracle-picked;
-- **srdvol**: :func:`srdvol.training.loop.train` for ``--steps`` steps (spatial sampling, no
-  truth), then a whole-movie prediction with :func:`srdvol.predict.predictors.predict_array`.
+- a **3D Gaussian filter** (scipy ``gaussian_filter`` over t, y, x) and a **median filter**
+  (t x yx x yx window), each *oracle-tuned*: every point of a grid of sigmas (sizes) is scored
+  against the truth, and the best one is picked **separately for SNR, for SSIM and for trace
+  correlation** (three rows each). A pick at either end of a grid axis widens that axis and
+  searches again, so no pick sits at an edge of the searched grid unless it is a natural end of
+  the axis: ``sigma_t = 0`` or a median 1 frame long (the per-frame filter), ``sigma_t`` = the
+  movie's length or a median of ``2 * frames - 1`` (the time average), ``sigma_yx = 0`` or a
+  median 1 px wide (no spatial filter);
+- **srdvol**: training as :func:`srdvol.train` does it (spatial sampling, no truth), then a
+  whole-movie prediction with :func:`srdvol.predict.predictors.predict_array` at ``--overlap`` (default:
+  the command line's default, 0.25);
+- with ``--subgrid``, the same model applied to the four half-resolution sub-grids
+  ``noisy[:, i::2, j::2]`` (the resolution the network is trained at) and put back together,
+  against full-resolution inference (what the method prescribes).
 
-It prints one markdown table. The reference point from the project issue: upstream SRDTrans,
-675 CPU steps on 64³ patches, scored 12.0 dB where the Gaussian scored 17.2 dB (noisy 8.3 dB).
+It prints the chosen parameters of every baseline per seed, one row per seed and method, and a
+summary over the seeds (mean, sample standard deviation, min-max). ``--json FILE`` keeps every
+figure. Timings are wall seconds of this process with the load average beside them (the machine
+may be shared; the scores do not depend on the load).
 
-Measured (2 shared CPU cores, ``--network default --threads 2``, 96 frames of 96x96, seed 0;
-patches (16, 64, 64), batch 4, lr 1e-3; SNR dB / SSIM):
+Run from the repository root (results: benchmarks/RESULTS.md)::
 
-=======  ============  ============  ============  ====================  ====================
-photons  noisy         Gaussian      median        srdvol 300 steps      srdvol 1000 steps
-=======  ============  ============  ============  ====================  ====================
-2        5.14 / 0.415  15.56 / 0.905 13.29 / 0.891 16.90 / 0.943 (289 s) 18.82 / 0.969 (583 s)
-5        9.41 / 0.643  17.67 / 0.938 15.47 / 0.893 18.87 / 0.965 (106 s) not run
-=======  ============  ============  ============  ====================  ====================
-
-Run from the repository root (CPU minutes with the defaults)::
-
-    python benchmarks/quality.py                       # small network, 300 steps, CPU
-    python benchmarks/quality.py --network default --steps 1000 --device cuda
+    python benchmarks/quality.py --network default --photons 2 --seeds 0 1 2 --threads 1 --subgrid
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
+import json
+import math
+import os
+import statistics
 import tempfile
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +53,18 @@ from scipy import ndimage
 
 from srdvol.core.metrics import evaluate
 from srdvol.model.config import NetworkConfig
+from srdvol.model.device import resolve_device
 from srdvol.ngff.labels import read_masks
 from srdvol.ngff.read import open_image
+from srdvol.options import DEFAULT_OVERLAP, TrainOptions
 from srdvol.predict.predictors import ModelPredictor, predict_array
 from srdvol.simulate import simulate
-from srdvol.training.loop import train
+from srdvol.training.loop import run_training
+from srdvol.training.plan import prepare_training
+from srdvol.training.trainer import GRAD_CLIP, Trainer
 
-SIGMA_T = (0.0, 0.5, 1.0)
-SIGMA_YX = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+METRICS = ("snr_db", "ssim", "trace_r")
+LABELS = {"snr_db": "SNR", "ssim": "SSIM", "trace_r": "trace r"}
 NETWORKS = {
     # ~40 k parameters: trains in CPU minutes.
     "small": lambda t: NetworkConfig(channels=(4, 8, 8, 16), embed_dim=32, heads=4, patch_t=t),
@@ -62,104 +73,364 @@ NETWORKS = {
 }
 
 
-def score(estimate: np.ndarray, truth: np.ndarray, masks: Any, offset: float) -> dict[str, float]:
-    return evaluate(estimate, truth, masks=masks, offset=offset)
+# ------------------------------------------------------------------------------ data
 
 
-def best_gaussian(
-    noisy: np.ndarray, truth: np.ndarray, masks: Any, offset: float
-) -> tuple[dict[str, float], str]:
-    best: tuple[dict[str, float], str] | None = None
-    for st, sxy in itertools.product(SIGMA_T, SIGMA_YX):
-        result = score(ndimage.gaussian_filter(noisy, (st, sxy, sxy)), truth, masks, offset)
-        if best is None or result["snr_db"] > best[0]["snr_db"]:
-            best = (result, f"sigma t={st:g}, yx={sxy:g}")
-    assert best is not None
-    return best
+@dataclass
+class Movie:
+    """A simulated recording in memory, with what scoring needs."""
+
+    path: Path
+    noisy: np.ndarray
+    truth: np.ndarray
+    masks: Any
+    offset: float
+
+    def score(self, estimate: np.ndarray) -> dict[str, float]:
+        return evaluate(estimate, self.truth, masks=self.masks, offset=self.offset)
 
 
-def best_median(
-    noisy: np.ndarray, truth: np.ndarray, masks: Any, offset: float
-) -> tuple[dict[str, float], str]:
-    best: tuple[dict[str, float], str] | None = None
-    for size, name in (((1, 3, 3), "3x3 per frame"), ((3, 3, 3), "3x3x3")):
-        result = score(ndimage.median_filter(noisy, size=size), truth, masks, offset)
-        if best is None or result["snr_db"] > best[0]["snr_db"]:
-            best = (result, name)
-    assert best is not None
-    return best
-
-
-def run_budget(photons: float, args: argparse.Namespace, root: Path) -> list[list[str]]:
-    noisy_path, truth_path = root / f"noisy-{photons:g}.zarr", root / f"truth-{photons:g}.zarr"
+def make_movie(root: Path, *, photons: float, seed: int, frames: int, size: int) -> Movie:
+    noisy_path = root / f"noisy-{photons:g}-{seed}.zarr"
+    truth_path = root / f"truth-{photons:g}-{seed}.zarr"
     info = simulate(
         noisy_path,
         truth=truth_path,
-        frames=args.frames,
-        size=(args.size, args.size),
+        frames=frames,
+        size=(size, size),
         rate_hz=0.3,
         photons=photons,
-        seed=args.seed,
+        seed=seed,
     )
-    noisy = np.asarray(open_image(noisy_path).data, dtype=np.float32)
-    truth = np.asarray(open_image(truth_path).data, dtype=np.float32)
-    masks = read_masks(truth_path)
-    offset = info.offset
-    rows = []
+    return Movie(
+        path=noisy_path,
+        noisy=np.asarray(open_image(noisy_path).data, dtype=np.float32),
+        truth=np.asarray(open_image(truth_path).data, dtype=np.float32),
+        masks=read_masks(truth_path),
+        offset=info.offset,
+    )
 
-    def row(name: str, result: dict[str, float], note: str, seconds: float | None) -> None:
+
+# ------------------------------------------------------------------------------ baselines
+
+
+@dataclass
+class Axis:
+    """One parameter of a filter: its grid, its natural lower bound, how to go further out."""
+
+    name: str
+    values: list[float]
+    bound: float  # the smallest meaningful value (no filtering along this axis)
+    up: Callable[[float], float]
+    down: Callable[[float], float]
+    top: float = math.inf  # the largest meaningful value (the filter spans the whole axis)
+
+
+@dataclass
+class Pick:
+    """The best grid point for one metric."""
+
+    metric: str
+    params: dict[str, float]
+    scores: dict[str, float]
+    widened: list[str] = field(default_factory=list)
+    at_bound: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        text = ", ".join(f"{k}={v:g}" for k, v in self.params.items())
+        notes = []
+        if self.widened:
+            notes.append("grid widened along " + ", ".join(self.widened))
+        if self.at_bound:
+            notes.append("at the natural end of " + ", ".join(self.at_bound))
+        return text + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def tune(
+    movie: Movie, apply: Callable[..., np.ndarray], axes: Sequence[Axis], *, max_widen: int = 10
+) -> dict[str, Pick]:
+    """Oracle-tune a filter on a grid, separately for each metric, widening edge picks."""
+    cache: dict[tuple[float, ...], dict[str, float]] = {}
+    picks: dict[str, Pick] = {}
+    for metric in METRICS:
+        grids = [list(a.values) for a in axes]
+        widened: list[str] = []
+        for _ in range(max_widen + 1):
+            for point in itertools.product(*grids):
+                if point not in cache:
+                    cache[point] = movie.score(apply(movie.noisy, *point))
+            best = max(itertools.product(*grids), key=lambda p: cache[p][metric])
+            grew = False
+            for i, axis in enumerate(axes):
+                if best[i] == grids[i][-1] and grids[i][-1] < axis.top:
+                    grids[i].append(min(axis.top, axis.up(grids[i][-1])))
+                    grew = True
+                elif best[i] == grids[i][0] and grids[i][0] > axis.bound:
+                    grids[i].insert(0, max(axis.bound, axis.down(grids[i][0])))
+                    grew = True
+                else:
+                    continue
+                widened.append(axis.name)
+            if not grew:
+                break
+        else:
+            raise RuntimeError(f"the {metric} pick still sits at a grid edge: {best}")
+        picks[metric] = Pick(
+            metric=metric,
+            params={a.name: v for a, v in zip(axes, best, strict=True)},
+            scores=cache[best],
+            widened=sorted(set(widened)),
+            at_bound=[a.name for a, v in zip(axes, best, strict=True) if v in (a.bound, a.top)],
+        )
+    return picks
+
+
+def gaussian(noisy: np.ndarray, sigma_t: float, sigma_yx: float) -> np.ndarray:
+    return ndimage.gaussian_filter(noisy, (sigma_t, sigma_yx, sigma_yx))
+
+
+def median(noisy: np.ndarray, size_t: float, size_yx: float) -> np.ndarray:
+    return ndimage.median_filter(noisy, size=(int(size_t), int(size_yx), int(size_yx)))
+
+
+def gaussian_axes(frames: int) -> list[Axis]:
+    # sigma_t beyond the movie's length is its time average: the natural top of that axis.
+    return [
+        Axis(
+            "sigma_t",
+            [0.0, 0.5, 1.0, 1.5, 2.0],
+            0.0,
+            lambda v: 1.5 * v,
+            lambda v: v - 0.5,
+            top=float(frames),
+        ),
+        Axis(
+            "sigma_yx",
+            [0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0],
+            0.0,
+            lambda v: 1.5 * v,
+            lambda v: v / 2,
+        ),
+    ]
+
+
+def median_axes(frames: int) -> list[Axis]:
+    # a window of 2 x frames - 1 covers the whole movie from every frame (reflected ends)
+    return [
+        Axis("size_t", [1, 3, 5], 1, lambda v: 2 * v + 1, lambda v: v - 2, top=2 * frames - 1),
+        Axis("size_yx", [3, 5], 1, lambda v: v + 2, lambda v: v - 2),
+    ]
+
+
+# ------------------------------------------------------------------------------ srdvol
+
+
+class RecordingTrainer(Trainer):
+    """srdvol's Trainer, keeping every loss (to tell a diverged run)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.losses: list[float] = []
+
+    def step(self, batch: np.ndarray) -> float:
+        loss = super().step(batch)
+        self.losses.append(loss)
+        return loss
+
+
+def fit(
+    movie: Movie,
+    model: Path,
+    *,
+    network: str,
+    patch: tuple[int, int, int],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: str,
+    grad_clip: float | None = GRAD_CLIP,
+) -> tuple[list[float], float]:
+    """Train exactly as :func:`srdvol.train` does (its two steps), with ``grad_clip`` as given.
+    Returns the losses and the wall seconds."""
+    started = time.perf_counter()
+    options = TrainOptions(
+        patch=patch,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        network=NETWORKS[network](patch[0]),
+        overwrite=True,
+        checkpoint_every=max(steps, 1),
+    )
+    plan = prepare_training(movie.path, model, options)
+    trainers: list[RecordingTrainer] = []
+    run_training(
+        plan,
+        device=resolve_device(device),
+        make_trainer=functools.partial(RecordingTrainer, grad_clip=grad_clip),
+        on_finish=trainers.append,
+    )
+    return trainers[0].losses, time.perf_counter() - started
+
+
+def subgrid_prediction(
+    noisy: np.ndarray, predictor: ModelPredictor, patch: tuple[int, int, int], overlap: float
+) -> np.ndarray:
+    """Denoise each of the four half-resolution sub-grids on its own, then interleave them."""
+    out = np.empty(noisy.shape, dtype=np.float32)
+    half = (patch[0], patch[1] // 2, patch[2] // 2)
+    for i, j in itertools.product(range(2), range(2)):
+        sub = np.ascontiguousarray(noisy[:, i::2, j::2])
+        out[:, i::2, j::2] = predict_array(sub, predictor, patch=half, overlap=overlap)
+    return out
+
+
+# ------------------------------------------------------------------------------ one seed
+
+
+def load() -> str:
+    return "/".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def run_seed(photons: float, seed: int, args: argparse.Namespace, root: Path) -> list[dict]:
+    movie = make_movie(root, photons=photons, seed=seed, frames=args.frames, size=args.size)
+    rows: list[dict] = []
+
+    def row(method: str, scores: dict[str, float], **extra: Any) -> None:
         rows.append(
-            [
-                f"{photons:g}",
-                name,
-                f"{result['snr_db']:.2f}",
-                f"{result['ssim']:.3f}",
-                f"{result.get('trace_r', float('nan')):.3f}",
-                "" if seconds is None else f"{seconds:.0f}",
-                note,
-            ]
+            {
+                "photons": photons,
+                "seed": seed,
+                "method": method,
+                **{k: scores[k] for k in ("snr_db", "ssim", "trace_r") if k in scores},
+                **extra,
+            }
         )
 
-    row("noisy input", score(noisy, truth, masks, offset), "", None)
-    started = time.perf_counter()
-    gauss, note = best_gaussian(noisy, truth, masks, offset)
-    row("Gaussian 3D (best)", gauss, note, time.perf_counter() - started)
-    started = time.perf_counter()
-    median, note = best_median(noisy, truth, masks, offset)
-    row("median (best)", median, note, time.perf_counter() - started)
+    row("noisy input", movie.score(movie.noisy))
+    for name, apply, axes in (
+        ("Gaussian 3D", gaussian, gaussian_axes(args.frames)),
+        ("median", median, median_axes(args.frames)),
+    ):
+        for metric, pick in tune(movie, apply, axes).items():
+            row(f"{name}, best for {LABELS[metric]}", pick.scores, params=pick.describe())
 
     patch = (args.patch_t, args.patch_yx, args.patch_yx)
-    model = root / f"model-{photons:g}.safetensors"
-    started = time.perf_counter()
-    record = train(
-        noisy_path,
+    model = root / f"model-{photons:g}-{seed}.safetensors"
+    before = load()
+    losses, trained = fit(
+        movie,
         model,
+        network=args.network,
         patch=patch,
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
-        seed=args.seed,
-        network=NETWORKS[args.network](args.patch_t),
-        checkpoint_every=max(args.steps, 1),
-        progress=args.progress,
+        seed=seed,
         device=args.device,
     )
-    trained = time.perf_counter() - started
-    started = time.perf_counter()
     predictor = ModelPredictor(model, device=args.device, batch_size=4)
-    denoised = predict_array(noisy, predictor, patch=patch, overlap=0.5)
+    started = time.perf_counter()
+    denoised = predict_array(movie.noisy, predictor, patch=patch, overlap=args.overlap)
     predicted = time.perf_counter() - started
-    note = (
-        f"{args.network} net, {record.steps} steps x {args.batch_size} patches {patch}, "
-        f"lr {args.lr:g}; train {trained:.0f} s + predict {predicted:.0f} s"
-    )
-    row("srdvol", score(denoised, truth, masks, offset), note, trained + predicted)
+    timing = {
+        "train_s": round(trained, 1),
+        "predict_s": round(predicted, 1),
+        "load_before": before,
+        "load_after": load(),
+        "final_loss": losses[-1],
+    }
+    row("srdvol", movie.score(denoised), params=f"overlap {args.overlap:g}", **timing)
+    if args.subgrid:
+        started = time.perf_counter()
+        sub = subgrid_prediction(movie.noisy, predictor, patch, args.overlap)
+        row(
+            "srdvol, sub-grid inference",
+            movie.score(sub),
+            params=f"overlap {args.overlap:g}",
+            predict_s=round(time.perf_counter() - started, 1),
+            load_after=load(),
+        )
     return rows
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def spread(values: Sequence[float], digits: int) -> str:
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else math.nan
+    return (
+        f"{mean:.{digits}f} ± {sd:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+    )
+
+
+def markdown(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def report(rows: list[dict]) -> str:
+    per_run = markdown(
+        ["photons", "seed", "method", "SNR dB", "SSIM", "trace r", "parameters / timing"],
+        [
+            [
+                f"{r['photons']:g}",
+                r["seed"],
+                r["method"],
+                f"{r['snr_db']:.2f}",
+                f"{r['ssim']:.3f}",
+                f"{r.get('trace_r', math.nan):.3f}",
+                "; ".join(
+                    str(x)
+                    for x in (
+                        r.get("params"),
+                        f"train {r['train_s']} s" if "train_s" in r else None,
+                        f"predict {r['predict_s']} s" if "predict_s" in r else None,
+                        f"load {r['load_before']} -> {r['load_after']}"
+                        if "load_before" in r
+                        else (f"load {r['load_after']}" if "load_after" in r else None),
+                    )
+                    if x
+                ),
+            ]
+            for r in rows
+        ],
+    )
+    groups: dict[tuple[float, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["photons"], r["method"]), []).append(r)
+    summary = markdown(
+        [
+            "photons",
+            "method",
+            "seeds",
+            "SNR dB: mean ± sd (min-max)",
+            "SSIM: mean ± sd (min-max)",
+            "trace r: mean ± sd (min-max)",
+        ],
+        [
+            [
+                f"{photons:g}",
+                method,
+                len(g),
+                spread([r["snr_db"] for r in g], 2),
+                spread([r["ssim"] for r in g], 3),
+                spread([r.get("trace_r", math.nan) for r in g], 3),
+            ]
+            for (photons, method), g in groups.items()
+        ],
+    )
+    return f"{per_run}\n\nSummary over seeds:\n\n{summary}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photons", type=float, nargs="+", default=[2.0, 5.0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--frames", type=int, default=96)
     parser.add_argument("--size", type=int, default=96, help="frame size (pixels, square)")
     parser.add_argument("--steps", type=int, default=300)
@@ -167,30 +438,33 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="default: srdvol's default")
     parser.add_argument("--patch-t", type=int, default=16)
     parser.add_argument("--patch-yx", type=int, default=64)
-    parser.add_argument("--network", choices=sorted(NETWORKS), default="small")
+    parser.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP)
+    parser.add_argument("--network", choices=sorted(NETWORKS), default="default")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--subgrid", action="store_true", help="also score sub-grid inference")
+    parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     if args.lr is None:
-        from srdvol.training.loop import DEFAULT_LR
+        from srdvol.options import DEFAULT_LR
 
         args.lr = DEFAULT_LR
     if args.threads:
         torch.set_num_threads(args.threads)
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        rows = [r for photons in args.photons for r in run_budget(photons, args, Path(tmp))]
-    header = ["photons", "method", "SNR dB", "SSIM", "trace r", "seconds", "notes"]
+        for photons, seed in itertools.product(args.photons, args.seeds):
+            rows += run_seed(photons, seed, args, Path(tmp))
+            if args.json:
+                args.json.write_text(json.dumps({"args": vars(args), "rows": rows}, default=str))
     print(
-        f"\nSimulated 0.3 Hz calcium imaging, {args.frames} frames of {args.size}², "
-        f"seed {args.seed}\n"
+        f"\nSimulated 0.3 Hz calcium imaging, {args.frames} frames of {args.size}x{args.size}; "
+        f"{args.network} network, {args.steps} steps x {args.batch_size} patches "
+        f"({args.patch_t}, {args.patch_yx}, {args.patch_yx}), lr {args.lr:g}, "
+        f"{torch.get_num_threads()} torch thread(s)\n"
     )
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    print(report(rows))
 
 
 if __name__ == "__main__":

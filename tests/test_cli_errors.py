@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -406,6 +407,97 @@ def test_a_second_run_is_refused_and_a_killed_runs_lock_is_taken_over(faults, mo
             first.wait()
         lock.unlink(missing_ok=True)
         shutil.rmtree(out, ignore_errors=True)
+
+
+def _recorded_blocks(out: Path) -> set[int]:
+    """Blocks the output's ledger records as finished."""
+    from srdvol.dask.graph import Ledger
+
+    path = out / "s0" / ".srdvol-ledger.json"
+    stored = json.loads(path.read_text())
+    book = Ledger(path, nblocks=stored["grid"], fingerprint=stored["fingerprint"])
+    return {i for i in range(int(np.prod(stored["grid"]))) if book.is_done(i)}
+
+
+def test_nan_outside_the_statistics_sample_stops_at_its_block_and_keeps_what_was_written(
+    faults, tmp_path, monkeypatch, capsys
+):
+    """A NaN in a chunk the statistics sample does not read is met while blocks are written.
+    Stated (README, Errors) and checked here: exit 2 and one sentence naming the input, the
+    block and the fix; OUT keeps its metadata and the blocks finished before (recorded in its
+    ledger, already holding their final values); the block with the NaN is not written and the
+    lock is released. Once the value is replaced in place, the same command computes only the
+    rest and ends equal to a run on the clean input."""
+    import functools
+
+    from srdvol.core import normalize
+    from srdvol.errors import DataError
+    from srdvol.ngff.read import open_image
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    clean = zarr.open_array(faults / "in.zarr" / "s0", mode="r")[...].astype("float32")
+    clean = np.concatenate([clean, clean[::-1]])  # 64 frames: 4 blocks of 16
+    values = clean.copy()
+    values[60, 5, 5] = np.nan  # in the last 16 frames
+    source = zarr.create_array("nan.zarr", data=values, chunks=(16, 32, 32))
+    zarr.create_array("clean.zarr", data=clean, chunks=(16, 32, 32))
+
+    # A sample of one chunk (the first): the NaN is outside it, where the default sample of
+    # this small image (every chunk) would have found it before anything was written.
+    one_chunk = 8 * 16 * 32 * 32
+    sample = normalize.sample_statistics
+    image = open_image("nan.zarr", axes="tyx")
+    sample(image, max_bytes=one_chunk)
+    with pytest.raises(DataError, match="NaN or Inf"):
+        sample(image)
+    monkeypatch.setattr(
+        normalize, "sample_statistics", functools.partial(sample, max_bytes=one_chunk)
+    )
+
+    model = str(faults / "m16.safetensors")
+    argv = ["predict", "nan.zarr", "out.zarr", "--axes", "tyx", "--model", model]
+    argv += ["--block", "16,32,32", "--workers", "1", "--dashboard-address", ":0"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("srdvol: ")]
+    assert len(lines) == 1 and lines[0] == err.strip().splitlines()[-1], err
+    found = re.fullmatch(
+        r"srdvol: error: nan\.zarr, block \((\d), 0, 0\) \(t=(\d+):(\d+), y=0:32, x=0:32\): "
+        r"the input holds NaN or Inf values; replace them \(e\.g\. with the local median\) in "
+        r"place and run the same command again: it keeps the blocks already written to "
+        r"out\.zarr and computes the rest\.",
+        lines[0],
+    )
+    assert found, lines[0]
+    block, start, stop = map(int, found.groups())
+    assert (start, stop) == (16 * block, 16 * block + 16) and start - 16 < 60 < stop + 16
+
+    out = tmp_path / "out.zarr"
+    assert not Path(lock_path(out)).exists()  # the lock is released
+    assert (out / "s0" / "zarr.json").exists()
+    kept = _recorded_blocks(out)
+    assert kept and block not in kept and max(kept) < block  # the blocks before it
+    stopped = zarr.open_array(out / "s0", mode="r")[...]
+    fill = zarr.open_array(out / "s0", mode="r").fill_value
+    unwritten = stopped[start:stop]
+    assert np.all(unwritten == fill) or (np.isnan(fill) and np.isnan(unwritten).all())
+
+    source[60, 5, 5] = clean[60, 5, 5]  # the fix the message asks for, in place
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert f"{4 - len(kept)} block(s) computed, {len(kept)} already done" in err
+    argv_fresh = [("clean.zarr" if a == "nan.zarr" else a) for a in argv]
+    argv_fresh[argv_fresh.index("out.zarr")] = "fresh.zarr"
+    code, _, err = run_cli(capsys, *argv_fresh)
+    assert code == 0, err
+    resumed, whole = zarr.open_group(out, mode="r"), zarr.open_group("fresh.zarr", mode="r")
+    assert sorted(resumed.array_keys()) == sorted(whole.array_keys())
+    for level in whole.array_keys():  # every level the run wrote
+        np.testing.assert_array_equal(resumed[level][...], whole[level][...])
+    fresh = zarr.open_array(tmp_path / "fresh.zarr" / "s0", mode="r")[...]
+    for b in kept:  # the kept blocks held their final values already
+        np.testing.assert_array_equal(stopped[16 * b : 16 * b + 16], fresh[16 * b : 16 * b + 16])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Ctrl-C and SIGTERM: real signals to a running ``srdvol`` (its pid, or its whole process group
 as a terminal's Ctrl-C does), exit 130/143, one line saying what was kept and how to resume, and
-a rerun that ends exactly like an uninterrupted run. Also a worker process killed mid-predict."""
+a rerun that ends exactly like an uninterrupted run. Also a worker process killed mid-predict,
+and SIGKILL of ``srdvol predict`` with all its workers mid-write (nothing runs on the way out)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -21,6 +23,7 @@ import torch
 import zarr
 
 from srdvol import interrupt
+from srdvol.dask.graph import Ledger
 from srdvol.training.state import state_path
 
 PROGRESS = re.compile(r"^(training step|denoising) (\d+)/(\d+)")
@@ -376,3 +379,50 @@ def test_a_worker_killed_mid_prediction_is_recovered_or_named_and_a_rerun_comple
         zarr.open_group(out, mode="r")["s0"][...],
         zarr.open_group(data / "reference.zarr", mode="r")["s0"][...],
     )
+
+
+def _recorded(ledger: Path) -> int:
+    """Blocks a ledger file records as finished (read through Ledger with its own fingerprint)."""
+    stored = json.loads(ledger.read_text())
+    return Ledger(ledger, nblocks=stored["grid"], fingerprint=stored["fingerprint"]).count
+
+
+@pytest.mark.slow
+def test_a_predict_killed_mid_write_resumes_to_the_same_bytes(data, tmp_path):
+    """SIGKILL of ``srdvol predict`` and its LocalCluster workers while blocks are being written:
+    no handler runs, so what is on disk is what the writer had stored and what its ledger (written
+    every 2 s, the default) had recorded. The model is a real network (a patch's prediction
+    depends on the whole patch). The same command then takes the stale lock over, computes only
+    the blocks the ledger lacks, and leaves the bytes of an uninterrupted run."""
+    out = tmp_path / "out.zarr"
+    argv = _srdvol("predict", str(data / "long.zarr"), str(out), *_predict_options())
+    argv[argv.index("tiny.safetensors")] = str(data / "tiny.safetensors")
+    ledger = out / "s0" / ".srdvol-ledger.json"
+    log = tmp_path / "predict.log"
+    with log.open("w") as handle:
+        proc = subprocess.Popen(
+            argv, stdout=handle, stderr=subprocess.STDOUT, env=_env(), start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while not (ledger.exists() and _recorded(ledger) >= 1):
+            assert proc.poll() is None, f"the run ended before the kill:\n{log.read_text()}"
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # srdvol, its nanny and worker processes
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    recorded = _recorded(ledger)
+    assert 1 <= recorded < 10, log.read_text()
+    assert "wrote " not in log.read_text()  # it was killed mid-write, not after
+
+    again = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "took over the lock of a run that is no longer running" in again.stderr
+    # resumed where the ledger says, not from block 0 and not past a block it lacks
+    assert f"{10 - recorded} block(s) computed, {recorded} already done" in again.stderr
+    assert _recorded(ledger) == 10
+    assert _chunk_bytes(out) == _chunk_bytes(data / "reference.zarr")

@@ -1,5 +1,6 @@
-"""End to end through the command line (denoise with a live dashboard, a rerun resumes), and
-``srdvol info``: what will be written (levels, dtype, chunks, size) and what it costs."""
+"""End to end through the command line (denoise with a live dashboard, a rerun of a finished run
+does nothing), and ``srdvol info``: what will be written (levels, dtype, chunks, size) and what
+it costs."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ def _srdvol(*args: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_denoise_serves_the_dashboard_while_running_and_a_rerun_resumes(tmp_path):
+def test_denoise_serves_the_dashboard_while_running_and_a_finished_run_is_not_redone(tmp_path):
+    # A rerun of a *finished* run: nothing is computed again and nothing changes. Resuming a
+    # run killed mid-write is tests/test_interrupt.py::test_a_predict_killed_mid_write_...
     noisy, truth, out = tmp_path / "noisy.zarr", tmp_path / "truth.zarr", tmp_path / "den.zarr"
     simulate(noisy, truth=truth, frames=32, size=(48, 48), seed=3)
     argv = _srdvol(

@@ -197,7 +197,7 @@ def _write(
 ) -> Any:
     """Create (or reopen) the output, write every block, then the pyramid."""
     from srdvol import progress
-    from srdvol.dask.graph import denoise, write
+    from srdvol.dask.graph import BlockInputError, denoise, write
     from srdvol.dask.workers import ModelPlugin
     from srdvol.ngff.storecheck import storage_errors
     from srdvol.ngff.write import create_output, write_pyramid
@@ -219,9 +219,25 @@ def _write(
         )
         client.register_plugin(ModelPlugin(os.fspath(model)))
         with progress.denoising() as bar:
-            report = write(
-                lazy, target, ledger=ledger_path(out), run_id=run_id, client=client, progress=bar
-            )
+            try:
+                report = write(
+                    lazy,
+                    target,
+                    ledger=ledger_path(out),
+                    run_id=run_id,
+                    client=client,
+                    progress=bar,
+                )
+            except BlockInputError as exc:
+                # NaN/Inf outside the statistics sample: the output keeps the blocks finished
+                # before this one (recorded in its ledger) for the rerun.
+                raise BlockInputError(
+                    f"{image.attrs.get('source', 'the input')}, {exc.subject}",
+                    exc.problem,
+                    "replace them (e.g. with the local median) in place and run the same "
+                    f"command again: it keeps the blocks already written to {os.fspath(out)} "
+                    "and computes the rest",
+                ) from exc
         write_pyramid(out, client=client)
     return report
 

@@ -58,6 +58,7 @@ from srdvol.predict.predictors import (
 
 __all__ = [
     "BlockDataError",
+    "BlockInputError",
     "Ledger",
     "Progress",
     "WriteReport",
@@ -79,6 +80,10 @@ UPFRONT_MEMORY_FRACTION = 0.25
 
 class BlockDataError(DataError):
     """A block holds NaN or Inf values; the run stops and names the block."""
+
+
+class BlockInputError(BlockDataError):
+    """A block's input holds NaN or Inf values (in chunks the statistics sample did not read)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +286,7 @@ def _denoise_block(
         lefts.append(left)
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         where = ", ".join(f"{a}={s}:{e}" for a, s, e in zip(plan.dims, starts, stops, strict=True))
-        raise BlockDataError(
+        raise BlockInputError(
             f"block {tuple(location)} ({where})",
             "the input holds NaN or Inf values",
             "replace them (e.g. with the local median) and run again",
