@@ -2,8 +2,8 @@
 
 For each photon budget and each seed the script simulates a noisy movie with its ground truth
 (:func:`srdvol.simulate.simulate`, the seed also seeds training), then scores, with
-:func:`srdvol.core.metrics.evaluate` (per-frame SNR in dB against the truth, detector offset removed;
-SSIM; cell-trace correlation):
+:func:`srdvol.core.metrics.evaluate` (per-frame SNR in dB against the truth, detector offset
+removed; SSIM; cell-trace correlation):
 
 - the noisy input;
 - a **3D Gaussian filter** (scipy ``gaussian_filter`` over t, y, x) and a **median filter**
@@ -15,8 +15,8 @@ SSIM; cell-trace correlation):
   movie's length or a median of ``2 * frames - 1`` (the time average), ``sigma_yx = 0`` or a
   median 1 px wide (no spatial filter);
 - **srdvol**: training as :func:`srdvol.train` does it (spatial sampling, no truth), then a
-  whole-movie prediction with :func:`srdvol.predict.predictors.predict_array` at ``--overlap`` (default:
-  the command line's default, 0.25);
+  whole-movie prediction with :func:`srdvol.predict.predictors.predict_array` at ``--overlap``
+  (default: the command line's default, 0.25);
 - with ``--subgrid``, the same model applied to the four half-resolution sub-grids
   ``noisy[:, i::2, j::2]`` (the resolution the network is trained at) and put back together,
   against full-resolution inference (what the method prescribes).

@@ -5,9 +5,10 @@ threads per worker, ``--steps``, ``--warmup``, ``--patch T Y X``, ``--batch``, `
 tiny|small|default``, ``--gpus``). It writes a synthetic movie to a temporary Zarr store, then
 for each run starts a local cluster (:func:`srdvol.dask.cluster.open_cluster`) and trains with
 srdvol's own distributed path: :func:`srdvol.dask.ddp_train.plan_training` on the client, then one
-:func:`srdvol.training.loop.run_training` per rank through :func:`srdvol.dask.ranks.run_distributed`
-(DistributedDataParallel, gloo on CPU), exactly what :func:`srdvol.dask.ddp_train.train_rank` runs, with a
-Trainer that also time-stamps each of its steps on its own rank. Reported per run:
+:func:`srdvol.training.loop.run_training` per rank through
+:func:`srdvol.dask.ranks.run_distributed` (DistributedDataParallel, gloo on CPU), exactly what
+:func:`srdvol.dask.ddp_train.train_rank` runs, with a Trainer that also time-stamps each of its
+steps on its own rank. Reported per run:
 
 - samples/s: the **sum over ranks** of each rank's own rate, its patches per second between the
   end of its step ``--warmup`` and the end of its last step, on its own clock (each interval
@@ -127,7 +128,7 @@ def run(
             ranks=RankOptions(workers=workers),
         )
         chosen = kwargs.pop("workers")
-        ranks = run_distributed(client, timed_rank, workers=chosen, **kwargs)
+        ranks = run_distributed(client, timed_rank, ranks=RankOptions(chosen), **kwargs)
         wall = time.perf_counter() - start
     rates, step_s, cpu_s = [], [], []
     for stamps in ranks:

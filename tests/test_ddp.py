@@ -108,7 +108,7 @@ def test_run_distributed_lets_rank_0_write_and_report(cluster, tmp_path):
         steps=STEPS,
         out=str(tmp_path),
         on_progress=seen.append,
-        timeout=60,
+        ranks=RankOptions(timeout=60),
     )
     # rank 0's return value comes back: its trained weights, moved from the initial ones
     assert not np.allclose(weights["0.weight"], _tiny_net(0).state_dict()["0.weight"].numpy())
@@ -123,7 +123,14 @@ def test_run_distributed_lets_rank_0_write_and_report(cluster, tmp_path):
 def test_worker_dying_mid_training_names_worker_step_and_checkpoint(cluster, tmp_path):
     start = time.monotonic()
     with pytest.raises(TrainingInterruptedError) as info:
-        run_distributed(cluster, _train_ddp, steps=50, out=str(tmp_path), die_at=2, timeout=30)
+        run_distributed(
+            cluster,
+            _train_ddp,
+            steps=50,
+            out=str(tmp_path),
+            die_at=2,
+            ranks=RankOptions(timeout=30),
+        )
     assert time.monotonic() - start < 60
     message = str(info.value)
     assert message.startswith("distributed training: worker ")
@@ -135,7 +142,7 @@ def test_worker_dying_mid_training_names_worker_step_and_checkpoint(cluster, tmp
 
 def test_error_in_training_code_reaches_the_caller_unchanged(cluster):
     with pytest.raises(DataError, match="NaN values") as info:
-        run_distributed(cluster, _fails_on_rank_1, timeout=30)
+        run_distributed(cluster, _fails_on_rank_1, ranks=RankOptions(timeout=30))
     assert info.value.subject == "movie.zarr"
 
 
@@ -209,7 +216,9 @@ def test_train_distributed_writes_model_and_resumes_exactly_after_a_lost_worker(
     plan = plan_training(cluster, source, model, **options)
     workers = plan.pop("workers")
     with pytest.raises(TrainingInterruptedError) as info:
-        run_distributed(cluster, _faulty_rank, die_at=5, workers=workers, timeout=30, **plan)
+        run_distributed(
+            cluster, _faulty_rank, die_at=5, ranks=RankOptions(workers, timeout=30), **plan
+        )
     message = str(info.value)
     assert "rank 1" in message
     assert "at step 4 of 8" in message

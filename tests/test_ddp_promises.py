@@ -26,7 +26,7 @@ import zarr
 from distributed import Client, LocalCluster
 
 from srdvol.dask.ddp_train import plan_training, train_rank
-from srdvol.dask.ranks import run_distributed
+from srdvol.dask.ranks import RankOptions, run_distributed
 from srdvol.model.checkpoint import load_model
 from srdvol.model.config import NetworkConfig
 from srdvol.model.network import build_network
@@ -153,7 +153,7 @@ def test_ddp_ranks_agree_and_equal_one_process_on_both_batches(client, source, t
     workers = kwargs.pop("workers")
     assert len(workers) == 2
     record, ranks = run_distributed(
-        client, _rank_with_weights, workers=workers, timeout=120, **kwargs
+        client, _rank_with_weights, ranks=RankOptions(workers, timeout=120), **kwargs
     )
     assert record.steps == STEPS
 

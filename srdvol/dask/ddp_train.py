@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 STOP_GRACE = 300.0
 #: Task-name prefix of the training segments (what the dashboard shows).
 SEGMENT_PREFIX = "srdvol-training"
-_NO_RANKS = RankOptions()
+_ALL_WORKERS = RankOptions()
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def plan_training(
     options: TrainOptions | None = None,
     *,
     read: ReadOptions | None = None,
-    ranks: RankOptions = _NO_RANKS,
+    ranks: RankOptions = _ALL_WORKERS,
     **changes: Any,
 ) -> dict[str, Any]:
     """Check the options and the data on the client; return the keyword arguments of
@@ -286,7 +286,7 @@ def train_distributed(
     options: TrainOptions | None = None,
     *,
     read: ReadOptions | None = None,
-    ranks: RankOptions = _NO_RANKS,
+    ranks: RankOptions = _ALL_WORKERS,
     progress: bool | Callable[[StepReport], None] = True,
     **changes: Any,
 ) -> Any:

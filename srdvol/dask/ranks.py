@@ -73,6 +73,9 @@ class RankOptions:
     timeout: float = DEFAULT_TIMEOUT
 
 
+_ALL_WORKERS = RankOptions()
+
+
 @dataclass(frozen=True)
 class GroupSpec:
     """How one rank joins its job's process group (small: it travels with every task).
@@ -282,9 +285,7 @@ def run_distributed(
     client: Client,
     fn: Callable[..., Any],
     *args: Any,
-    workers: int | Sequence[str] | None = None,
-    backend: str | None = None,
-    timeout: float = DEFAULT_TIMEOUT,
+    ranks: RankOptions = _ALL_WORKERS,
     on_progress: Callable[[StepReport], None] | None = None,
     **kwargs: Any,
 ) -> Any:
@@ -299,13 +300,9 @@ def run_distributed(
         :class:`DDPContext` first; rank 0's return value is returned.
     *args, **kwargs
         Passed to ``fn``; they travel through the scheduler, so keep them small (paths, options).
-    workers
-        Number of ranks (the first workers by name), explicit worker addresses, or ``None`` for
-        every GPU worker (every worker when none has a GPU).
-    backend
-        ``"nccl"`` or ``"gloo"``; default NCCL on GPU workers, gloo otherwise.
-    timeout
-        Seconds a collective waits for a silent peer before the run fails.
+    ranks
+        Which workers become ranks, the backend and the collectives' timeout
+        (:class:`RankOptions`; every GPU worker, or every worker when none has a GPU).
     on_progress
         Called on the client with each :class:`StepReport` report of rank 0.
 
@@ -319,11 +316,12 @@ def run_distributed(
     TrainingInterruptedError
         If a worker dies or a rank loses contact with the others.
     """
-    chosen, on_gpus = choose_workers(client, workers)
-    backend = choose_backend(on_gpus, backend)
+    chosen, on_gpus = choose_workers(client, ranks.workers)
+    backend = choose_backend(on_gpus, ranks.backend)
     addresses = [a for a, _ in chosen]
     topic = f"srdvol-ddp-{uuid.uuid4().hex[:12]}"
-    group = GroupSpec(0, len(addresses), rendezvous(client, addresses[0]), backend, timeout, topic)
+    rendezvous_at = rendezvous(client, addresses[0])
+    group = GroupSpec(0, len(addresses), rendezvous_at, backend, ranks.timeout, topic)
     logger.info("distributed run on %d ranks via %s (%s)", len(chosen), group.init_method, backend)
     watch = Watch()
     with subscribed(client, topic) as events:
