@@ -353,6 +353,45 @@ def demo(
     run_demo(workdir, steps=steps, workers=workers, overwrite=overwrite)
 
 
+@app.command()
+def export(
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="A trained srdvol model file.")],
+    out: Annotated[
+        Path, typer.Argument(metavar="OUT.zip", help="BioImage Model Zoo package to write.")
+    ],
+    sample: Annotated[
+        str | None,
+        typer.Option(
+            "--sample",
+            help="OME-Zarr image whose first patch becomes the package's test input "
+            "(default: noise with the training data's mean and std).",
+        ),
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option("--name", help="Model name in the zoo (default: from MODEL's file name)."),
+    ] = None,
+    author: Annotated[
+        list[str] | None,
+        typer.Option("--author", help="Author name; repeat for several (default: login name)."),
+    ] = None,
+    license: Annotated[
+        str | None,
+        typer.Option("--license", help="SPDX licence of the weights (default: CC-BY-4.0)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing OUT.zip.")
+    ] = False,
+) -> None:
+    """Write MODEL as a BioImage Model Zoo package that bioimageio.core runs (TorchScript
+    weights, normalisation as processing steps, a test input and output)."""
+    from srdvol.app.export import run_export
+
+    run_export(
+        model, out, sample=sample, name=name, authors=author, license=license, overwrite=overwrite
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``srdvol`` console script.
 
