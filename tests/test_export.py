@@ -144,26 +144,29 @@ def test_test_output_is_srdvols_own_prediction(trained, package):
 
 def test_bioimageio_core_denoises_a_new_movie_like_srdvol(trained, package):
     """Another frame size (not a multiple of the Swin window), 32 frames of real data, raw
-    uint16 in: bioimageio.core's own pipeline (processing steps, TorchScript, blocks of 16
-    frames) gives srdvol's network output for each block, in input units."""
+    uint16 in: bioimageio.core's own pipeline (processing steps, TorchScript) gives srdvol's
+    network output for each block of 16 frames, in input units, whether it runs the movie
+    whole (two blocks in one call) or in blocks of 16 frames."""
+    import xarray as xr
     from bioimageio.core import predict
 
     from srdvol.predict.predictors import ModelPredictor
 
     movie = zarr.open_array(trained / "in.zarr" / "s0", mode="r")[:, 3:23, 1:28]
-    shape = {"batch": 1, "channel": 1, "time": 16, "y": 20, "x": 27}
-
-    result = predict(
-        model=package, inputs={"raw": movie[None, None]}, input_block_shape={"raw": shape}
-    )
-
-    denoised = result.members["denoised"].data.values[0, 0]
     predictor = ModelPredictor(trained / "m16.safetensors", device="cpu")
     expected = np.concatenate(
         [predictor(movie[None, t : t + 16].astype("float32"))[0] for t in (0, 16)]
     )
-    assert denoised.shape == movie.shape
-    np.testing.assert_allclose(denoised, expected, rtol=1e-5, atol=1e-3)
+    raw = xr.DataArray(movie[None, None], dims=("batch", "channel", "time", "y", "x"))
+    blocks = {"raw": {"batch": 1, "channel": 1, "time": 16, "y": 20, "x": 27}}
+
+    whole = predict(model=package, inputs={"raw": raw})
+    blockwise = predict(model=package, inputs={"raw": raw}, input_block_shape=blocks)
+
+    for result in (whole, blockwise):
+        denoised = result.members["denoised"].data.values[0, 0]
+        assert denoised.shape == movie.shape
+        np.testing.assert_allclose(denoised, expected, rtol=1e-5, atol=1e-3)
 
 
 def test_description_carries_the_record(trained, package):
@@ -194,7 +197,8 @@ def test_description_carries_the_record(trained, package):
 
 
 def test_trace_follows_any_frame_size_and_batch():
-    """The property the package relies on: one trace serves every batch and frame size."""
+    """The property the package relies on: one trace serves every batch, frame size and
+    number of 16-frame blocks."""
     import torch
 
     from srdvol.model.config import NetworkConfig
@@ -204,10 +208,11 @@ def test_trace_follows_any_frame_size_and_batch():
     torch.manual_seed(0)
     network = build_network(NetworkConfig.tiny(16)).eval()
     traced = trace_network(network, torch.randn(1, 1, 16, 16, 16))
-    for shape in [(1, 1, 16, 7, 7), (3, 1, 16, 9, 30)]:
+    for shape in [(3, 1, 32, 9, 30)]:
         x = torch.randn(shape)
         with torch.no_grad():
-            torch.testing.assert_close(traced(x), network(x), rtol=0, atol=1e-5)
+            blocks = [network(x[:, :, t : t + 16]) for t in range(0, shape[2], 16)]
+            torch.testing.assert_close(traced(x), torch.cat(blocks, 2), rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

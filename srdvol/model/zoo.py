@@ -3,19 +3,24 @@
 The package is one zip file that bioimageio.core (and the zoo's other consumers) run without
 srdvol:
 
-- **weights**: TorchScript, traced from srdvol's own network. Tracing records the frame size
-  as tensor arithmetic (the Swin padding and shifted-window masks are computed inside the
-  trace), so the traced module accepts any y and x; the export checks this on a second, odd
-  frame size and batch before writing anything. ``torch.jit.script`` is not used: the network's
-  Python (pydantic config, mask cache, chunked attention) is not scriptable.
+- **weights**: TorchScript, traced from srdvol's own network inside :class:`TimeBlocks`.
+  Tracing records the frame size as tensor arithmetic (the Swin padding and shifted-window
+  masks are computed inside the trace), so the traced module accepts any batch, any y and x,
+  and any multiple of ``patch_t`` frames (each block of ``patch_t`` frames denoised on its
+  own); the export checks this on another batch, number of blocks and an odd frame size
+  before writing anything. ``torch.jit.script`` is not used: the network's Python (pydantic
+  config, mask cache, chunked attention) is not scriptable.
 - **normalisation**: srdvol's global training statistics as the package's own processing
   steps, ``fixed_zero_mean_unit_variance`` (mean, std) before the network and
   ``scale_linear`` (gain std, offset mean) after it, so the package takes raw intensities and
   returns denoised intensities in the same units, and the statistics are readable in its
-  ``rdf.yaml``.
-- **axes**: ``batch, channel, time, y, x``; one channel; time exactly ``patch_t`` frames (the
-  temporal position embedding is learned for that length); y and x any size from one Swin
-  window up, in steps of 1 pixel.
+  ``rdf.yaml`` rather than hidden in the weights. (bioimageio.core divides by ``std + 1e-6``,
+  a relative change of ``1e-6 / std``, far inside its test tolerance.)
+- **axes**: ``batch, channel, time, y, x``; one channel; time ``patch_t`` frames (the temporal
+  position embedding is learned for that length; a fixed size keeps bioimageio.core's
+  blockwise prediction at ``patch_t`` frames per block whatever the tile size in y and x,
+  while a whole movie of ``k * patch_t`` frames also runs in one call); y and x any size from
+  one Swin window up, in steps of 1 pixel.
 - **test pair**: a ``(1, 1, patch_t, y, x)`` input in raw units and the output that srdvol's
   own (not traced) network gives for it; ``bioimageio test`` checks that the package
   reproduces it.
@@ -54,6 +59,7 @@ from srdvol.model.zoo_description import documentation, min_frame_size, package_
 
 __all__ = [
     "DEFAULT_LICENSE",
+    "TimeBlocks",
     "check_metadata",
     "check_package_path",
     "default_test_input",
@@ -186,8 +192,39 @@ def _normalised(movie: np.ndarray, record: ModelRecord) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(scaled, dtype=np.float32))
 
 
+class TimeBlocks(nn.Module):
+    """The network over consecutive blocks of ``frames`` frames: ``(B, 1, k * frames, Y, X)``
+    in, the same shape out, each block denoised on its own (a batch of ``B * k`` patches).
+
+    Parameters
+    ----------
+    network
+        srdvol's network, which takes exactly ``frames`` frames.
+    frames
+        The network's ``patch_t``.
+    """
+
+    def __init__(self, network: nn.Module, frames: int) -> None:
+        super().__init__()
+        self.network = network
+        self.frames = int(frames)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        k, frames = t // self.frames, self.frames
+        blocks = x.reshape(b, c, k, frames, h, w).transpose(1, 2).reshape(b * k, c, frames, h, w)
+        out = self.network(blocks).reshape(b, k, c, frames, h, w)
+        return out.transpose(1, 2).reshape(b, c, t, h, w)
+
+
+def _blockwise(network: nn.Module, x: torch.Tensor, frames: int) -> torch.Tensor:
+    """The reference for :class:`TimeBlocks`: one network call per block of frames."""
+    return torch.cat([network(x[:, :, i : i + frames]) for i in range(0, x.shape[2], frames)], 2)
+
+
 def trace_network(network: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
-    """Trace ``network`` on ``example`` and check the trace on another frame size and batch.
+    """Trace :class:`TimeBlocks` around ``network`` on ``example`` and check the trace on
+    another batch, number of blocks and frame size.
 
     Parameters
     ----------
@@ -199,7 +236,8 @@ def trace_network(network: nn.Module, example: torch.Tensor) -> torch.jit.Script
     Returns
     -------
     torch.jit.ScriptModule
-        The traced module; it equals ``network`` on any batch and frame size.
+        The traced module; on any batch, frame size and multiple of ``patch_t`` frames it
+        equals ``network`` applied to each block of ``patch_t`` frames.
 
     Raises
     ------
@@ -207,24 +245,25 @@ def trace_network(network: nn.Module, example: torch.Tensor) -> torch.jit.Script
         If the traced module differs from the network on the check input (the network gained
         code that tracing cannot follow).
     """
+    t = int(example.shape[2])
+    blocks = TimeBlocks(network, t).eval()
     with warnings.catch_warnings(), torch.no_grad():
         # torch 2.13 deprecates torch.jit (it still works, and TorchScript is what the zoo's
         # consumers run), and warns about the input-shape checks it records as constants
         # (TracerWarning); the trace is checked below instead.
         _quiet_jit()
-        traced = torch.jit.trace(network, example, check_trace=False)
-    t = int(example.shape[2])
+        traced = torch.jit.trace(blocks, example, check_trace=False)
     generator = torch.Generator().manual_seed(1)
-    # Another batch and a frame that is no multiple of the window and spans two in x.
+    # Two blocks, two samples, a frame that is no multiple of the window and spans two in x.
     side = int(getattr(getattr(network, "config", None), "window", 7))
-    check = torch.randn((2, 1, t, side + 3, 2 * side + 5), generator=generator)
+    check = torch.randn((2, 1, 2 * t, side + 3, 2 * side + 5), generator=generator)
     with torch.no_grad():
-        difference = float((traced(check) - network(check)).abs().max())
+        difference = float((traced(check) - _blockwise(network, check, t)).abs().max())
     if not difference <= TRACE_TOLERANCE:
         raise ModelMismatchError(
             "model",
             f"its TorchScript trace differs from the network by {difference:.3g} on a "
-            "(2, 1, t, y, x) check input of another size",
+            f"(2, 1, {2 * t}, y, x) check input of another size",
             "report this as a srdvol bug: the network changed in a way tracing cannot follow",
         )
     return traced
