@@ -381,6 +381,19 @@ def test_sample_is_the_first_frames_cropped_around_the_centre(make_image):
     np.testing.assert_array_equal(movie, data[:32, 0, 0, 7:23, :])  # x is narrower: whole
 
 
+def test_missing_bioimageio_is_one_sentence(faults, monkeypatch, capsys):
+    monkeypatch.chdir(faults)
+    monkeypatch.setitem(sys.modules, "bioimageio.spec", None)  # as if not installed
+    before = digests(faults)
+
+    code, _, err = run_cli(capsys, "export", "m16.safetensors", "new.zip")
+
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("srdvol: error: bioimageio.spec: is not installed")
+    assert "pip install 'srdvol[export]'" in err
+    assert digests(faults) == before
+
+
 def _can_mount() -> bool:
     if shutil.which("unshare") is None:
         return False
