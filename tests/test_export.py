@@ -305,6 +305,7 @@ FAULTS = [
     ("existing OUT", ["m16.safetensors", "existing.zip"], "existing.zip", "--overwrite"),
     ("OUT is a folder", ["m16.safetensors", "folder.zip"], "folder.zip", "is a folder"),
     ("OUT not a zip", ["m16.safetensors", "new.tar"], "new.tar", "ending in .zip"),
+    ("OUT a URL", ["m16.safetensors", "s3://bucket/new.zip"], "s3://bucket/new.zip", "local path"),
     (
         "OUT under a file",
         ["m16.safetensors", "notes.txt/new.zip"],

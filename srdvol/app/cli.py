@@ -357,7 +357,7 @@ def demo(
 def export(
     model: Annotated[Path, typer.Argument(metavar="MODEL", help="A trained srdvol model file.")],
     out: Annotated[
-        Path, typer.Argument(metavar="OUT.zip", help="BioImage Model Zoo package to write.")
+        str, typer.Argument(metavar="OUT.zip", help="BioImage Model Zoo package to write.")
     ],
     sample: Annotated[
         str | None,

@@ -98,10 +98,16 @@ def check_package_path(
     Raises
     ------
     OutputPathError
-        If ``out`` does not end in ``.zip``, is a folder, or is the model file itself.
+        If ``out`` is a URL, does not end in ``.zip``, is a folder, or is the model file.
     OutputExistsError
         If ``out`` exists and ``overwrite`` is not set.
     """
+    if "://" in os.fspath(out):
+        raise OutputPathError(
+            out,
+            "a package is written to a local file",
+            "write it to a local path, then copy it where it should go",
+        )
     target = Path(out).absolute()
     if target.suffix.lower() != ".zip":
         raise OutputPathError(
