@@ -11,6 +11,7 @@ from srdvol.errors import ConfigError, flag
 
 __all__ = [
     "DEFAULT_COMPRESSION",
+    "DEFAULT_LICENSE",
     "DEFAULT_OVERLAP",
     "DEVICE_PREFIXES",
     "FRAMES_PER_LEVEL",
@@ -33,6 +34,8 @@ MAX_OVERLAP = 0.95
 #: blosc-zstd level of the output: fast to write, and denoised float32 data still compresses
 #: about 1.5x (``srdvol info`` estimates the stored size).
 DEFAULT_COMPRESSION = 3
+#: Licence of an exported model's weights unless the user names another (SPDX).
+DEFAULT_LICENSE = "CC-BY-4.0"
 #: patch_t is a multiple of this: the network halves t four times.
 FRAMES_PER_LEVEL = 16
 
