@@ -103,3 +103,26 @@ def test_new_output_has_the_old_layout(old_stores, ngff):
         else:  # chunks: the same codec writes the same bytes
             assert new_files[name].read_bytes() == path.read_bytes(), name
     validate_ngff(new)
+
+
+MODEL = Path(__file__).parent / "data" / "model-v0.1.0.safetensors"
+
+
+def test_a_model_written_by_010_loads_and_predicts_what_010_wrote(old_stores):
+    """The 0.1.0 model file loads (its checksum is checked) and, run by today's engine, gives
+    the output 0.1.0 wrote with it (the engine's rounding, not its blocks, may differ)."""
+    from srdvol.dask.graph import denoise
+    from srdvol.model.checkpoint import load_model, read_record
+    from srdvol.predict.predictors import ModelPredictor, check_model
+
+    record = read_record(MODEL)
+    assert tuple(record.patch) == (16, 16, 16) and record.weights_sha256
+    network, _ = load_model(MODEL)  # checks the weights against the recorded checksum
+    assert sum(p.numel() for p in network.parameters()) > 0
+    check_model(MODEL)
+    image = open_image(old_stores / "in.zarr")
+    lazy = denoise(image, ModelPredictor(MODEL, device="cpu"), patch=(16, 16, 16))
+    written = zarr.open_array(old_stores / "out-0.5.zarr" / "s0", mode="r")[...]
+    np.testing.assert_allclose(
+        np.asarray(lazy.data.compute(scheduler="threads")), written, rtol=1e-5, atol=1e-3
+    )
