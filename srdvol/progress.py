@@ -153,6 +153,9 @@ class Tracker:
                 target=self._heartbeat, name=f"srdvol {self.label} progress", daemon=True
             )
             self._thread.start()
+            if self.done:
+                # a resumed run's log says at once where it starts, before its first new report
+                self._write_line()
 
     # -- what subclasses provide --------------------------------------------------------------
 

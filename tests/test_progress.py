@@ -47,17 +47,20 @@ def test_batch_log_lines_have_rate_and_eta_from_the_first_report():
     bar.update(120, loss=0.0123)  # 20 steps of 8 samples in 10 s: 16 samples/s, 0.5 s per step
     first = out.getvalue().splitlines()
     assert first == [
-        "training step 120/2000 loss 0.0123 16.0 samples/s ETA 0:15:40 elapsed 0:00:10"
+        # a resumed run says at once where it starts ...
+        "training step 100/2000 - samples/s ETA - elapsed 0:00:00",
+        # ... and its first report has a rate and an ETA
+        "training step 120/2000 loss 0.0123 16.0 samples/s ETA 0:15:40 elapsed 0:00:10",
     ]
     clock.now += 30.0
     bar.update(180, loss=0.01)  # no line between intervals ...
-    assert len(out.getvalue().splitlines()) == 1
+    assert len(out.getvalue().splitlines()) == 2
     bar.milestone()  # ... but one at each checkpoint
     clock.now += 5.0
     bar.close()  # and at the end
     lines = out.getvalue().splitlines()
-    assert len(lines) == 3
-    assert all(TRAIN_LINE.match(line) for line in lines), lines
+    assert len(lines) == 4
+    assert all(TRAIN_LINE.match(line) for line in lines[1:]), lines
     assert lines[-2].startswith("training step 180/2000 loss 0.01 16.0 samples/s ETA 0:15:10")
     assert lines[-1].startswith("training step 180/2000 loss 0.01 16.0 samples/s ETA 0:15:05")
 
