@@ -1,4 +1,5 @@
-"""Tests for srdvol.dask.graph: the lazy map_overlap image, the wave writer and its ledger."""
+"""Tests for srdvol.dask (graph, writer, runners, ledger): the lazy overlap-add image, the wave
+writer and its ledger."""
 
 from __future__ import annotations
 
@@ -413,8 +414,8 @@ def test_writer_on_local_cluster(tmp_path, client):
 
     def watch(p):
         # Blocks still being computed or written, counted from the client's own future states
-        # (a finished future only holds the voxel count of a block already written to the store).
-        states = list(client.futures.values())
+        # of the store tasks (the writer also holds futures for what neighbours share).
+        states = [s for k, s in list(client.futures.items()) if str(k).startswith("srdvol-write")]
         in_flight.append(sum(1 for state in states if state.status == "pending"))
 
     report = write(
@@ -434,7 +435,7 @@ def test_writer_on_local_cluster(tmp_path, client):
 
 
 class _InFlight(SchedulerPlugin):
-    """Scheduler plugin: the most blocks whose model output (``_denoise_block``) is being computed
+    """Scheduler plugin: the most blocks whose model output (``_sums_block``) is being computed
     or held at once, and the most store tasks the scheduler knew at once."""
 
     name = "srdvol-test-in-flight"
@@ -447,7 +448,7 @@ class _InFlight(SchedulerPlugin):
 
     def transition(self, key, start, finish, *args, **kwargs) -> None:
         text = str(key)
-        if "_denoise_block" in text:
+        if "_sums_block" in text:
             if finish in ("processing", "memory"):
                 self.live.add(text)
             else:
@@ -484,7 +485,7 @@ def test_writer_submits_a_job_that_fits_whole_and_a_big_one_in_bounded_waves(
     """Without ``wave`` a job that fits in a quarter of the workers' memory is submitted at once
     (the dashboard's totals are the whole job); a bigger one goes in waves of 2 x threads, so
     what waits in memory stays bounded whatever the job's size."""
-    from srdvol.dask import graph as engine
+    from srdvol.dask import writer as engine
 
     arr, out, lazy = _many_blocks(tmp_path)
     total = int(np.prod(lazy.numblocks))
