@@ -77,7 +77,10 @@ def test_block_sums_overlap_add_to_the_whole_pass():
             )
             assert sums.dtype == np.float64 and sums.shape == region.shape
             num[t0 : hi[0], y0 : hi[1], :] += sums
-    den = [weight_sums(n, p, stride(p, overlap), "tent") for n, p in zip(movie.shape, patch)]
+    den = [
+        weight_sums(n, p, stride(p, overlap), "tent")
+        for n, p in zip(movie.shape, patch, strict=True)
+    ]
     np.testing.assert_array_equal(divide(num, den), whole)
     # every lattice patch once: t starts 0, 11, 22, 24; y 0, 4, 8, 11; x 0, 4, 8, 12, 14
     assert sum(calls) == 4 * 4 * 5

@@ -341,11 +341,11 @@ def plan_memory(
     """
     core = region = layer = 1
     for a, n, d in zip(dims, shape, depth, strict=True):
-        b = min(sizes[a], n)
-        core *= b
-        region *= min(b + d, n)
+        blocks = axis_blocks(n, sizes[a], depth=d)  # as cut: a short tail joins the last block
+        core *= blocks[0]
+        region *= min(blocks[0] + d, n)
         if a in MOVIE_ORDER[1:]:
-            layer *= math.ceil(n / b)
+            layer *= len(blocks)
     host = block_bytes(core, region, itemsize)
     host += layer * (core * itemsize + (region - core) * 8)
     return host, region * (4 + 8)

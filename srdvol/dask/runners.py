@@ -157,7 +157,8 @@ class BlockUnits:
         uses
             Kept results the block reads.
         hold
-            New tasks whose results later neighbours need directly, with those neighbours.
+            New tasks and kept results that later neighbours need directly, with those
+            neighbours (a result can be shared by blocks two apart, through the one between).
         """
         reached, uses = self._walk(flat, available.__contains__)
         unit = self.unit(flat)
@@ -178,7 +179,7 @@ class BlockUnits:
             stops = new.keys() | available.keys() | between
             _, needed = self._walk(neighbour, stops.__contains__)
             for key in needed:
-                if key in new:
+                if key in new or key in available:  # kept already: keep it for this one too
                     hold[key].add(neighbour)
         self._units.pop(flat, None)
         return new, uses, dict(hold)
@@ -314,6 +315,12 @@ class LocalRunner:
             self._holds.pop(key, None)
             self._priority.pop(key, None)
 
+    @property
+    def held(self) -> int:
+        """Results this runner holds now (for tests and diagnostics)."""
+        with self._lock:
+            return len(self._results)
+
     def release(self, key: Key) -> None:
         """The caller no longer needs ``key`` (one of the keys it asked for)."""
         with self._lock:
@@ -445,10 +452,11 @@ def run_blocks(
                 new, _, hold = units.plan(flat, kept)
                 key, node = store(flat)
                 new[key] = node
-                handles = runner.submit(new, [key, *hold], priority=position)
+                handles = runner.submit(new, [key, *(k for k in hold if k not in kept)], position)
                 for held, neighbours in hold.items():
-                    kept[held] = handles[held]
-                    waiting_for[held] = set(neighbours)
+                    if held not in kept:
+                        kept[held] = handles[held]
+                    waiting_for.setdefault(held, set()).update(neighbours)
                     for neighbour in neighbours:
                         kept_for[neighbour].add(held)
                 # This block's graph now names what it reads: the runner keeps those for it.
