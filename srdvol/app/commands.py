@@ -203,7 +203,11 @@ def _denoise_lines(
     if not block:
         from srdvol.dask.budget import local_budget
 
-        sized = f", sized for {_bytes(local_budget().host)} of memory per worker"
+        budget = local_budget()
+        sized = (
+            f", sized for {_bytes(budget.host)} of block memory per worker (of "
+            f"{_bytes(budget.worker_host)})"
+        )
     lines += [
         f"  predict    overlap {overlap:g}, lattice stride {tuple(plan.stride.values())} (t, y, x)",
         f"             blocks: {blocks} of {''.join(plan.dims)} {plan.block_shape} plus a halo "

@@ -50,18 +50,28 @@ def weight_sums(
 def divide(num: np.ndarray, sums: Sequence[np.ndarray]) -> np.ndarray:
     """``num / Σw`` as float32, with ``Σw`` the outer product of the per-axis ``sums``.
 
-    ``sums`` belong to the last ``len(sums)`` axes of ``num`` (leading axes broadcast). The
-    product is formed first and divided once, as a whole-array pass that added the 3-D windows
-    would: dividing axis by axis rounds differently.
+    ``sums`` belong to the last ``len(sums)`` axes of ``num`` (leading axes broadcast). Each
+    weight sum is formed whole (an exact integer) and divided once, as a whole-array pass that
+    added the 3-D windows would: dividing axis by axis rounds differently. The work goes slab by
+    slab along the first of those axes, so no temporary is larger than one slab.
 
     Raises
     ------
     RuntimeError
         If a weight sum is not positive (a tiling bug, never a user error).
     """
-    den = np.ones((), dtype=np.float64)
     for s in sums:
         if not np.all(s > 0):
             raise RuntimeError(f"{int(np.count_nonzero(s <= 0))} position(s) covered by no patch")
-        den = np.multiply.outer(den, s)
-    return (num / den).astype(np.float32)
+    lead = num.ndim - len(sums)
+    rest = np.ones((), dtype=np.float64)
+    for s in sums[1:]:
+        rest = np.multiply.outer(rest, s)
+    out = np.empty(num.shape, dtype=np.float32)
+    den = np.empty(rest.shape, dtype=np.float64)
+    for index in np.ndindex(num.shape[:lead]):
+        for i, first in enumerate(sums[0]):
+            np.multiply(rest, first, out=den)  # exact: small integers
+            np.divide(num[(*index, i)], den, out=den)
+            out[(*index, i)] = den  # rounded to float32 once
+    return out

@@ -223,11 +223,10 @@ class BlockPlan:
 
 
 def block_bytes(core: int, region: int, itemsize: int) -> int:
-    """Host bytes of a worker's blocks: the block in the model (its input region, a float32 copy
-    to gather patches from, the float64 Σw·pred over the region), the next block waiting for the
-    model with its input region, and the last one being combined (float64 core, float32 output).
-    """
-    return region * (itemsize + 4 + 8) + region * itemsize + core * (8 + 4)
+    """Host bytes of a worker's blocks: the block in the model (its input region and the
+    float64 Σw·pred over it), the next block waiting for the model with its input region, and
+    the last one being combined (its Σw·pred until the spills are cut, the float32 output)."""
+    return region * (itemsize + 8) + region * itemsize + region * 8 + core * 4
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -335,20 +334,22 @@ def plan_memory(
 ) -> tuple[int, int]:
     """Host bytes a worker needs for blocks of ``sizes`` and device bytes of one block's region.
 
-    Host: :func:`block_bytes` plus one layer of the movie's blocks waiting for their turn (each
-    with its input block read early for a neighbour's halo and the float64 sums spilled into
-    it). Device: the region as float32 plus its float64 sums.
+    Host: :func:`block_bytes` plus one layer of the movie's blocks waiting for the next layer
+    along t: each with the input block read early for a halo, and the float64 sums spilled past
+    its t edge (spills across y and x are taken within the layer, soon). Device: the region in
+    the input dtype, widened to float32 as patches are gathered, and its float64 sums.
     """
-    core = region = layer = 1
+    core = region = layer = spill = 1
     for a, n, d in zip(dims, shape, depth, strict=True):
         blocks = axis_blocks(n, sizes[a], depth=d)  # as cut: a short tail joins the last block
+        extent = min(blocks[0] + d, n)
         core *= blocks[0]
-        region *= min(blocks[0] + d, n)
+        region *= extent
+        spill *= extent - blocks[0] if a == MOVIE_ORDER[0] else extent
         if a in MOVIE_ORDER[1:]:
             layer *= len(blocks)
-    host = block_bytes(core, region, itemsize)
-    host += layer * (core * itemsize + (region - core) * 8)
-    return host, region * (4 + 8)
+    host = block_bytes(core, region, itemsize) + layer * (core * itemsize + spill * 8)
+    return host, region * (itemsize + 8)
 
 
 def _grow(

@@ -326,11 +326,11 @@ def _sums_block(
         )
     movie = [plan.dims.index(a) for a in MOVIE_AXES]
     moved = np.moveaxis(x, movie, (-3, -2, -1))
-    out = np.empty(moved.shape, dtype=np.float64)
+    planes = []
     report = functools.partial(count_patches, tag)
     for idx in np.ndindex(moved.shape[:-3]):
         with _model_slot():
-            out[idx] = block_sums(
+            sums = block_sums(
                 moved[idx],
                 predictor=predictor,
                 patch=plan.patch,
@@ -342,8 +342,13 @@ def _sums_block(
                 batch_size=batch_size,
                 progress=report,
             )
-    if not np.isfinite(out).all():  # never write NaN/Inf and report success
-        bad = int(out.size - np.count_nonzero(np.isfinite(out)))
+        planes.append(sums)
+    # One plane (the usual case) needs no copy: its sums are the block's.
+    out = (planes[0] if len(planes) == 1 else np.stack(planes)).reshape(moved.shape)
+    # never write NaN/Inf and report success; the sum is finite exactly when every term is
+    # (sums of |w·pred| stay far below float64's range), and needs no temporary
+    bad = 0 if np.isfinite(out.sum()) else int(out.size - np.count_nonzero(np.isfinite(out)))
+    if bad:
         raise BlockDataError(
             _where(plan, location),
             f"the model's output holds {bad} NaN or Inf value(s) although the input is finite",
@@ -419,7 +424,9 @@ def _combine(
     """Overlap-add: a block's own sums over its core plus its lower neighbours' spills, / Σw."""
     starts, stops = _block_bounds(plan, index)
     core = tuple(slice(0, e - s) for s, e in zip(starts, stops, strict=True))
-    num = own[core].copy()
+    # In place: the spill tasks read only the parts past the core (a received array may be
+    # read-only, then it is copied).
+    num = own[core] if own.flags.writeable else own[core].copy()
     for piece, place in zip(pieces, places, strict=True):
         num[place] += piece  # exact: every term is a small integer times a float32
     movie = [plan.dims.index(a) for a in MOVIE_AXES]

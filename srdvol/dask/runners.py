@@ -24,7 +24,7 @@ from concurrent.futures import wait as wait_futures
 from typing import Any
 
 import numpy as np
-from dask._task_spec import GraphNode, convert_legacy_graph
+from dask._task_spec import GraphNode, Task, convert_legacy_graph
 from dask.highlevelgraph import HighLevelGraph
 
 __all__ = ["BlockUnits", "DistributedRunner", "LocalRunner", "run_blocks"]
@@ -409,7 +409,7 @@ def run_blocks(
     runner: LocalRunner | DistributedRunner,
     order: Sequence[int],
     *,
-    store: Callable[[int], tuple[Key, GraphNode]],
+    store: Callable[[int, GraphNode | None], tuple[Key, GraphNode]],
     finished: Callable[[int, Any], None],
     wave: int,
 ) -> int:
@@ -424,8 +424,9 @@ def run_blocks(
     order
         Flat block numbers, in submission order.
     store
-        Builds the task that stores block ``flat`` (its key and node); its result is passed to
-        ``finished``.
+        Builds the task that stores block ``flat`` (its key and node), given the task that
+        computes the block to run inline (None: refer to the block's key); its result is
+        passed to ``finished``.
     finished
         Called with the block number and its store task's result as each block is stored.
     wave
@@ -450,7 +451,11 @@ def run_blocks(
                     more = False
                     break
                 new, _, hold = units.plan(flat, kept)
-                key, node = store(flat)
+                # The block's output is computed inside its store task: stored where it is
+                # made, never sent to another worker (nothing else reads it).
+                out = units.output_key(flat)
+                inline = isinstance(new.get(out), Task) and out not in hold
+                key, node = store(flat, new.pop(out) if inline else None)
                 new[key] = node
                 handles = runner.submit(new, [key, *(k for k in hold if k not in kept)], position)
                 for held, neighbours in hold.items():

@@ -245,14 +245,15 @@ def write(
 
     tag = data.name.rsplit("-", 1)[-1][:12]
 
-    def store(flat: int) -> tuple[Any, GraphNode]:
+    def store(flat: int, block: GraphNode | None) -> tuple[Any, GraphNode]:
         index = units.index(flat)
         region = tuple(
             slice(int(sum(c[:i])), int(sum(c[: i + 1])))
             for c, i in zip(data.chunks, index, strict=True)
         )
         key = f"srdvol-write-{tag}-{flat}"
-        return key, Task(key, _store_block, TaskRef(units.output_key(flat)), target, region)
+        source = block if block is not None else TaskRef(units.output_key(flat))
+        return key, Task(key, _store_block, source, target, region)
 
     if progress is not None:
         progress(

@@ -122,22 +122,36 @@ def block_sums(
         per_axis.append([int(s) for s in local])
     if not all(per_axis):
         return np.zeros(region.shape, dtype=np.float64)
-    values = np.asarray(region, dtype=np.float32)
+    values = np.asarray(region)
     if any(p[1] for p in pads):
         values = np.pad(values, pads, mode="reflect")
     device = _device_of(predictor)
     tensor_path = hasattr(predictor, "predict_tensor")
+    # The region stays in its own dtype (half the bytes of float32 for uint16); each batch of
+    # patches is converted as it is gathered, as the whole region converted first would be.
     x = torch.from_numpy(np.ascontiguousarray(values)).to(device)
-    num = torch.zeros(values.shape, dtype=torch.float64, device=device)
+    if device.type == "cpu":
+        num = torch.from_numpy(np.zeros(values.shape))  # zero pages, mapped as they are added to
+    else:
+        num = torch.zeros(values.shape, dtype=torch.float64, device=device)
     weight = torch.from_numpy(window(psize, window_kind)).to(device)
     batch = int(batch_size or getattr(predictor, "batch_size", None) or 8)
     corners = list(itertools.product(*per_axis))  # lattice order
+    # Batches are gathered into buffers reused for the whole block: a fresh allocation of this
+    # size per batch is a fresh mmap (and page faults) where malloc trims eagerly (Dask workers).
+    gathered = torch.empty((min(batch, len(corners)), *psize), dtype=x.dtype, device=device)
+    converted = (
+        gathered if x.dtype == torch.float32 else torch.empty_like(gathered, dtype=torch.float32)
+    )
     for i in range(0, len(corners), batch):
         group = corners[i : i + batch]
         boxes = [
             tuple(slice(c, c + p) for c, p in zip(corner, psize, strict=True)) for corner in group
         ]
-        patches = torch.stack([x[box] for box in boxes])
+        torch.stack([x[box] for box in boxes], out=gathered[: len(group)])
+        patches = converted[: len(group)]
+        if converted is not gathered:
+            patches.copy_(gathered[: len(group)])
         if tensor_path:
             preds = predictor.predict_tensor(patches)  # type: ignore[attr-defined]
         else:
@@ -147,7 +161,8 @@ def block_sums(
         if tuple(preds.shape) != tuple(patches.shape):
             raise RuntimeError(f"predictor returned shape {tuple(preds.shape)} for {patches.shape}")
         for box, pred in zip(boxes, preds, strict=True):
-            num[box] += weight * pred  # float64: exact for integer weights (see tiling)
+            # float64, fused (no temporary): exact for integer weights (see tiling)
+            num[box].addcmul_(pred, weight)
         if progress is not None:
             progress(len(group))
     crop = tuple(slice(0, n) for n in region.shape)
