@@ -86,15 +86,20 @@ class PeakRSS:
         self._thread.join()
 
 
-def make_input(path: Path, shape: tuple[int, ...], chunks: tuple[int, ...]) -> Any:
-    """Poisson-like uint16 data written slab by slab of chunks along t."""
+def make_input(
+    path: Path, shape: tuple[int, ...], chunks: tuple[int, ...], *, frames: int | None = None
+) -> Any:
+    """Poisson-like uint16 data written slab by slab of chunks along t (only the first
+    ``frames`` frames of the first plane when given: a run that reads no more)."""
     import zarr
 
     arr = zarr.create_array(str(path), shape=shape, chunks=chunks, dtype="uint16")
     rng = np.random.default_rng(0)
-    for t0 in range(0, shape[0], chunks[0]):
+    planes = slice(None) if frames is None else slice(0, 1)
+    for t0 in range(0, shape[0] if frames is None else min(frames, shape[0]), chunks[0]):
         n = min(chunks[0], shape[0] - t0)
-        arr[t0 : t0 + n] = rng.poisson(200, size=(n, *shape[1:])).astype(np.uint16)
+        size = (n, len(range(shape[1])[planes]), *shape[2:])
+        arr[t0 : t0 + n, planes] = rng.poisson(200, size=size).astype(np.uint16)
     return arr
 
 
@@ -520,7 +525,7 @@ def section_model(args: argparse.Namespace) -> None:
             normalization=Normalization(mean=200.0, std=14.0),
         )
         save_model(model, network, record)
-        make_input(tmp / "in.zarr", shape, chunks)
+        make_input(tmp / "in.zarr", shape, chunks, frames=frames + 2 * patch[0])
         for name, path, block in runs:
             only = [
                 [t, 0, y, x]
