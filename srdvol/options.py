@@ -28,7 +28,6 @@ from pydantic import (
     model_validator,
 )
 
-from srdvol.core.tiling import Window
 from srdvol.errors import ConfigError, flag
 from srdvol.model.config import NetworkConfig
 from srdvol.values import (
@@ -41,6 +40,7 @@ from srdvol.values import (
     GPUChoice,
     Patch,
     Span,
+    Window,
     check_model_patch_t,
     check_overlap,
     parse_compression,

@@ -5,6 +5,7 @@ groups from them; library code that takes raw values checks them here too."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from enum import StrEnum
 from typing import Any, Literal, NamedTuple
 
 from srdvol.errors import ConfigError, flag
@@ -20,6 +21,7 @@ __all__ = [
     "GPUChoice",
     "Patch",
     "Span",
+    "Window",
     "check_model_patch_t",
     "check_overlap",
     "parse_compression",
@@ -38,6 +40,13 @@ DEFAULT_COMPRESSION = 3
 DEFAULT_LICENSE = "CC-BY-4.0"
 #: patch_t is a multiple of this: the network halves t four times.
 FRAMES_PER_LEVEL = 16
+
+
+class Window(StrEnum):
+    """Blending window across a patch: linear tent or cos² (Hann)."""
+
+    TENT = "tent"
+    COS2 = "cos2"
 
 
 class Patch(NamedTuple):

@@ -7,8 +7,9 @@ here uses srdvol's lattice, stride, window or accumulator:
 - per axis, stride = max(1, round(patch * (1 - overlap))); patch starts 0, s, 2s, ... below
   ``length - patch``, then ``length - patch`` (the last patch snapped to the end); an axis
   shorter than the patch is reflect-padded at its end to one patch (single start 0);
-- the window is the product over t, y, x of a tent ``1 - |2c - 1|`` or cos² ``sin²(πc)``
-  profile sampled at voxel centres ``c = (i + 0.5) / patch``;
+- the window is the product over t, y, x of a tent or cos² profile sampled at voxel centres
+  ``c = (i + 0.5) / patch`` and given as integers (only ratios matter): the tent
+  ``1 - |2c - 1|`` times the patch length, cos² ``sin²(πc)`` times 128, rounded, at least 1;
 - output = Σ w·pred / Σ w, accumulated in float64 in lattice order, rounded to float32.
 
 Every lattice patch goes to the model on its own (a batch of one).
@@ -34,8 +35,8 @@ def _starts(length: int, patch: int, overlap: float) -> list[int]:
 def _profile(patch: int, kind: str) -> np.ndarray:
     centre = (np.arange(patch) + 0.5) / patch
     if kind == "tent":
-        return 1.0 - np.abs(2.0 * centre - 1.0)
-    return np.sin(np.pi * centre) ** 2
+        return np.rint(patch * (1.0 - np.abs(2.0 * centre - 1.0)))
+    return np.maximum(1.0, np.rint(128 * np.sin(np.pi * centre) ** 2))
 
 
 def reference_movie(

@@ -1,44 +1,62 @@
-"""Tests for srdvol.core.blend: the weighted accumulator."""
+"""Tests for srdvol.core.blend: the weight sums and the final division of overlap-add."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from srdvol.core.blend import Accumulator
-
-
-def test_weighted_average_matches_numpy_reference():
-    rng = np.random.default_rng(1)
-    acc = Accumulator((6, 5))
-    num = np.zeros((6, 5))
-    den = np.zeros((6, 5))
-    for r0, c0 in [(0, 0), (2, 1), (3, 2)]:
-        region = (slice(r0, r0 + 3), slice(c0, c0 + 3))
-        pred = rng.random((3, 3)).astype(np.float32)
-        w = rng.random((3, 3)).astype(np.float32) + 0.1
-        acc.add(pred, w, region)
-        num[region] += w * pred
-        den[region] += w
-    assert not np.all(den > 0)  # corner (0, 4) is never covered
-    with pytest.raises(RuntimeError, match="covered by no patch"):
-        acc.finalize()
-    core = (slice(2, 5), slice(2, 4))  # covered by all three predictions
-    np.testing.assert_allclose(acc.finalize_region(core), num[core] / den[core], rtol=1e-6)
+from srdvol.core.blend import divide, weight_sums
+from srdvol.core.tiling import lattice, stride, window, window_1d
 
 
-def test_full_coverage_finalize_and_constant_prediction():
-    acc = Accumulator((4, 4))
-    for region in [(slice(0, 3), slice(0, 4)), (slice(1, 4), slice(0, 4))]:
-        acc.add(np.full((3, 4), 7.5, np.float32), np.linspace(0.1, 1, 4, dtype=np.float32), region)
-    out = acc.finalize()
-    assert out.dtype == np.float32
-    np.testing.assert_array_equal(out, 7.5)
+@given(
+    length=st.integers(1, 120),
+    patch=st.integers(1, 40),
+    overlap=st.floats(0, 0.9),
+    kind=st.sampled_from(["tent", "cos2"]),
+)
+@settings(max_examples=100, deadline=None)
+def test_weight_sums_equal_adding_every_window(length, patch, overlap, kind):
+    step = stride(patch, overlap)
+    brute = np.zeros(max(length, patch))
+    for start in lattice(length, patch, step):
+        brute[start : start + patch] += window_1d(patch, kind)
+    sums = weight_sums(length, patch, step, kind)
+    np.testing.assert_array_equal(sums, brute[:length])
+    assert np.all(sums >= 1)
+    lo, hi = length // 3, max(length // 3, length - 2)
+    np.testing.assert_array_equal(weight_sums(length, patch, step, kind, lo, hi), sums[lo:hi])
 
 
-def test_shape_mismatch_is_refused():
-    acc = Accumulator((4, 4))
-    with pytest.raises(ValueError, match="does not match"):
-        acc.add(
-            np.zeros((2, 2), np.float32), np.ones((2, 2), np.float32), (slice(0, 3), slice(0, 3))
+def test_separable_weight_sums_equal_the_3d_sum_exactly():
+    # Σw of a 3-D lattice of separable windows is the product of the per-axis sums; with
+    # integer weights both are exact, so a whole-array pass that adds 3-D windows agrees.
+    shape, patch, overlap = (21, 13, 9), (8, 5, 4), 0.4
+    den = np.zeros([max(n, p) for n, p in zip(shape, patch, strict=True)])
+    starts = [lattice(n, p, stride(p, overlap)) for n, p in zip(shape, patch, strict=True)]
+    for corner in itertools.product(*starts):
+        den[tuple(slice(c, c + p) for c, p in zip(corner, patch, strict=True))] += window(
+            patch, "cos2"
         )
+    per_axis = [
+        weight_sums(n, p, stride(p, overlap), "cos2") for n, p in zip(shape, patch, strict=True)
+    ]
+    num = np.random.default_rng(0).random(shape) * den[:21, :13, :9]
+    np.testing.assert_array_equal(divide(num, per_axis), (num / den[:21, :13, :9]).astype("f4"))
+
+
+def test_divide_broadcasts_over_leading_axes_and_rounds_once():
+    num = np.arange(2 * 3 * 4, dtype=np.float64).reshape(2, 3, 4) * 7.0
+    sums = [np.array([1.0, 3.0, 7.0]), np.array([1.0, 2.0, 3.0, 5.0])]
+    out = divide(num, sums)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, (num / np.multiply.outer(*sums)).astype(np.float32))
+
+
+def test_divide_refuses_uncovered_positions():
+    with pytest.raises(RuntimeError, match="covered by no patch"):
+        divide(np.ones((2, 2)), [np.array([1.0, 0.0]), np.ones(2)])

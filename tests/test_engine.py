@@ -1,4 +1,5 @@
-"""Tests for srdvol.dask.graph: the lazy map_overlap image, the wave writer and its ledger."""
+"""Tests for srdvol.dask (graph, writer, runners, ledger): the lazy overlap-add image, the wave
+writer and its ledger."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from srdvol.dask import writer
 from srdvol.dask.graph import BlockDataError, Ledger, denoise, write
 from srdvol.errors import (
     ConfigError,
@@ -186,7 +188,8 @@ def make_output(path, shape, chunks, dtype="float32"):
     return zarr.create_array(str(path), shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
 
 
-def test_writer_threads_resume_and_wave(tmp_path):
+def test_writer_threads_resume_and_wave(tmp_path, monkeypatch):
+    monkeypatch.setattr(writer, "LEDGER_INTERVAL", 0)
     arr = noisy((32, 2, 24, 20), seed=2)
     out = make_output(tmp_path / "out.zarr", arr.shape, (8, 1, 8, 10))
     lazy = denoise(
@@ -199,9 +202,7 @@ def test_writer_threads_resume_and_wave(tmp_path):
     )
     ledger = tmp_path / "out.zarr" / "srdvol_ledger.json"
     seen = []
-    report = write(
-        lazy, out, ledger=ledger, wave=3, threads=2, progress=seen.append, ledger_interval=0
-    )
+    report = write(lazy, out, ledger=ledger, wave=3, threads=2, progress=seen.append)
     total = int(np.prod(lazy.numblocks))
     assert (report.total, report.computed, report.skipped) == (total, total, 0)
     assert report.voxels == arr.size
@@ -222,8 +223,12 @@ def test_writer_threads_resume_and_wave(tmp_path):
     )
     again = write(lazy, out, ledger=ledger, wave=3)
     assert (again.computed, again.skipped) == (0, total)
-    with pytest.raises(OutputExistsError, match="other parameters"):
+    with pytest.raises(OutputExistsError, match="other parameters") as refused:
         write(lazy, out, ledger=ledger, run_id="another run")
+    # default blocks follow the workers' memory: the message names the blocks recorded
+    # the library names the parameter; the command line shows it as --block
+    assert "block (the run used blocks of (16, 1, 8, 10)" in str(refused.value)
+    assert "--block (the run used" in refused.value.command_line_message()
 
 
 def _one_slow_block(tmp_path, name):
@@ -232,12 +237,11 @@ def _one_slow_block(tmp_path, name):
     out = make_output(tmp_path / name, arr.shape, (32, 16, 16))
     lazy = denoise(
         da.from_array(arr, chunks=(32, 16, 16)),
-        AffineModel(2, 1, delay=0.15),
+        AffineModel(2, 1, delay=0.15, batch_size=2),
         dims="tyx",
         patch=(16, 8, 8),
         overlap=0.5,
         chunks=out.chunks,
-        batch_size=2,
     )
     assert lazy.numblocks == (1, 1, 1)
     return arr, out, lazy
@@ -301,14 +305,16 @@ RESUME_SCRIPT = textwrap.dedent(
     import sys
     import dask.array as da
     import zarr
+    from srdvol.dask import writer
     from srdvol.dask.graph import denoise, write
     from srdvol.predict.predictors import AffineModel
 
+    writer.LEDGER_INTERVAL = 0  # every block recorded at once
     src, dst, ledger, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     out = zarr.open_array(dst, mode="r+")
     lazy = denoise(da.from_zarr(zarr.open_array(src, mode="r")), AffineModel(2, 1, delay=delay),
                    dims="tyx", patch=(16, 8, 8), chunks=out.chunks, block=(16, 8, 8))
-    report = write(lazy, out, ledger=ledger, run_id="run-1", wave=1, ledger_interval=0)
+    report = write(lazy, out, ledger=ledger, run_id="run-1", wave=1)
     print(report.computed, report.skipped)
     """
 )
@@ -457,7 +463,7 @@ def test_writer_on_local_cluster(tmp_path, client):
 
 
 class _InFlight(SchedulerPlugin):
-    """Scheduler plugin: the most blocks whose model output (``_denoise_block``) is being computed
+    """Scheduler plugin: the most blocks whose model output (``_sums_block``) is being computed
     or held at once, and the most store tasks the scheduler knew at once."""
 
     name = "srdvol-test-in-flight"
@@ -470,7 +476,7 @@ class _InFlight(SchedulerPlugin):
 
     def transition(self, key, start, finish, *args, **kwargs) -> None:
         text = str(key)
-        if "_denoise_block" in text:
+        if "_sums_block" in text:
             if finish in ("processing", "memory"):
                 self.live.add(text)
             else:
@@ -507,7 +513,7 @@ def test_writer_submits_a_job_that_fits_whole_and_a_big_one_in_bounded_waves(
     """Without ``wave`` a job that fits in a quarter of the workers' memory is submitted at once
     (the dashboard's totals are the whole job); a bigger one goes in waves of 2 x threads, so
     what waits in memory stays bounded whatever the job's size."""
-    from srdvol.dask import graph as engine
+    from srdvol.dask import writer as engine
 
     arr, out, lazy = _many_blocks(tmp_path)
     total = int(np.prod(lazy.numblocks))
@@ -578,7 +584,8 @@ def test_a_block_whose_workers_keep_dying_is_one_clear_sentence(tmp_path):
         killer.join()
     message = str(info.value)
     assert message.startswith("block ") and "died again and again" in message
-    assert "--block" in message and "rerun the same command" in message
+    assert "smaller block" in message and "rerun the same command" in message
+    assert "smaller --block" in info.value.command_line_message()
 
 
 @pytest.mark.slow
@@ -622,3 +629,238 @@ def test_open_image_denoise_write_roundtrip(tmp_path, make_image):
     np.testing.assert_allclose(out[...], 2 * data.astype(np.float32) + 1, rtol=2e-6)
     v05.Image.from_zarr(zarr.open_group(str(out_path), mode="r"))  # ledger file is harmless
     np.testing.assert_allclose(open_image(out_path).values, out[...])
+
+
+# --- each patch once, each input voxel once, I/O beside the model -----------------------------
+
+_READS: dict[int, list[tuple[float, float, int]]] = {}
+_PATCHES: dict[int, list[tuple[int, ...]]] = {}
+_MODEL_CALLS: dict[int, list[tuple[float, float]]] = {}
+
+
+class CountingArray:
+    """A numpy array behind ``__getitem__`` that records every read (interval, voxels) in this
+    process, also from copies (a distributed graph is pickled even for in-process workers)."""
+
+    def __init__(self, data: np.ndarray, delay: float = 0.0) -> None:
+        self.data, self.delay = data, delay
+        self.shape, self.dtype, self.ndim = data.shape, data.dtype, data.ndim
+        self.id = id(self)
+        _READS[self.id] = []
+
+    def __getitem__(self, index):
+        start = time.monotonic()
+        if self.delay:
+            time.sleep(self.delay)
+        out = self.data[index]
+        _READS[self.id].append((start, time.monotonic(), int(out.size)))
+        return out
+
+    @property
+    def voxels(self) -> int:
+        return sum(n for _, _, n in _READS[self.id])
+
+
+class RecordingIdentity:
+    """The identity model, recording the start of every patch (decoded from the input, whose
+    values are flat indices) and the interval of every call."""
+
+    def __init__(self, shape: tuple[int, ...], delay: float = 0.0) -> None:
+        self.shape, self.delay = shape, delay
+        self.id = uuid_int()
+        _PATCHES[self.id], _MODEL_CALLS[self.id] = [], []
+
+    def __call__(self, patches: np.ndarray) -> np.ndarray:
+        start = time.monotonic()
+        if self.delay:
+            time.sleep(self.delay)
+        for p in patches:
+            _PATCHES[self.id].append(np.unravel_index(int(p[0, 0, 0]), self.shape))
+        _MODEL_CALLS[self.id].append((start, time.monotonic()))
+        return patches
+
+
+def uuid_int() -> int:
+    import uuid
+
+    return uuid.uuid4().int
+
+
+def _positions(shape: tuple[int, ...]) -> np.ndarray:
+    return np.arange(np.prod(shape), dtype=np.float32).reshape(shape)  # exact below 2**24
+
+
+def _lattice_starts(shape, dims, patch, overlap):
+    from srdvol.core.tiling import lattice, stride
+
+    per_axis = []
+    for a, n in zip(dims, shape, strict=True):
+        if a in "tyx":
+            p = patch["tyx".index(a)]
+            per_axis.append([int(s) for s in lattice(n, p, stride(p, overlap))])
+        else:
+            per_axis.append(list(range(n)))
+    return sorted(itertools.product(*per_axis))
+
+
+@st.composite
+def grids(draw):
+    dims = draw(st.sampled_from(["tyx", "tzyx"]))
+    sizes = {"t": draw(st.integers(16, 48)), "z": 2, "y": draw(st.integers(4, 20))}
+    sizes["x"] = draw(st.integers(4, 20))
+    shape = tuple(sizes[a] for a in dims)
+    patch = (draw(st.integers(4, 16)), draw(st.integers(2, 8)), draw(st.integers(2, 8)))
+    block = {a: draw(st.integers(1, 16)) for a in "tyx"}
+    out_chunks = tuple(1 if a == "z" else draw(st.integers(1, 8)) for a in dims)
+    in_chunks = tuple(1 if a == "z" else draw(st.integers(1, 24)) for a in dims)
+    return {
+        "dims": dims,
+        "shape": shape,
+        "patch": patch,
+        "overlap": draw(st.sampled_from([0.0, 0.25, 0.5])),
+        "block": tuple(block[a] for a in "tyx"),
+        "out_chunks": out_chunks,
+        "in_chunks": in_chunks,
+        "wave": draw(st.integers(1, 4)),
+        "threads": draw(st.integers(1, 2)),
+    }
+
+
+def _run_once(case, tmp, *, client=None, read_delay=0.0, model_delay=0.0):
+    data = _positions(case["shape"])
+    source = CountingArray(data, delay=read_delay)
+    model = RecordingIdentity(case["shape"], delay=model_delay)
+    model.batch_size = 3
+    out = zarr.create_array(
+        str(tmp / f"o{model.id}.zarr"),
+        shape=data.shape,
+        chunks=case["out_chunks"],
+        dtype="float32",
+        fill_value=np.nan,
+    )
+    lazy = denoise(
+        da.from_array(source, chunks=case["in_chunks"]),
+        model,
+        dims=case["dims"],
+        patch=case["patch"],
+        overlap=case["overlap"],
+        chunks=out.chunks,
+        block=case["block"],
+    )
+    report = write(lazy, out, client=client, wave=case["wave"], threads=case["threads"])
+    return data, source, model, out, lazy, report
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=grids())
+def test_each_patch_is_predicted_once_and_each_input_voxel_read_once(case, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("once")
+    data, source, model, out, lazy, report = _run_once(case, tmp)
+    assert report.computed == int(np.prod(lazy.numblocks))
+    starts = sorted(tuple(int(i) for i in s) for s in _PATCHES[model.id])
+    assert starts == _lattice_starts(case["shape"], case["dims"], case["patch"], case["overlap"])
+    assert source.voxels == data.size  # every input voxel read once, halos included
+    np.testing.assert_array_equal(out[...], data)  # the identity comes back exactly
+
+
+@pytest.fixture(scope="module")
+def threads_client():
+    """One in-process worker with one thread: counters in this process see its reads."""
+    distributed = pytest.importorskip("distributed")
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as c,
+    ):
+        yield c
+
+
+@pytest.mark.slow
+def test_each_patch_once_and_each_voxel_read_once_on_a_cluster(tmp_path, threads_client):
+    case = {
+        "dims": "tzyx",
+        "shape": (40, 2, 18, 14),
+        "patch": (8, 6, 4),
+        "overlap": 0.25,
+        "block": (8, 6, 6),
+        "out_chunks": (4, 1, 3, 6),
+        "in_chunks": (5, 1, 7, 4),
+        "wave": 3,
+        "threads": 1,
+    }
+    data, source, model, out, lazy, _ = _run_once(case, tmp_path, client=threads_client)
+    assert lazy.numblocks == (5, 2, 3, 2)  # x: 6 + 8 (a tail of 2 < halo 3 is merged)
+    starts = sorted(tuple(int(i) for i in s) for s in _PATCHES[model.id])
+    assert starts == _lattice_starts(case["shape"], "tzyx", case["patch"], 0.25)
+    assert source.voxels == data.size
+    np.testing.assert_array_equal(out[...], data)
+
+
+def _overlapping(reads, calls):
+    return [r for r in reads for c in calls if r[0] < c[1] and c[0] < r[1]]
+
+
+@pytest.mark.parametrize("where", ["threads", "cluster"])
+def test_the_next_block_is_read_while_the_model_runs(tmp_path, request, where):
+    # 6 blocks along t; each read takes 0.1 s and each model call 0.3 s. The reads of the next
+    # block happen during the forward passes of this one, on the same (single-threaded) worker.
+    client = request.getfixturevalue("threads_client") if where == "cluster" else None
+    case = {
+        "dims": "tyx",
+        "shape": (96, 8, 8),
+        "patch": (16, 8, 8),
+        "overlap": 0.0,
+        "block": (16, 8, 8),
+        "out_chunks": (16, 8, 8),
+        "in_chunks": (16, 8, 8),
+        "wave": 2,
+        "threads": 1,
+    }
+    started = time.monotonic()
+    _, source, model, _, _, report = _run_once(
+        case, tmp_path, client=client, read_delay=0.1, model_delay=0.3
+    )
+    elapsed = time.monotonic() - started
+    reads = [r for r in _READS[source.id] if r[2]]
+    calls = _MODEL_CALLS[model.id]
+    assert report.computed == 6 and len(calls) == 6 and len(reads) == 6
+    hidden = _overlapping(reads, calls)
+    assert len(hidden) >= 3, (reads, calls)  # most reads ran beside a forward pass
+    # one model at a time: the forward passes never overlap each other
+    assert not any(a[0] < b[1] and b[0] < a[1] for a, b in itertools.combinations(calls, 2))
+    assert elapsed < 6 * (0.1 + 0.3) + 5  # and the overlap shows in the time (loose: CI load)
+
+
+def test_what_waits_for_later_blocks_does_not_grow_with_the_movie(tmp_path, monkeypatch):
+    """The writer keeps results for later neighbours (halos, spills): one layer of the grid,
+    whatever the number of blocks along t."""
+    from srdvol.dask import runners
+
+    peaks = {}
+
+    class Watching(runners.LocalRunner):
+        def submit(self, graph, want, priority):
+            handles = super().submit(graph, want, priority)
+            peaks[frames] = max(peaks.get(frames, 0), self.held)
+            return handles
+
+    monkeypatch.setattr(runners, "LocalRunner", Watching)
+    from srdvol.dask import writer
+
+    monkeypatch.setattr(writer, "LocalRunner", Watching)
+    for frames in (64, 256):
+        arr = noisy((frames, 24, 24), seed=frames)
+        out = make_output(tmp_path / f"o{frames}.zarr", arr.shape, (16, 8, 8))
+        lazy = denoise(
+            da.from_array(arr, chunks=(16, 8, 8)),
+            AffineModel(2, 1),
+            dims="tyx",
+            patch=(16, 8, 8),
+            chunks=(16, 8, 8),
+            block=(16, 8, 8),
+        )
+        write(lazy, out, wave=2)
+        np.testing.assert_allclose(out[...], 2 * arr + 1, rtol=2e-6)
+    # 4 times the blocks along t; what is held depends a little on timing, not on the length
+    assert 9 <= peaks[64] and peaks[256] < 1.5 * peaks[64]

@@ -180,7 +180,8 @@ def test_info_lists_exactly_the_levels_predict_writes(
 
 def test_info_shows_what_a_high_overlap_costs(make_plain_array, capsys):
     from srdvol.app.cli import main
-    from srdvol.core.tiling import plan_blocks, plan_cost
+    from srdvol.core.cost import plan_cost
+    from srdvol.core.tiling import plan_blocks
 
     source, _ = make_plain_array(shape=(32, 64, 64), chunks=(16, 64, 64))
     costs = {}

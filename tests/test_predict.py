@@ -1,4 +1,5 @@
-"""Tests for srdvol.predict.predictors: predictors, one-block prediction and the whole-array pass."""
+"""Tests for srdvol.predict (predictors and block): predictors, the sums of one block's patches,
+and the whole-array pass."""
 
 from __future__ import annotations
 
@@ -10,15 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sliding_window import reference_movie
 
+from srdvol.core.blend import divide, weight_sums
+from srdvol.core.tiling import stride
 from srdvol.errors import DataError, InputError, ModelMismatchError, StoreNotFoundError
 from srdvol.predict import predictors as predict
-from srdvol.predict.predictors import (
-    AffineModel,
-    ModelPredictor,
-    PatchMeanModel,
-    predict_array,
-    predict_block,
-)
+from srdvol.predict.block import Placement, block_sums, predict_array
+from srdvol.predict.predictors import AffineModel, ModelPredictor, PatchMeanModel
 
 
 @given(
@@ -54,40 +52,59 @@ def test_patch_dependent_model_matches_reference(kind):
     assert np.ptp(got - movie) > 1.0
 
 
-def test_predict_block_pieces_equal_whole_pass():
+def test_block_sums_overlap_add_to_the_whole_pass():
+    # Four blocks, each predicting the patches that start in its core over core + high halo;
+    # adding their sums where they fall and dividing by the weight sums is the whole pass.
     rng = np.random.default_rng(4)
     movie = rng.random((40, 17, 19)).astype(np.float32) * 100
     patch, overlap = (16, 6, 5), 0.3
     whole = predict_array(movie, PatchMeanModel(), patch=patch, overlap=overlap)
-    pieces = np.empty_like(whole)
-    for t0, t1 in [(0, 13), (13, 40)]:
+    num = np.zeros(movie.shape)
+    calls = []
+    for t0, t1 in [(0, 16), (16, 40)]:
         for y0, y1 in [(0, 9), (9, 17)]:
-            lo = (max(0, t0 - 15), max(0, y0 - 5), 0)
             hi = (min(40, t1 + 15), min(17, y1 + 5), 19)
-            region = movie[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-            pieces[t0:t1, y0:y1] = predict_block(
+            region = movie[t0 : hi[0], y0 : hi[1], :]
+            sums = block_sums(
                 region,
                 predictor=PatchMeanModel(),
                 patch=patch,
                 overlap=overlap,
-                origin=lo,
-                shape=movie.shape,
-                core=[(t0, t1), (y0, y1), (0, 19)],
+                place=Placement((t0, y0, 0), movie.shape, [(t0, t1), (y0, y1), (0, 19)]),
+                progress=calls.append,
             )
-    np.testing.assert_array_equal(pieces, whole)
+            assert sums.dtype == np.float64 and sums.shape == region.shape
+            num[t0 : hi[0], y0 : hi[1], :] += sums
+    den = [
+        weight_sums(n, p, stride(p, overlap), "tent")
+        for n, p in zip(movie.shape, patch, strict=True)
+    ]
+    np.testing.assert_array_equal(divide(num, den), whole)
+    # every lattice patch once: t starts 0, 11, 22, 24; y 0, 4, 8, 11; x 0, 4, 8, 12, 14
+    assert sum(calls) == 4 * 4 * 5
 
 
-def test_predict_block_refuses_region_without_halo():
+def test_block_sums_of_a_block_that_owns_no_patch_are_zero():
+    movie = np.ones((40, 8, 8), np.float32)
+    sums = block_sums(
+        movie[12:20],
+        predictor=AffineModel(),
+        patch=(16, 8, 8),
+        overlap=0.0,  # starts 0, 16, 24: none in [12, 16)
+        place=Placement((12, 0, 0), movie.shape, [(12, 16), (0, 8), (0, 8)]),
+    )
+    assert not sums.any()
+
+
+def test_block_sums_refuses_region_without_halo():
     movie = np.ones((32, 10, 10), np.float32)
-    with pytest.raises(RuntimeError, match="does not contain"):
-        predict_block(
+    with pytest.raises(RuntimeError, match="does not hold"):
+        block_sums(
             movie[10:20],
             predictor=AffineModel(),
             patch=(16, 4, 4),
             overlap=0.25,
-            origin=(10, 0, 0),
-            shape=movie.shape,
-            core=[(10, 20), (0, 10), (0, 10)],
+            place=Placement((10, 0, 0), movie.shape, [(10, 20), (0, 10), (0, 10)]),
         )
 
 
@@ -178,9 +195,23 @@ def test_model_predictor_normalises_runs_the_network_and_denormalises(tiny_model
     assert model.record.normalization.mean == 100.0
 
 
+def test_model_predictor_tensor_path_and_batch(tiny_model):
+    import torch
+
+    path, _, _ = tiny_model
+    model = ModelPredictor(path, device="cpu")
+    assert model.batch_size == predict.CPU_BATCH  # none given: the CPU default
+    assert model.tensor_device == torch.device("cpu")
+    x = np.random.default_rng(2).normal(100, 10, size=(5, 16, 8, 8)).astype(np.float32)
+    got = model.predict_tensor(torch.from_numpy(x))
+    assert got.dtype == torch.float32 and tuple(got.shape) == x.shape
+    np.testing.assert_array_equal(got.numpy(), model(x))  # the same bits either way
+    assert ModelPredictor(path, device="cpu", batch_size=2).batch_size == 2
+
+
 def test_model_predictor_patch_mismatch(tiny_model):
     path, _, _ = tiny_model
-    with pytest.raises(ModelMismatchError, match="--patch"):
+    with pytest.raises(ModelMismatchError, match=r"^patch: "):
         _ = ModelPredictor(path, device="cpu", patch=(32, 8, 8)).patch
     with pytest.raises(ModelMismatchError, match="patch_t 16"):
         ModelPredictor(path, device="cpu")(np.zeros((1, 32, 4, 4), np.float32))

@@ -9,11 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from srdvol.core.cost import plan_cost
 from srdvol.core.tiling import (
     axis_blocks,
+    block_bytes,
     lattice,
+    owned,
     plan_blocks,
-    plan_cost,
+    plan_memory,
     stride,
     touching,
     window,
@@ -55,27 +58,40 @@ def test_bad_stride_arguments(patch, overlap):
         stride(patch, overlap)
 
 
-def test_touching_selects_intersecting_patches():
+def test_touching_and_owned_select_patches():
     starts = lattice(20, 5, 4)  # 0 4 8 12 15
     assert touching(starts, 5, 5, 9).tolist() == [4, 8]
     assert touching(starts, 5, 0, 20).tolist() == starts.tolist()
+    assert owned(starts, 5, 9).tolist() == [8]  # the patch at 4 belongs to the block before
+    assert owned(starts, 0, 20).tolist() == starts.tolist()
+    # Consecutive blocks own disjoint sets of starts that together are the lattice.
+    cuts = [0, 3, 9, 13, 20]
+    parts = [owned(starts, a, b).tolist() for a, b in itertools.pairwise(cuts)]
+    assert list(itertools.chain(*parts)) == starts.tolist()
 
 
 @pytest.mark.parametrize("kind", ["tent", "cos2"])
-@pytest.mark.parametrize("patch", [1, 2, 3, 8, 17])
-def test_windows_positive_symmetric_separable(kind, patch):
+@pytest.mark.parametrize("patch", [1, 2, 3, 8, 17, 64, 128, 256])
+def test_windows_are_small_positive_symmetric_integers(kind, patch):
     w = window_1d(patch, kind)
     assert w.dtype == np.float64  # the blending sums are float64 too
-    assert np.all(w > 0)
-    np.testing.assert_allclose(w, w[::-1])
-    assert w.max() <= 1.0
+    assert np.all(w >= 1) and np.array_equal(w, np.rint(w))
+    np.testing.assert_array_equal(w, w[::-1])
+    assert w.max() <= max(patch, 128)
+    # Three axes of weights times a float32 prediction fit a float64 mantissa (53 bits) with
+    # room for the sum of a few such terms: the blend is exact.
+    assert np.log2(w.max()) * 3 <= 24
     w3 = window((patch, 3, 2), kind)
     ref = np.einsum("i,j,k->ijk", w, window_1d(3, kind), window_1d(2, kind))
-    np.testing.assert_allclose(w3, ref, rtol=1e-6)
+    np.testing.assert_array_equal(w3, ref)
 
 
-def test_tent_known_values():
-    np.testing.assert_allclose(window_1d(4, "tent"), [0.25, 0.75, 0.75, 0.25])
+def test_window_known_values():
+    np.testing.assert_array_equal(window_1d(4, "tent"), [1, 3, 3, 1])  # 4 x (1/4, 3/4, ...)
+    np.testing.assert_array_equal(window_1d(3, "tent"), [1, 3, 1])
+    # 128 sin^2(pi (i + 0.5) / 4): 18.7, 109.3 -> 19, 109
+    np.testing.assert_array_equal(window_1d(4, "cos2"), [19, 109, 109, 19])
+    assert window_1d(256, "cos2")[0] == 1  # 128 sin^2(pi / 512) = 0.005: floored at 1
 
 
 @given(
@@ -149,25 +165,102 @@ def test_plan_blocks_partition_align_and_halo(
 
 
 def test_plan_grows_blocks_within_memory_budget():
+    shape, chunks, depth = (64, 512, 512), (8, 64, 64), (15, 31, 31)
     plan = plan_blocks(
-        (64, 512, 512),
+        shape,
         dims="tyx",
         patch={"t": 16, "y": 32, "x": 32},
         overlap=0.25,
-        chunks=(8, 64, 64),
-        memory=64 * 2**20,
+        chunks=chunks,
+        memory=512 * 2**20,
     )
-    region = np.prod([b + 2 * d for b, d in zip(plan.block_shape, plan.depth, strict=True)])
-    assert region * 16 <= 64 * 2**20
+    sizes = dict(zip("tyx", plan.block_shape, strict=True))
+    host, _ = plan_memory(sizes, dims="tyx", shape=shape, depth=depth, itemsize=2)
+    assert host <= 512 * 2**20
     assert np.prod(plan.block_shape) > 8 * 64 * 64 * 8  # grew well beyond one chunk
     assert plan.block_shape[1] % 64 == 0 and plan.block_shape[2] % 64 == 0
 
 
-def test_plan_rejects_mismatched_chunks():
-    with pytest.raises(ConfigError, match="chunks"):
-        plan_blocks(
-            (32, 8, 8), dims="tyx", patch={"t": 16, "y": 4, "x": 4}, overlap=0.25, chunks=(8, 8)
+def test_plan_grows_t_first_while_its_halo_dominates():
+    # TB geometry: patch (64, 128, 128), chunks (16, 1, 512, 512): t's halo (63) is 4 times its
+    # chunk, y's and x's (127) a quarter of theirs, so t grows first, until its halo share is no
+    # longer the largest; then y and x grow too.
+    shape, dims = (4000, 32, 2048, 2048), "tzyx"
+    patch = {"t": 64, "y": 128, "x": 128}
+    chunks = (16, 1, 512, 512)
+    grown = []
+    for gib in (8, 16, 38, 128):
+        plan = plan_blocks(
+            shape, dims=dims, patch=patch, overlap=0.25, chunks=chunks, memory=gib * 2**30
         )
+        grown.append(plan.block_shape)
+        t, z, y, x = plan.block_shape
+        assert z == 1
+        if min(y, x) < 2048:  # t's halo share ends up no larger than about y's and x's
+            assert 63 / t <= 2 * 127 / min(y, x)
+    assert grown[0][0] > 64 and grown[0][2:] == (512, 512)  # a small budget: only t grew
+    volumes = [np.prod(b) for b in grown]
+    assert volumes == sorted(volumes)  # more memory, larger blocks
+    assert grown[-1][2:] == (2048, 2048)  # a large one: whole frames, no y/x halo
+
+
+@given(
+    t=st.integers(16, 400),
+    y=st.integers(8, 300),
+    x=st.integers(8, 300),
+    pt=st.sampled_from([16, 32]),
+    pyx=st.integers(4, 64),
+    ct=st.integers(1, 32),
+    cyx=st.integers(4, 64),
+    memory=st.integers(10**5, 10**9),
+    itemsize=st.sampled_from([1, 2, 4]),
+)
+@settings(max_examples=100, deadline=None)
+def test_default_blocks_fit_the_budget_and_cannot_grow(t, y, x, pt, pyx, ct, cyx, memory, itemsize):
+    shape, dims, chunks = (t, y, x), "tyx", (ct, cyx, cyx)
+    patch = {"t": pt, "y": pyx, "x": pyx}
+    plan = plan_blocks(
+        shape,
+        dims=dims,
+        patch=patch,
+        overlap=0.25,
+        chunks=chunks,
+        memory=memory,
+        itemsize=itemsize,
+    )
+    sizes = dict(zip(dims, plan.block_shape, strict=True))
+    smallest = plan_blocks(
+        shape, dims=dims, patch=patch, overlap=0.25, chunks=chunks, block={a: 1 for a in dims}
+    )
+    host, _ = plan_memory(sizes, dims=dims, shape=shape, depth=plan.depth, itemsize=itemsize)
+    least, _ = plan_memory(
+        dict(zip(dims, smallest.block_shape, strict=True)),
+        dims=dims,
+        shape=shape,
+        depth=plan.depth,
+        itemsize=itemsize,
+    )
+    assert host <= max(memory, least)  # within the budget, or no more than the least blocks
+    for a, n, c, d in zip(dims, shape, chunks, plan.depth, strict=True):
+        if not d or sizes[a] >= n:
+            continue
+        trial = dict(sizes)
+        trial[a] = min(n, -(-(sizes[a] + c) // c) * c)  # one more chunk
+        if n - trial[a] < d:
+            trial[a] = n
+        more, _ = plan_memory(trial, dims=dims, shape=shape, depth=plan.depth, itemsize=itemsize)
+        assert more > max(memory, host)  # no axis could take one more chunk
+
+
+def test_block_bytes_counts_region_and_core():
+    assert block_bytes(core=10, region=20, itemsize=2) == 20 * (2 + 8) + 20 * 2 + 20 * 8 + 10 * 4
+    host, device = plan_memory(
+        {"t": 16, "y": 8, "x": 8}, dims="tyx", shape=(32, 8, 8), depth=(15, 0, 0), itemsize=2
+    )
+    # two blocks along t: the first reads 31 frames; one layer of one block waits with its
+    # input and the 15 frames of sums it spills into the next layer
+    assert host == block_bytes(16 * 64, 31 * 64, 2) + (16 * 64 * 2 + 15 * 64 * 8)
+    assert device == 31 * 64 * (2 + 8)
 
 
 def _brute_cost(plan):
@@ -186,30 +279,33 @@ def _brute_cost(plan):
         covered[tuple(slice(c, c + p) for c, p in zip(corner, sizes, strict=True))] += 1
     movie_shape = tuple(plan.shape[a] for a in movie)
     assert covered[tuple(slice(0, n) for n in movie_shape)].min() >= 1
-    computed = read = 0
+    corners = np.array(patches).reshape(-1, 3)
+    owners = np.zeros(len(corners), int)
+    region = 0
     for index in np.ndindex(plan.nblocks):
         core = plan.region(index)
-        box = [(core[a].start, core[a].stop) for a in movie]
-        for corner in patches:  # every lattice patch that overlaps the core, all axes at once
-            if all(
-                c < hi and c + p > lo for c, p, (lo, hi) in zip(corner, sizes, box, strict=True)
-            ):
-                computed += 1
+        lo = np.array([core[a].start for a in movie])
+        hi = np.array([core[a].stop for a in movie])
+        mine = np.all((corners >= lo) & (corners < hi), axis=1)  # start in the core
+        owners += mine
         seen = np.zeros(plan.shape, bool)
-        halo = tuple(
-            slice(max(s.start - d, 0), min(s.stop + d, n))
-            for s, d, n in zip(core, plan.depth, plan.shape, strict=True)
-        )
-        seen[halo] = True
-        read += int(seen.sum())
+        seen[plan.extended(index)] = True
+        region += int(seen.sum())
+        # the region holds every patch the block owns
+        ext = plan.extended(index)
+        ends = np.minimum(corners[mine] + sizes, [plan.shape[a] for a in movie])
+        assert np.all(ends <= [ext[a].stop for a in movie])
+    assert set(owners.tolist()) == {movies}  # each patch of each movie: exactly one block
     voxels = int(np.prod(plan.shape))
     return {
         "voxels": voxels,
         "lattice_patches": len(patches) * movies,
         "lattice_voxels": int(covered.sum()) * movies,
-        "computed_patches": computed,
-        "computed_voxels": computed * int(np.prod(sizes)),
-        "read_voxels": read,
+        "computed_patches": int(owners.sum()),
+        "computed_voxels": int(owners.sum()) * int(np.prod(sizes)),
+        "region_voxels": region,
+        "spill_voxels": region - voxels,
+        "read_voxels": voxels,
     }
 
 
@@ -223,8 +319,8 @@ def _brute_cost(plan):
     ct=st.integers(1, 12),
     cyx=st.integers(1, 16),
     overlap=st.sampled_from([0.0, 0.25, 0.5, 0.8, 0.95]),
-    bt=st.integers(1, 30),
-    byx=st.integers(1, 30),
+    bt=st.integers(4, 30),
+    byx=st.integers(4, 30),
 )
 @settings(max_examples=60, deadline=None)
 def test_plan_cost_equals_brute_force_counting(t, z, y, x, pt, pyx, ct, cyx, overlap, bt, byx):
@@ -240,11 +336,11 @@ def test_plan_cost_equals_brute_force_counting(t, z, y, x, pt, pyx, ct, cyx, ove
     expected = _brute_cost(plan)
     assert {k: getattr(cost, k) for k in expected} == expected
     assert cost.blocks == int(np.prod(plan.nblocks))
-    # Recomputing patches per block can only add work; a single block adds none.
-    assert cost.computed_voxels >= cost.lattice_voxels
+    # Each patch is predicted once, whatever the blocks: no more work than one whole pass.
+    assert cost.computed_voxels == cost.lattice_voxels
+    assert cost.read_ratio == 1.0
     if cost.blocks // z == 1:
-        assert cost.computed_voxels == cost.lattice_voxels
-        assert cost.read_voxels == cost.voxels
+        assert cost.region_voxels == cost.voxels and cost.spill_voxels == 0
 
 
 def test_plan_cost_known_values():
@@ -268,16 +364,17 @@ def test_plan_cost_known_values():
         chunks=(16, 16, 48),
         block={"t": 16, "y": 16, "x": 48},
     )
-    # x lattice: 0, 12, ..., 72, then 80 (snapped): 8 patches; block [0, 48) touches the
-    # patches at 0..36 (4), block [48, 96) those at 36..80 (5): patch 36 runs twice.
+    # x lattice: 0, 12, ..., 72, then 80 (snapped): 8 patches; block [0, 48) owns the starts
+    # 0..36 (4), block [48, 96) those at 48..80 (4): every patch once (the old engine ran 36 twice).
     cost = plan_cost(plan)
     assert plan.nblocks == (1, 1, 2)
-    assert cost.lattice_patches == 8
-    assert cost.computed_patches == 9
-    assert cost.lattice_ratio == pytest.approx(8 * 16 / 96)
-    assert cost.computed_ratio == pytest.approx(9 * 16 / 96)
-    # Each block reads its 48 core voxels plus a 15-voxel halo on its inner side.
-    assert cost.read_ratio == pytest.approx(2 * 63 / 96)
+    assert cost.lattice_patches == cost.computed_patches == 8
+    assert cost.lattice_ratio == cost.computed_ratio == pytest.approx(8 * 16 / 96)
+    # The first block reads its 48 core voxels plus a 15-voxel halo on its high side, the
+    # second only its core; the halo's sums spill back as 15 voxels.
+    assert cost.region_ratio == pytest.approx((63 + 48) / 96)
+    assert cost.spill_ratio == pytest.approx(15 / 96)
+    assert cost.read_ratio == 1.0
     # A movie shorter than the patch is padded: model voxels count the padding.
     small = plan_blocks(
         (32, 64, 64),
@@ -287,3 +384,18 @@ def test_plan_cost_known_values():
         chunks=(16, 64, 64),
     )
     assert plan_cost(small).lattice_ratio == pytest.approx(8.0)
+
+
+def test_plan_extended_regions_and_chunks():
+    plan = plan_blocks(
+        (40, 20, 20),
+        dims="tyx",
+        patch={"t": 16, "y": 8, "x": 8},
+        overlap=0.25,
+        chunks=(16, 10, 10),
+        block={"t": 16, "y": 10, "x": 10},
+    )
+    assert plan.chunks == ((16, 24), (10, 10), (10, 10))  # a tail of 8 < 15 is merged
+    assert plan.depth == (15, 7, 7)
+    assert plan.extended((0, 0, 1)) == (slice(0, 31), slice(0, 17), slice(10, 20))
+    assert plan.extended_chunks == ((31, 24), (17, 10), (17, 10))

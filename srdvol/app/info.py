@@ -86,7 +86,7 @@ def _denoise_lines(
     chunks: dict[str, int],
 ) -> list[str]:
     """Training patch and padding, block plan, its cost, workers."""
-    from srdvol.core.tiling import plan_cost
+    from srdvol.core.cost import plan_cost
     from srdvol.dask.gpus import visible_gpus
 
     sizes = dict(zip(("t", "y", "x"), patch, strict=True))
@@ -100,17 +100,28 @@ def _denoise_lines(
     lines += _padding_lines(image, sizes)
     blocks = math.prod(plan.nblocks)
     about = "" if exact else "about "
+    sized = ""
+    if not block:
+        from srdvol.dask.budget import local_budget
+
+        budget = local_budget()
+        sized = (
+            f", sized for {_bytes(budget.host)} of block memory per worker (of "
+            f"{_bytes(budget.worker_host)})"
+        )
     lines += [
         f"  predict    overlap {overlap:g}, lattice stride {tuple(plan.stride.values())} (t, y, x)",
         f"             blocks: {blocks} of {''.join(plan.dims)} {plan.block_shape} plus a halo "
-        f"{plan.depth}",
+        f"{plan.depth} on the high side{sized}",
         f"             {about}{tasks} dask tasks in the graph, plus one write task per block",
         f"  cost       {cost.lattice_ratio:.2f} model voxels per output voxel in one whole-array "
         f"pass (lattice patches: {cost.lattice_patches})",
-        f"             {cost.computed_ratio:.2f} as computed now: each block recomputes every "
-        f"lattice patch touching its core (patches run: {cost.computed_patches})",
-        f"             {cost.read_ratio:.2f} bytes read per input byte (each block reads its core "
-        "plus a halo of patch - 1)",
+        f"             {cost.computed_ratio:.2f} as computed now: each lattice patch once, by the "
+        f"block its start falls in (patches run: {cost.computed_patches})",
+        f"             {cost.read_ratio:.2f} bytes read per input byte (a block's halo is its "
+        "neighbours' input, kept until they run)",
+        f"             {cost.region_ratio:.2f} input voxels per output voxel in block regions, "
+        f"{cost.spill_ratio:.2f} passed between blocks as float64 sums",
     ]
     gpus = visible_gpus()
     lines.append(
@@ -129,11 +140,13 @@ def _block_plan(
     overlap: float,
     chunks: dict[str, int],
 ) -> Any:
-    """The block plan ``srdvol predict`` will use: blocks aligned to the output's chunks."""
-    from srdvol.core.tiling import plan_blocks
-    from srdvol.dask.graph import DEFAULT_BLOCK_MEMORY
+    """The block plan ``srdvol predict`` will use: blocks aligned to the output's chunks, sized
+    to a local worker's memory unless ``block`` is given."""
+    from srdvol.core.tiling import BlockMemory, plan_blocks
+    from srdvol.dask.budget import local_budget
 
     dims = tuple(str(d) for d in image.dims)
+    budget = local_budget()
     return plan_blocks(
         image.shape,
         dims=dims,
@@ -141,7 +154,8 @@ def _block_plan(
         overlap=overlap,
         chunks=tuple(chunks[d] for d in dims),
         block=dict(zip(("t", "y", "x"), block, strict=True)) if block else None,
-        memory=DEFAULT_BLOCK_MEMORY,
+        memory=BlockMemory(budget.host, budget.device),
+        itemsize=image.dtype.itemsize,
     )
 
 

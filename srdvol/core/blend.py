@@ -1,8 +1,10 @@
-"""Weighted accumulation of overlapping patch predictions.
+"""The division that ends overlap-add blending: Σw·pred / Σw.
 
-Each prediction is added with its window weight; :meth:`Accumulator.finalize` divides the weighted
-sum by the weight sum. The order of additions for a given voxel is the lattice order, so the result
-does not depend on how the array was cut into blocks.
+Blocks add their weighted predictions ``Σ w·pred`` (float64) where they fall, their own and the
+ones their lower neighbours spill into them; the weight sum ``Σ w`` needs no data. The lattice is
+a product of one set of starts per axis and the window a product of one profile per axis, so
+``Σ w`` is the product of one per-axis sum (:func:`weight_sums`), a small integer, exact in
+float64, and equal to what adding every patch's 3-D window would give.
 """
 
 from __future__ import annotations
@@ -11,62 +13,65 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["Accumulator"]
+from srdvol.core.tiling import Window, lattice, window_1d
+
+__all__ = ["divide", "weight_sums"]
 
 
-class Accumulator:
-    """Running ``Σ w·pred`` and ``Σ w`` over a region of fixed shape.
+def weight_sums(
+    length: int, patch: int, step: int, kind: Window | str, lo: int = 0, hi: int | None = None
+) -> np.ndarray:
+    """``Σ w`` along one axis at positions ``lo..hi`` (default: the whole axis).
 
     Parameters
     ----------
-    shape
-        Shape of the region being assembled (e.g. a block's core plus halo).
+    length
+        Axis length. An axis shorter than the patch has the one patch at 0 (reflect-padded).
+    patch, step
+        Patch length and lattice stride along the axis.
+    kind
+        The window.
+    lo, hi
+        The positions to return.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 sums of the window weights of every lattice patch covering each position.
     """
+    hi = length if hi is None else hi
+    profile = window_1d(patch, kind)
+    total = np.zeros(max(length, patch), dtype=np.float64)
+    for start in lattice(length, patch, step):
+        total[start : start + patch] += profile
+    return total[lo:hi]
 
-    def __init__(self, shape: Sequence[int]) -> None:
-        self.shape = tuple(int(n) for n in shape)
-        # float64 sums: with large overlaps a voxel gathers ~100 weighted predictions, and float32
-        # sums drift by a few ulp (measured 2e-6 relative at overlap 0.8), which would break the
-        # exact known answer of a pixel-wise model and the equality with a whole-array pass.
-        self._num = np.zeros(self.shape, dtype=np.float64)
-        self._den = np.zeros(self.shape, dtype=np.float64)
 
-    def add(self, pred: np.ndarray, weight: np.ndarray, region: tuple[slice, ...]) -> None:
-        """Add one prediction.
+def divide(num: np.ndarray, sums: Sequence[np.ndarray]) -> np.ndarray:
+    """``num / Σw`` as float32, with ``Σw`` the outer product of the per-axis ``sums``.
 
-        Parameters
-        ----------
-        pred
-            Prediction for ``region`` (same shape as the region).
-        weight
-            Weights broadcastable to ``pred`` (the patch window); must be positive.
-        region
-            Slices of the accumulated region the prediction covers.
-        """
-        if pred.shape != self._num[region].shape:
-            raise ValueError(
-                f"prediction shape {pred.shape} does not match region {self._num[region].shape}"
-            )
-        self._num[region] += weight * pred
-        self._den[region] += weight
+    ``sums`` belong to the last ``len(sums)`` axes of ``num`` (leading axes broadcast). Each
+    weight sum is formed whole (an exact integer) and divided once, as a whole-array pass that
+    added the 3-D windows would: dividing axis by axis rounds differently. The work goes slab by
+    slab along the first of those axes, so no temporary is larger than one slab.
 
-    def finalize(self) -> np.ndarray:
-        """Return ``Σ w·pred / Σ w`` as float32.
-
-        Raises
-        ------
-        RuntimeError
-            If some voxel received no prediction (a tiling bug, never a user error).
-        """
-        if not np.all(self._den > 0):
-            missing = int(np.count_nonzero(self._den <= 0))
-            raise RuntimeError(f"{missing} voxel(s) were covered by no patch")
-        return (self._num / self._den).astype(np.float32, copy=False)
-
-    def finalize_region(self, region: tuple[slice, ...]) -> np.ndarray:
-        """Like :meth:`finalize` but only for ``region`` (e.g. a block's core), saving a copy."""
-        num, den = self._num[region], self._den[region]
-        if not np.all(den > 0):
-            missing = int(np.count_nonzero(den <= 0))
-            raise RuntimeError(f"{missing} voxel(s) were covered by no patch")
-        return (num / den).astype(np.float32, copy=False)
+    Raises
+    ------
+    RuntimeError
+        If a weight sum is not positive (a tiling bug, never a user error).
+    """
+    for s in sums:
+        if not np.all(s > 0):
+            raise RuntimeError(f"{int(np.count_nonzero(s <= 0))} position(s) covered by no patch")
+    lead = num.ndim - len(sums)
+    rest = np.ones((), dtype=np.float64)
+    for s in sums[1:]:
+        rest = np.multiply.outer(rest, s)
+    out = np.empty(num.shape, dtype=np.float32)
+    den = np.empty(rest.shape, dtype=np.float64)
+    for index in np.ndindex(num.shape[:lead]):
+        for i, first in enumerate(sums[0]):
+            np.multiply(rest, first, out=den)  # exact: small integers
+            np.divide(num[(*index, i)], den, out=den)
+            out[(*index, i)] = den  # rounded to float32 once
+    return out

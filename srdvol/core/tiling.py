@@ -1,10 +1,15 @@
 """The global patch lattice, blending windows and block plans.
 
 Every patch the model sees sits on one lattice per axis, fixed by the array length, the patch size
-and the stride: starts ``0, s, 2s, ...`` with the last start snapped to ``length - patch``. Because
-the lattice does not depend on how the array is cut into blocks, a block that evaluates every
-lattice patch touching its core gets exactly the values one whole-array pass would give. This
-module is pure numpy: no dask, no torch.
+and the stride: starts ``0, s, 2s, ...`` with the last start snapped to ``length - patch``. The
+lattice does not depend on how the array is cut into blocks. A block *owns* the patches whose
+start lies in its core and predicts each of them once; it reads its core plus a halo of
+``patch - 1`` on the high side of each axis (where its last patches end) and hands the part of
+its weighted sums that lies past its high edges to the neighbouring blocks (overlap-add).
+
+Window weights are small integers, so every weighted sum is exact in float64 and the result does
+not depend on the order in which a voxel's contributions are added, that is, on the blocks.
+This module is pure numpy: no dask, no torch.
 """
 
 from __future__ import annotations
@@ -12,32 +17,31 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
+from typing import NamedTuple
 
 import numpy as np
 
-from srdvol.errors import ConfigError
+from srdvol.errors import ConfigError, flag
+from srdvol.values import Window, check_overlap
 
 __all__ = [
+    "COS2_SCALE",
+    "MOVIE_ORDER",
+    "BlockMemory",
     "BlockPlan",
-    "PlanCost",
     "Window",
     "axis_blocks",
     "lattice",
+    "owned",
     "plan_blocks",
-    "plan_cost",
     "stride",
     "touching",
     "window",
     "window_1d",
 ]
 
-
-class Window(StrEnum):
-    """Blending window across a patch: linear tent or cos² (Hann)."""
-
-    TENT = "tent"
-    COS2 = "cos2"
+#: The movie axes in the order blocks of one movie are visited (t slowest).
+MOVIE_ORDER = ("t", "y", "x")
 
 
 def stride(patch: int, overlap: float) -> int:
@@ -48,13 +52,11 @@ def stride(patch: int, overlap: float) -> int:
     patch
         Patch length along the axis (>= 1).
     overlap
-        Fraction of the patch shared by neighbours, in ``[0, 1)``.
+        Fraction of the patch shared by neighbours (:func:`srdvol.values.check_overlap`).
     """
     if patch < 1:
-        raise ConfigError("--patch", f"patch length {patch} is not positive", "give sizes >= 1")
-    if not 0.0 <= overlap < 1.0:
-        raise ConfigError("--overlap", f"overlap {overlap} is outside [0, 1)", "use e.g. 0.25")
-    return max(1, round(patch * (1.0 - overlap)))
+        raise ConfigError(flag("patch"), f"patch length {patch} is not positive", "give sizes >= 1")
+    return max(1, round(patch * (1.0 - check_overlap(overlap))))
 
 
 def lattice(length: int, patch: int, step: int) -> np.ndarray:
@@ -81,19 +83,32 @@ def touching(starts: np.ndarray, patch: int, lo: int, hi: int) -> np.ndarray:
     return starts[(starts < hi) & (starts + patch > lo)]
 
 
-def window_1d(patch: int, kind: Window | str = Window.TENT) -> np.ndarray:
-    """A symmetric weight profile of ``patch`` values, strictly positive everywhere.
+def owned(starts: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """The starts that lie in ``[lo, hi)``: the patches a block with that core predicts."""
+    return starts[(starts >= lo) & (starts < hi)]
 
-    Sampling at voxel centres (``i + 0.5``) keeps the edge weights above zero, so every voxel of
-    the array gets a positive weight sum even where only one patch covers it. float64, like the
-    blending sums: float32 weights made each ``w * pred`` a float32 product, so even a voxel
-    covered by a single patch came back 1 ulp off its prediction.
+
+#: cos² weights are ``sin²`` sampled at voxel centres, scaled by this and rounded (at least 1).
+COS2_SCALE = 128
+
+
+def window_1d(patch: int, kind: Window | str = Window.TENT) -> np.ndarray:
+    """A symmetric profile of ``patch`` positive integer weights (as float64).
+
+    Tent: ``patch - |2i + 1 - patch|``, which is ``patch`` times the tent ``1 - |2c - 1|``
+    sampled at voxel centres ``c = (i + 0.5) / patch`` (1, 3, 3, 1 for a patch of 4). cos²:
+    ``max(1, round(128 sin²(pi c)))``. Only ratios of weights matter (the blend divides by
+    the weight sum); integers keep the product of three axes below 2**24 for patches up to 256,
+    so that ``w * pred`` of a float32 prediction is exact in float64 and so is every sum of such
+    terms whose magnitudes are alike: the blend is then the same whatever the order of additions
+    (float-valued weights made the last bit depend on which block added first).
     """
     kind = Window(kind)
-    centre = (np.arange(patch, dtype=np.float64) + 0.5) / patch  # in (0, 1)
+    i = np.arange(patch, dtype=np.float64)
     if kind is Window.TENT:
-        return 1.0 - np.abs(2.0 * centre - 1.0)
-    return np.sin(np.pi * centre) ** 2
+        return patch - np.abs(2.0 * i + 1.0 - patch)
+    centre = (i + 0.5) / patch
+    return np.maximum(1.0, np.rint(COS2_SCALE * np.sin(np.pi * centre) ** 2))
 
 
 def window(patch: Sequence[int], kind: Window | str = Window.TENT) -> np.ndarray:
@@ -107,9 +122,10 @@ def window(patch: Sequence[int], kind: Window | str = Window.TENT) -> np.ndarray
 def axis_blocks(length: int, block: int, *, depth: int) -> tuple[int, ...]:
     """Cut an axis into blocks of ``block`` voxels (the last may be shorter).
 
-    A trailing block shorter than ``depth`` is merged into its predecessor: ``map_overlap`` can only
-    borrow a halo of ``depth`` from a neighbour at least that long, and merging keeps every other
-    boundary where it was (so alignment to output chunks survives).
+    A trailing block shorter than ``depth`` is merged into its predecessor: a block's halo and the
+    sums it spills past its high edge reach only into its next neighbour when every block is at
+    least ``depth`` long, and merging keeps every other boundary where it was (so alignment to
+    output chunks survives).
     """
     if block >= length:
         return (length,)
@@ -137,7 +153,9 @@ class BlockPlan:
         Dask-style block sizes per axis (``((b0, b1, ...), ...)``); block boundaries sit on
         multiples of the output chunks.
     depth
-        Halo per axis (``patch - 1`` on t, y, x where the axis is longer than the patch; 0 else).
+        Halo per axis on the high side only: ``patch - 1`` on t, y, x where the axis is longer
+        than the patch, 0 else. A block reads its core plus this halo, the extent of the patches
+        it owns, and its Σw·pred past its core spills over as far.
     patch
         Patch size per movie axis, ``{"t": .., "y": .., "x": ..}``.
     stride
@@ -173,10 +191,50 @@ class BlockPlan:
             out.append(slice(start, start + self.chunks[a][i]))
         return tuple(out)
 
+    def extended(self, index: Sequence[int]) -> tuple[slice, ...]:
+        """Global slices of the core of block ``index`` plus its high-side halo (clipped)."""
+        return tuple(
+            slice(s.start, min(s.stop + d, n))
+            for s, d, n in zip(self.region(index), self.depth, self.shape, strict=True)
+        )
 
-#: Bytes held per voxel of a block's read region: the input, a float32 copy, and the float64
-#: sums Σw·pred and Σw of :class:`srdvol.core.blend.Accumulator`.
-_BYTES_PER_VOXEL = 24
+    @property
+    def extended_chunks(self) -> tuple[tuple[int, ...], ...]:
+        """Block sizes including the high-side halo: the chunks of the Σw·pred array."""
+        out = []
+        for a, sizes in enumerate(self.chunks):
+            ends = np.cumsum(sizes)
+            out.append(
+                tuple(
+                    int(n + min(self.depth[a], self.shape[a] - e))
+                    for n, e in zip(sizes, ends, strict=True)
+                )
+            )
+        return tuple(out)
+
+
+class BlockMemory(NamedTuple):
+    """What one worker may spend on blocks.
+
+    Attributes
+    ----------
+    host
+        Host bytes: the blocks it runs (:func:`block_bytes`) plus what waits for the next layer
+        of blocks along t (their input, read early for halos, and the sums spilled into them).
+    device
+        Device bytes a block's region may take as float32 input plus float64 sums (when the
+        sums are accumulated on the GPU); None: no device limit.
+    """
+
+    host: int
+    device: int | None = None
+
+
+def block_bytes(core: int, region: int, itemsize: int) -> int:
+    """Host bytes of a worker's blocks: the block in the model (its input region and the
+    float64 Σw·pred over it), the next block waiting for the model with its input region, and
+    the last one being combined (its Σw·pred until the spills are cut, the float32 output)."""
+    return region * (itemsize + 8) + region * itemsize + region * 8 + core * 4
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -191,7 +249,8 @@ def plan_blocks(
     overlap: float,
     chunks: Sequence[int],
     block: Mapping[str, int] | None = None,
-    memory: int = 512 * 2**20,
+    memory: int | BlockMemory = 4 * 2**30,
+    itemsize: int = 2,
 ) -> BlockPlan:
     """Choose processing blocks aligned to the output chunks.
 
@@ -209,24 +268,29 @@ def plan_blocks(
         Output chunk (or shard) shape; block boundaries are multiples of it.
     block
         Requested block size per movie axis; rounded up to chunk multiples and to at least the
-        halo. ``None`` grows blocks from the chunks until a block's read region (core plus halo)
-        would pass ``memory`` bytes.
+        halo. ``None`` grows blocks from the chunks (see below).
     memory
-        Budget in bytes for one block's working buffers (used when ``block`` is None).
+        What a worker may spend on blocks (used when ``block`` is None): a
+        :class:`BlockMemory`, or its host bytes alone (no device limit).
+    itemsize
+        Bytes per input voxel.
 
     Returns
     -------
     BlockPlan
-        c and z blocks are one output chunk deep with no halo (each (c, z) plane is its own movie).
+        c and z blocks are one output chunk deep with no halo (each (c, z) plane is its own
+        movie). Default blocks grow by doubling the movie axis whose halo costs the most
+        (``(patch - 1) / block``, t first on ties: its halo dominates short blocks) while the
+        memory allows.
     """
     dims = tuple(dims)
     if len(shape) != len(dims) or len(chunks) != len(dims):
         raise ConfigError(
-            "--chunks",
+            flag("chunks"),
             f"chunks {tuple(chunks)} do not match dims {dims}",
             "give one chunk size per axis",
         )
-    steps = {a: stride(int(patch[a]), overlap) for a in ("t", "y", "x")}
+    steps = {a: stride(int(patch[a]), overlap) for a in MOVIE_ORDER}
     depth = []
     for a, n in zip(dims, shape, strict=True):
         p = int(patch[a]) if a in steps else 1
@@ -240,7 +304,17 @@ def plan_blocks(
         want = block[a] if block is not None and a in block else c
         sizes[a] = min(_round_up(max(want, d), c), n)
     if block is None:
-        sizes = _grow(sizes, dims=dims, shape=shape, chunks=chunks, depth=depth, memory=memory)
+        budget = memory if isinstance(memory, BlockMemory) else BlockMemory(int(memory))
+        sizes = _grow(
+            sizes,
+            dims=dims,
+            shape=shape,
+            chunks=chunks,
+            depth=depth,
+            memory=budget.host,
+            device_memory=budget.device,
+            itemsize=itemsize,
+        )
     out = tuple(
         axis_blocks(n, sizes[a], depth=d) for a, n, d in zip(dims, shape, depth, strict=True)
     )
@@ -249,13 +323,37 @@ def plan_blocks(
         shape=tuple(int(n) for n in shape),
         chunks=out,
         depth=tuple(depth),
-        patch={a: int(patch[a]) for a in ("t", "y", "x")},
+        patch={a: int(patch[a]) for a in MOVIE_ORDER},
         stride=steps,
     )
 
 
-def _region_bytes(sizes: Mapping[str, int], dims: Sequence[str], depth: Sequence[int]) -> int:
-    return _BYTES_PER_VOXEL * math.prod(sizes[a] + 2 * d for a, d in zip(dims, depth, strict=True))
+def plan_memory(
+    sizes: Mapping[str, int],
+    *,
+    dims: Sequence[str],
+    shape: Sequence[int],
+    depth: Sequence[int],
+    itemsize: int,
+) -> tuple[int, int]:
+    """Host bytes a worker needs for blocks of ``sizes`` and device bytes of one block's region.
+
+    Host: :func:`block_bytes` plus one layer of the movie's blocks waiting for the next layer
+    along t: each with the input block read early for a halo, and the float64 sums spilled past
+    its t edge (spills across y and x are taken within the layer, soon). Device: the region in
+    the input dtype, widened to float32 as patches are gathered, and its float64 sums.
+    """
+    core = region = layer = spill = 1
+    for a, n, d in zip(dims, shape, depth, strict=True):
+        blocks = axis_blocks(n, sizes[a], depth=d)  # as cut: a short tail joins the last block
+        extent = min(blocks[0] + d, n)
+        core *= blocks[0]
+        region *= extent
+        spill *= extent - blocks[0] if a == MOVIE_ORDER[0] else extent
+        if a in MOVIE_ORDER[1:]:
+            layer *= len(blocks)
+    host = block_bytes(core, region, itemsize) + layer * (core * itemsize + spill * 8)
+    return host, region * (itemsize + 8)
 
 
 def _grow(
@@ -266,113 +364,43 @@ def _grow(
     chunks: Sequence[int],
     depth: Sequence[int],
     memory: int,
+    device_memory: int | None,
+    itemsize: int,
 ) -> dict[str, int]:
-    # Double the smallest movie axis first: near-isotropic blocks (in voxels) carry the least halo.
     sizes = dict(sizes)
-    full = {a: n for a, n in zip(dims, shape, strict=True)}
-    step = {a: c for a, c in zip(dims, chunks, strict=True)}
-    open_axes = {a for a in ("t", "y", "x") if sizes[a] < full[a]}
-    while open_axes:
-        a = min(open_axes, key=lambda k: (sizes[k], k))
-        trial = dict(sizes)
-        trial[a] = min(_round_up(2 * sizes[a], step[a]), full[a])
-        if _region_bytes(trial, dims, depth) > memory:
-            open_axes.discard(a)
-            continue
-        sizes = trial
-        if sizes[a] >= full[a]:
-            open_axes.discard(a)
-    return sizes
+    full = dict(zip(dims, shape, strict=True))
+    step = dict(zip(dims, chunks, strict=True))
+    halo = dict(zip(dims, depth, strict=True))
 
+    def need(trial: Mapping[str, int]) -> tuple[int, int]:
+        return plan_memory(trial, dims=dims, shape=shape, depth=depth, itemsize=itemsize)
 
-@dataclass(frozen=True)
-class PlanCost:
-    """What a block plan costs, counted exactly from its lattice and block boundaries.
+    def fits(trial: Mapping[str, int]) -> bool:
+        host, device = need(trial)
+        if device_memory is not None and device > device_memory:
+            return False
+        # Within the budget, or less than now: fewer, wider blocks per layer can shrink what
+        # waits for the next layer more than the block grows.
+        return host <= memory or host <= need(sizes)[0]
 
-    Voxel counts cover every (c, z) movie. A model voxel is one voxel of one patch fed to the
-    network, padding included (an axis shorter than its patch is reflect-padded to it).
-
-    Attributes
-    ----------
-    voxels
-        Voxels of the array (input voxels = output voxels).
-    lattice_patches, lattice_voxels
-        Patches and model voxels of one whole-array pass: every lattice patch once.
-    computed_patches, computed_voxels
-        Patches and model voxels the block engine computes: every block runs every lattice
-        patch that touches its core, so a patch that straddles block boundaries runs once per
-        block it touches.
-    read_voxels
-        Input voxels the blocks read: each block's core plus its halo (``patch - 1`` on t, y, x,
-        clipped at the array edges).
-    blocks
-        Number of blocks.
-    """
-
-    voxels: int
-    lattice_patches: int
-    lattice_voxels: int
-    computed_patches: int
-    computed_voxels: int
-    read_voxels: int
-    blocks: int
-
-    @property
-    def lattice_ratio(self) -> float:
-        """Model voxels per output voxel of one whole-array pass (the lattice coverage)."""
-        return self.lattice_voxels / self.voxels
-
-    @property
-    def computed_ratio(self) -> float:
-        """Model voxels per output voxel that the block engine computes."""
-        return self.computed_voxels / self.voxels
-
-    @property
-    def read_ratio(self) -> float:
-        """Bytes read per input byte (core plus halo of every block)."""
-        return self.read_voxels / self.voxels
-
-
-def plan_cost(plan: BlockPlan) -> PlanCost:
-    """Count the model voxels and input reads of a block plan (pure arithmetic, no data).
-
-    Every count factorises over the axes: the blocks form a grid and the lattice is one set of
-    starts per axis, so a block touches (patches along t) x (along y) x (along x) patches, and
-    summing over the grid is the product of per-axis sums. c and z contribute their lengths.
-
-    Parameters
-    ----------
-    plan
-        From :func:`plan_blocks`.
-
-    Returns
-    -------
-    PlanCost
-    """
-    counts = dict.fromkeys(("voxels", "lp", "lv", "cp", "cv", "read"), 1)
-    for axis, (name, length) in enumerate(zip(plan.dims, plan.shape, strict=True)):
-        if name not in plan.patch:
-            # c and z: every plane is its own movie with the same lattice, read once, no halo.
-            counts = {key: value * length for key, value in counts.items()}
-            continue
-        size, depth = plan.patch[name], plan.depth[axis]
-        starts = lattice(length, size, plan.stride[name])
-        touched = read = 0
-        for lo, extent in zip(plan.starts(axis), plan.chunks[axis], strict=True):
-            touched += len(touching(starts, size, lo, lo + extent))
-            read += min(lo + extent + depth, length) - max(lo - depth, 0)
-        counts["voxels"] *= length
-        counts["lp"] *= len(starts)
-        counts["lv"] *= len(starts) * size
-        counts["cp"] *= touched
-        counts["cv"] *= touched * size
-        counts["read"] *= read
-    return PlanCost(
-        voxels=counts["voxels"],
-        lattice_patches=counts["lp"],
-        lattice_voxels=counts["lv"],
-        computed_patches=counts["cp"],
-        computed_voxels=counts["cv"],
-        read_voxels=counts["read"],
-        blocks=math.prod(plan.nblocks),
-    )
+    while True:
+        # The axis whose halo costs the most relative to the block first (t on ties); a larger
+        # step first, then one chunk.
+        axes = sorted(
+            (a for a in MOVIE_ORDER if halo[a] and sizes[a] < full[a]),
+            key=lambda k: (-halo[k] / sizes[k], MOVIE_ORDER.index(k)),
+        )
+        for a in axes:
+            grown = False
+            for target in (2 * sizes[a], sizes[a] + step[a]):
+                trial = dict(sizes)
+                trial[a] = min(_round_up(target, step[a]), full[a])
+                if full[a] - trial[a] < halo[a]:
+                    trial[a] = full[a]  # a tail shorter than the halo would be merged anyway
+                if fits(trial):
+                    sizes, grown = trial, True
+                    break
+            if grown:
+                break
+        else:
+            return sizes

@@ -1,4 +1,4 @@
-"""Predictors and the one-block prediction that the engine (and the in-memory path) run.
+"""Predictors: what turns a batch of raw patches into denoised patches.
 
 A *predictor* is a picklable callable taking a batch of raw patches, float32 ``(n, t, y, x)`` in
 input intensity units, and returning denoised patches of the same shape and units. Three exist:
@@ -9,13 +9,12 @@ input intensity units, and returning denoised patches of the same shape and unit
   patch mean), used to prove that blocks blend seamlessly;
 - :class:`ModelPredictor`, a trained SRDTrans model file.
 
-:func:`predict_block` computes every lattice patch that touches a block's core and blends them;
-:func:`predict_array` is the same over a whole in-memory array (the reference for the engine).
+:mod:`srdvol.predict.block` runs a predictor over the patches of one block (and of a whole
+in-memory array, :func:`~srdvol.predict.block.predict_array`, still importable from here).
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 import time
@@ -25,16 +24,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from srdvol.axes import MOVIE_AXES, parse_axes
-from srdvol.core.blend import Accumulator
-from srdvol.core.tiling import Window, lattice, stride, touching, window
-from srdvol.errors import (
-    ConfigError,
-    DataError,
-    InputError,
-    ModelMismatchError,
-    StoreNotFoundError,
-)
+from srdvol.axes import MOVIE_AXES
+from srdvol.errors import ConfigError, DataError, ModelMismatchError, StoreNotFoundError, flag
 
 __all__ = [
     "MIN_FRAMES",
@@ -45,8 +36,7 @@ __all__ = [
     "as_patch",
     "check_frames",
     "check_model",
-    "predict_array",
-    "predict_block",
+    "load_cached",
 ]
 
 #: The fewest frames a movie may have (the smallest patch_t the network accepts).
@@ -54,7 +44,11 @@ MIN_FRAMES = 16
 
 
 class Predictor(Protocol):
-    """Maps float32 patches ``(n, t, y, x)`` in input units to denoised patches, same shape."""
+    """Maps float32 patches ``(n, t, y, x)`` in input units to denoised patches, same shape.
+
+    Optional attributes the engine reads: ``patch`` (its patch size, when ``denoise`` is given
+    none) and ``batch_size`` (patches per call; 8 when absent or None).
+    """
 
     def __call__(self, patches: np.ndarray) -> np.ndarray: ...
 
@@ -69,17 +63,32 @@ class AffineModel:
         identity).
     delay
         Seconds to sleep per call, to imitate a slow model in resume tests.
+    batch_size
+        Patches per call (the engine's default when None).
     """
 
-    def __init__(self, scale: float = 1.0, offset: float = 0.0, *, delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        scale: float = 1.0,
+        offset: float = 0.0,
+        *,
+        delay: float = 0.0,
+        batch_size: int | None = None,
+    ) -> None:
         self.scale = float(scale)
         self.offset = float(offset)
         self.delay = float(delay)
+        self.batch_size = batch_size
 
     def __call__(self, patches: np.ndarray) -> np.ndarray:
         if self.delay:
             time.sleep(self.delay)
-        return (patches * np.float32(self.scale) + np.float32(self.offset)).astype(np.float32)
+        out = np.asarray(patches, dtype=np.float32)
+        if self.scale == 1.0 and self.offset == 0.0:
+            return out  # the identity costs nothing: the engine benchmark measures the engine
+        out = out * np.float32(self.scale)
+        out += np.float32(self.offset)
+        return out
 
     def __repr__(self) -> str:
         return f"AffineModel(scale={self.scale}, offset={self.offset}, delay={self.delay})"
@@ -108,9 +117,9 @@ def as_patch(patch: Sequence[int] | Mapping[str, int]) -> dict[str, int]:
         values = tuple(int(v) for v in patch)
         if len(values) != 3:
             raise ConfigError(
-                "--patch",
+                flag("patch"),
                 f"patch {values} does not have 3 sizes (t, y, x)",
-                "give it as T,Y,X, for example --patch 32,64,64",
+                f"give it as T,Y,X, for example {flag('patch')} 32,64,64",
             )
         out = dict(zip(MOVIE_AXES, values, strict=True))
     return out
@@ -124,160 +133,6 @@ def check_frames(frames: int, *, subject: str | None = None) -> None:
             f"the movie has {frames} frames, fewer than the {MIN_FRAMES} srdvol needs",
             f"denoise a time series with at least {MIN_FRAMES} frames",
         )
-
-
-def predict_block(
-    region: np.ndarray,
-    *,
-    predictor: Predictor,
-    patch: Mapping[str, int] | Sequence[int],
-    overlap: float,
-    origin: Sequence[int],
-    shape: Sequence[int],
-    core: Sequence[tuple[int, int]],
-    window_kind: Window | str = Window.TENT,
-    batch_size: int | None = None,
-) -> np.ndarray:
-    """Denoise the core of one (t, y, x) block from its core plus halo.
-
-    Parameters
-    ----------
-    region
-        Raw values of the movie over a box starting at global ``origin``; it must contain every
-        lattice patch that touches ``core`` (core plus a halo of ``patch - 1``, clipped to the
-        movie, is always enough).
-    predictor
-        The model, see :class:`Predictor`.
-    patch, overlap
-        Patch size (t, y, x) and overlap fraction; they fix the global lattice.
-    origin
-        Global (t, y, x) index of ``region[0, 0, 0]``.
-    shape
-        Global (t, y, x) shape of the movie.
-    core
-        Global ``(start, stop)`` per axis of the voxels to return.
-    window_kind
-        Blending window (``"tent"`` or ``"cos2"``).
-    batch_size
-        Patches per predictor call (default: the predictor's ``batch_size`` attribute or 8).
-
-    Returns
-    -------
-    numpy.ndarray
-        float32 values of ``core``.
-    """
-    sizes = as_patch(patch)
-    psize = tuple(sizes[a] for a in MOVIE_AXES)
-    region = np.asarray(region, dtype=np.float32)
-    pads, per_axis = [], []
-    for a, p in enumerate(psize):
-        length, start0 = int(shape[a]), int(origin[a])
-        lo, hi = (int(v) for v in core[a])
-        if length < p:
-            # A short axis is reflect-padded to one patch; the block must hold the whole axis.
-            if start0 != 0 or region.shape[a] != length:
-                raise RuntimeError(
-                    f"axis {MOVIE_AXES[a]} is shorter than the patch but the block "
-                    f"does not hold all of it"
-                )
-            pads.append((0, p - length))
-            starts = np.zeros(1, dtype=np.int64)
-        else:
-            pads.append((0, 0))
-            starts = touching(lattice(length, p, stride(p, overlap)), p, lo, hi)
-        local = starts - start0
-        if local.size == 0 or local[0] < 0 or local[-1] + p > region.shape[a] + pads[-1][1]:
-            raise RuntimeError(
-                f"block region along {MOVIE_AXES[a]} ({start0}..{start0 + region.shape[a]}) does "
-                f"not contain the lattice patches touching its core ({lo}..{hi})"
-            )
-        per_axis.append(local)
-    if any(p[1] for p in pads):
-        region = np.pad(region, pads, mode="reflect")
-    # Accumulate only over the bounding box of the touching patches.
-    box0 = [int(s[0]) for s in per_axis]
-    box1 = [int(s[-1]) + p for s, p in zip(per_axis, psize, strict=True)]
-    acc = Accumulator([b - a for a, b in zip(box0, box1, strict=True)])
-    weight = window(psize, window_kind)
-    batch = int(batch_size or getattr(predictor, "batch_size", None) or 8)
-    corners = list(itertools.product(*per_axis))
-    for i in range(0, len(corners), batch):
-        group = corners[i : i + batch]
-        patches = np.stack(
-            [region[tuple(slice(c, c + p) for c, p in zip(cr, psize, strict=True))] for cr in group]
-        )
-        preds = np.asarray(predictor(patches), dtype=np.float32)
-        if preds.shape != patches.shape:
-            raise RuntimeError(f"predictor returned shape {preds.shape} for {patches.shape}")
-        for cr, pred in zip(group, preds, strict=True):
-            acc.add(
-                pred,
-                weight,
-                tuple(slice(c - b, c - b + p) for c, b, p in zip(cr, box0, psize, strict=True)),
-            )
-    keep = tuple(
-        slice(int(c[0]) - int(o) - b, int(c[1]) - int(o) - b)
-        for c, o, b in zip(core, origin, box0, strict=True)
-    )
-    return acc.finalize_region(keep)
-
-
-def predict_array(
-    array: np.ndarray,
-    predictor: Predictor,
-    *,
-    patch: Mapping[str, int] | Sequence[int],
-    overlap: float = 0.25,
-    dims: str | Sequence[str] | None = None,
-    window_kind: Window | str = Window.TENT,
-    batch_size: int | None = None,
-) -> np.ndarray:
-    """Denoise a whole in-memory array in one pass (each (c, z) plane is its own movie).
-
-    Parameters
-    ----------
-    array
-        numpy array with axes ``dims`` (default ``"tyx"`` for a 3-D array).
-    predictor
-        The model.
-    patch, overlap, window_kind, batch_size
-        As for :func:`predict_block`.
-    dims
-        Axis names in array order, e.g. ``"tzyx"``.
-
-    Returns
-    -------
-    numpy.ndarray
-        float32 array of the same shape and axis order.
-    """
-    array = np.asarray(array)
-    if dims is None and array.ndim != 3:
-        raise InputError(
-            "dims", f"a {array.ndim}-D array needs axis names", "pass dims, for example dims='tzyx'"
-        )
-    names = parse_axes(dims if dims is not None else "tyx", subject="dims")
-    if len(names) != array.ndim:
-        raise InputError(
-            "dims", f"{len(names)} axis names for a {array.ndim}-D array", "give one name per axis"
-        )
-    movie_pos = [names.index(a) for a in MOVIE_AXES]
-    moved = np.moveaxis(array, movie_pos, (-3, -2, -1))
-    check_frames(moved.shape[-3])
-    out = np.empty(moved.shape, dtype=np.float32)
-    shape = moved.shape[-3:]
-    for idx in np.ndindex(moved.shape[:-3]):
-        out[idx] = predict_block(
-            moved[idx],
-            predictor=predictor,
-            patch=patch,
-            overlap=overlap,
-            origin=(0, 0, 0),
-            shape=shape,
-            core=[(0, n) for n in shape],
-            window_kind=window_kind,
-            batch_size=batch_size,
-        )
-    return np.moveaxis(out, (-3, -2, -1), movie_pos)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,13 +225,60 @@ def check_model(model_path: str | os.PathLike[str], *, device: str = "cpu") -> A
     return record
 
 
+#: Patches per forward pass on a CPU (larger batches do not run faster there).
+CPU_BATCH = 4
+#: At most this many patches per forward pass on a GPU.
+MAX_BATCH = 64
+#: Share of a GPU's memory the activations of one forward pass may fill.
+DEVICE_FRACTION = 0.4
+
+_BATCHES: dict[tuple[Any, ...], int] = {}
+_BATCH_LOCK = threading.Lock()
+
+
+def device_batch(network: Any, shape: Sequence[int], *, amp: bool) -> int:
+    """Patches per forward pass that fill a GPU's memory (:data:`CPU_BATCH` on a CPU).
+
+    Two trial passes (1 and 2 patches of ``shape``) measure the activation memory per patch; the
+    batch is the power of two that fills :data:`DEVICE_FRACTION` of the device's *total* memory
+    (not the free memory, which varies between runs: a resumed run must batch as the first did,
+    since kernels are chosen by shape), at most :data:`MAX_BATCH`.
+    """
+    import torch
+
+    device = next(network.parameters()).device
+    if device.type != "cuda":
+        return CPU_BATCH
+
+    def peak(n: int) -> int:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        x = torch.zeros((n, 1, *shape), device=device)
+        with (
+            torch.inference_mode(),
+            torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp),
+        ):
+            network(x)
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+
+    one, two = peak(1), peak(2)
+    per_patch = max(two - one, 1)
+    fixed = max(one - per_patch, 0)
+    total = torch.cuda.get_device_properties(device).total_memory
+    fits = int((DEVICE_FRACTION * total - fixed) // per_patch)
+    return min(MAX_BATCH, 2 ** int(np.log2(max(1, fits))))
+
+
 class ModelPredictor:
     """A trained model file as a :class:`Predictor`.
 
     Only the path and settings are pickled; the network is loaded (once per process, see
     :func:`load_cached`) on first use. Patches are normalised with the model's global mean/std,
     run under ``torch.inference_mode`` (bf16 autocast on CUDA by default) and returned in input
-    units.
+    units. :meth:`predict_tensor` does the same for torch tensors already on
+    :attr:`tensor_device`, so the engine keeps a block's patches on the GPU.
 
     Parameters
     ----------
@@ -388,7 +290,8 @@ class ModelPredictor:
         ``"auto"`` (bf16 on CUDA, off on CPU), ``True`` or ``False``.
     batch_size
         Patches per forward pass; every pass has exactly this many (a short batch is padded),
-        so a patch's result does not depend on the patches it is batched with.
+        so a patch's result does not depend on the patches it is batched with. None: as many
+        as fill the GPU (:func:`device_batch`), :data:`CPU_BATCH` on a CPU.
     patch
         The patch size the engine will use; its t must equal the model's patch_t.
     """
@@ -399,13 +302,13 @@ class ModelPredictor:
         *,
         device: str = "auto",
         autocast: bool | str = "auto",
-        batch_size: int = 4,
+        batch_size: int | None = None,
         patch: Sequence[int] | Mapping[str, int] | None = None,
     ) -> None:
         self.model_path = os.fspath(model_path)
         self.device = device
         self.autocast = autocast
-        self.batch_size = int(batch_size)
+        self._batch_size = int(batch_size) if batch_size is not None else None
         self._patch = as_patch(patch) if patch is not None else None
 
     @property
@@ -421,34 +324,59 @@ class ModelPredictor:
             return trained
         if self._patch["t"] != trained["t"]:
             raise ModelMismatchError(
-                "--patch",
+                flag("patch"),
                 f"patch_t {self._patch['t']} differs from the model's patch_t {trained['t']} "
                 f"({self.model_path})",
-                f"use --patch {trained['t']},{self._patch['y']},{self._patch['x']} or retrain",
+                f"use {flag('patch')} {trained['t']},{self._patch['y']},{self._patch['x']} or "
+                "retrain",
             )
         return self._patch
 
-    def __call__(self, patches: np.ndarray) -> np.ndarray:
+    @property
+    def tensor_device(self) -> Any:
+        """The torch device the network runs on (loads the model)."""
+        network, _ = load_cached(self.model_path, device=self.device)
+        return next(network.parameters()).device
+
+    def _amp(self) -> bool:
+        device = self.tensor_device
+        return device.type == "cuda" if self.autocast == "auto" else bool(self.autocast)
+
+    @property
+    def batch_size(self) -> int:
+        """Patches per forward pass (measured on the device the first time when not given)."""
+        if self._batch_size is not None:
+            return self._batch_size
+        network, _ = load_cached(self.model_path, device=self.device)
+        shape = tuple(self.patch[a] for a in MOVIE_AXES)
+        amp = self._amp()
+        key = (*_file_key(self.model_path), str(self.tensor_device), shape, amp)
+        with _BATCH_LOCK:  # not the model cache's lock: loading takes that one
+            if key not in _BATCHES:
+                _BATCHES[key] = device_batch(network, shape, amp=amp)
+            return _BATCHES[key]
+
+    def predict_tensor(self, patches: Any) -> Any:
+        """Denoise float32 patches ``(n, t, y, x)``, a torch tensor on :attr:`tensor_device`."""
         import torch
 
         network, record = load_cached(self.model_path, device=self.device)
         if patches.shape[1] != int(record.patch[0]):
             raise ModelMismatchError(
-                "--patch",
+                flag("patch"),
                 f"patches have {patches.shape[1]} frames but the model was trained "
                 f"with patch_t {record.patch[0]} ({self.model_path})",
-                f"use --patch {record.patch[0]},Y,X",
+                f"use {flag('patch')} {record.patch[0]},Y,X",
             )
         mean = float(record.normalization.mean)
         std = float(record.normalization.std)
         device = next(network.parameters()).device
-        use_amp = device.type == "cuda" if self.autocast == "auto" else bool(self.autocast)
-        x = torch.from_numpy(np.ascontiguousarray((patches - mean) / std, dtype=np.float32))
-        out = np.empty(patches.shape, dtype=np.float32)
+        x = ((patches.to(device=device, dtype=torch.float32) - mean) / std).contiguous()
+        out = torch.empty_like(x)
         size = self.batch_size
         with (
             torch.inference_mode(),
-            torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp),
+            torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self._amp()),
         ):
             for i in range(0, len(x), size):
                 # Every forward pass gets exactly batch_size patches (a short batch is padded
@@ -460,9 +388,23 @@ class ModelPredictor:
                 n = len(part)
                 if n < size:
                     part = torch.cat([part, part[-1:].expand(size - n, *part.shape[1:])])
-                y = network(part[:, None].to(device))[:n, 0]
-                out[i : i + n] = y.float().cpu().numpy()
-        return (out * std + mean).astype(np.float32)
+                out[i : i + n] = network(part[:, None])[:n, 0].float()
+        return out * std + mean
+
+    def __call__(self, patches: np.ndarray) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32))
+        return self.predict_tensor(x.to(self.tensor_device)).cpu().numpy()
 
     def __repr__(self) -> str:
         return f"ModelPredictor({self.model_path!r}, device={self.device!r})"
+
+
+def __getattr__(name: str) -> Any:
+    # predict_array moved to srdvol.predict.block (which imports this module); keep the old name.
+    if name == "predict_array":
+        from srdvol.predict.block import predict_array
+
+        return predict_array
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

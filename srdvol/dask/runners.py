@@ -1,0 +1,495 @@
+"""Running a lazy array block by block, computing every task once.
+
+The writer submits the blocks of a lazy array one at a time, in a fixed order, with a bounded
+number in flight. Neighbouring blocks share tasks: a block's halo is the low edge of its
+neighbours' input blocks, and its sums spill into them. :class:`BlockUnits` finds, when a block
+is submitted, which of its new tasks a later neighbour will need, so that the runner keeps their
+results until that neighbour is submitted (and no input is read twice, no patch predicted
+twice); everything else is freed as soon as its block is written. Memory is bounded by the
+blocks in flight plus one layer of the grid (what waits for the next row of blocks).
+
+Two runners execute the tasks: :class:`LocalRunner` (threads of this process) and
+:class:`DistributedRunner` (a ``distributed.Client``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from typing import Any
+
+import numpy as np
+from dask._task_spec import GraphNode, Task, convert_legacy_graph
+from dask.highlevelgraph import HighLevelGraph
+
+__all__ = ["BlockUnits", "DistributedRunner", "LocalRunner", "run_blocks"]
+
+Key = Hashable
+
+
+class BlockUnits:
+    """The tasks of each block of a lazy array and what a block leaves for later blocks.
+
+    Parameters
+    ----------
+    data
+        The lazy dask array; one block = one chunk.
+    eager_prefix
+        Tasks in layers whose name starts with this are part of the block whose index their key
+        starts with, although that block's own output does not need them (a block's spills:
+        computed with it, so a neighbour waits for a slice of its sums, not for all of them).
+    """
+
+    def __init__(self, data: Any, *, eager_prefix: str = "") -> None:
+        self.name = data.name
+        self.grid = tuple(data.numblocks)
+        graph = data.__dask_graph__()
+        if not isinstance(graph, HighLevelGraph):
+            graph = HighLevelGraph.from_collections(self.name, dict(graph), dependencies=())
+        self._graph = graph
+        self._position: dict[int, int] = {}
+        self._eager: dict[tuple[int, ...], list[Key]] = defaultdict(list)
+        if eager_prefix:
+            for layer_name, layer in graph.layers.items():
+                if str(layer_name).startswith(eager_prefix):
+                    for key in layer:
+                        self._eager[tuple(key[1 : 1 + len(self.grid)])].append(key)
+        self._units: dict[int, dict[Key, GraphNode]] = {}
+        self._roots: dict[int, list[Key]] = {}
+        self._submitted: set[int] = set()
+        self.coupled = self._coupled_axes()
+
+    def index(self, flat: int) -> tuple[int, ...]:
+        """Grid index of block number ``flat``."""
+        return tuple(int(i) for i in np.unravel_index(flat, self.grid))
+
+    def output_key(self, flat: int) -> tuple[Any, ...]:
+        """Key of the block's chunk of the lazy array."""
+        return (self.name, *self.index(flat))
+
+    def roots(self, flat: int) -> list[Key]:
+        """The block's output key and the eager tasks that belong to it."""
+        if flat not in self._roots:
+            index = self.index(flat)
+            self._roots[flat] = [self.output_key(flat), *self._eager.get(index, [])]
+        return self._roots[flat]
+
+    def unit(self, flat: int) -> dict[Key, GraphNode]:
+        """Every task the block needs (its whole dependency closure), by key."""
+        if flat not in self._units:
+            culled = self._graph.cull(set(self.roots(flat)))
+            self._units[flat] = convert_legacy_graph(dict(culled))
+        return self._units[flat]
+
+    def _coupled_axes(self) -> list[int]:
+        # The axes along which neighbouring blocks share tasks (halos, spills), from the first
+        # block and its next neighbour; the others (c, z planes) are independent.
+        first = self.unit(0)
+        coupled = []
+        for axis, n in enumerate(self.grid):
+            if n < 2:
+                continue
+            step = [0] * len(self.grid)
+            step[axis] = 1
+            other = int(np.ravel_multi_index(step, self.grid))
+            if not first.keys().isdisjoint(self.unit(other).keys()):
+                coupled.append(axis)
+        self._units.clear()
+        return coupled
+
+    def order(self, todo: Iterable[int]) -> list[int]:
+        """Sort ``todo`` into the submission order (and remember it): independent axes outermost,
+        then the coupled axes in array order (t before y, x), so that what waits for later
+        blocks is one layer of the grid."""
+        axes = [a for a in range(len(self.grid)) if a not in self.coupled] + self.coupled
+        ordered = sorted(todo, key=lambda flat: tuple(self.index(flat)[a] for a in axes))
+        self._position = {flat: i for i, flat in enumerate(ordered)}
+        return ordered
+
+    def _neighbours(self, flat: int) -> list[int]:
+        """Grid neighbours (one step along any coupled axes) that are still to be submitted."""
+        index = self.index(flat)
+        out = []
+        for step in itertools.product((-1, 0, 1), repeat=len(self.coupled)):
+            if not any(step):
+                continue
+            other = list(index)
+            for axis, s in zip(self.coupled, step, strict=True):
+                other[axis] += s
+            if not all(0 <= i < n for i, n in zip(other, self.grid, strict=True)):
+                continue
+            neighbour = int(np.ravel_multi_index(other, self.grid))
+            if neighbour in self._position and neighbour not in self._submitted:
+                out.append(neighbour)
+        return out
+
+    def _walk(self, flat: int, stop: Callable[[Key], bool]) -> tuple[set[Key], set[Key]]:
+        """Keys of the block's unit reached from its roots, and the stop keys met on the way."""
+        unit = self.unit(flat)
+        reached: set[Key] = set()
+        stopped: set[Key] = set()
+        stack = list(self.roots(flat))
+        while stack:
+            key = stack.pop()
+            if key in reached or key in stopped:
+                continue
+            if stop(key):
+                stopped.add(key)
+                continue
+            reached.add(key)
+            stack.extend(unit[key].dependencies)
+        return reached, stopped
+
+    def plan(
+        self, flat: int, available: Mapping[Key, Any]
+    ) -> tuple[dict[Key, GraphNode], set[Key], dict[Key, set[int]]]:
+        """What submitting block ``flat`` takes, given the results kept so far.
+
+        Returns
+        -------
+        new
+            The tasks to submit: the block's unit up to the kept results.
+        uses
+            Kept results the block reads.
+        hold
+            New tasks and kept results that later neighbours need directly, with those
+            neighbours (a result can be shared by blocks two apart, through the one between).
+        """
+        reached, uses = self._walk(flat, available.__contains__)
+        unit = self.unit(flat)
+        new = {key: unit[key] for key in reached}
+        self._submitted.add(flat)
+        here = self._position[flat]
+        hold: dict[Key, set[int]] = defaultdict(set)
+        for neighbour in self._neighbours(flat):
+            there = self._position[neighbour]
+            if there < here or self.unit(neighbour).keys().isdisjoint(new):
+                continue
+            # What the blocks submitted between this one and the neighbour compute, they keep
+            # for it themselves: its walk stops there too.
+            between: set[Key] = set()
+            for other in self._neighbours(neighbour):
+                if here < self._position[other] < there:
+                    between.update(self.unit(other).keys())
+            stops = new.keys() | available.keys() | between
+            _, needed = self._walk(neighbour, stops.__contains__)
+            for key in needed:
+                if key in new or key in available:  # kept already: keep it for this one too
+                    hold[key].add(neighbour)
+        self._units.pop(flat, None)
+        return new, uses, dict(hold)
+
+
+class LocalRunner:
+    """Runs tasks in a thread pool of this process as their inputs become ready.
+
+    Results are kept while a submitted task still needs them or the caller holds them (every
+    key it asked for, until :meth:`release`); ready tasks of earlier blocks run first.
+
+    Parameters
+    ----------
+    threads
+        Pool threads.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="srdvol")
+        self._lock = threading.Lock()
+        self._nodes: dict[Key, GraphNode] = {}
+        self._results: dict[Key, Any] = {}
+        self._errors: dict[Key, BaseException] = {}
+        self._missing: dict[Key, set[Key]] = {}
+        self._dependents: dict[Key, set[Key]] = defaultdict(set)
+        self._readers: dict[Key, int] = defaultdict(int)
+        self._holds: dict[Key, int] = defaultdict(int)
+        self._futures: dict[Key, list[Future[Any]]] = defaultdict(list)
+        self._priority: dict[Key, int] = {}
+        self._ready: list[tuple[int, int, Key]] = []
+        self._seq = itertools.count()
+        self._stopped = False
+
+    def submit(
+        self, graph: Mapping[Key, GraphNode], want: Sequence[Key], priority: int
+    ) -> dict[Key, Future[Any]]:
+        """Add tasks (those already known are skipped) and return futures for ``want``."""
+        with self._lock:
+            fresh = [
+                k
+                for k in graph
+                if k not in self._nodes and k not in self._results and k not in self._errors
+            ]
+            for key in fresh:
+                self._nodes[key] = graph[key]
+                self._priority[key] = priority
+            failed: list[tuple[Key, BaseException]] = []
+            for key in fresh:
+                missing = set()
+                for dep in graph[key].dependencies:
+                    self._readers[dep] += 1
+                    if dep in self._errors:
+                        failed.append((key, self._errors[dep]))
+                    elif dep not in self._results:
+                        if dep not in self._nodes:
+                            raise RuntimeError(f"task {key!r} needs {dep!r}, which nobody computes")
+                        missing.add(dep)
+                        self._dependents[dep].add(key)
+                self._missing[key] = missing
+            handles = {}
+            for key in want:
+                future: Future[Any] = Future()
+                self._holds[key] += 1
+                if key in self._results:
+                    future.set_result(self._results[key])
+                elif key in self._errors:
+                    future.set_exception(self._errors[key])
+                else:
+                    self._futures[key].append(future)
+                handles[key] = future
+            for key, exc in failed:
+                self._fail(key, exc)
+            for key in fresh:
+                if key in self._nodes and not self._missing[key]:
+                    self._push(key)
+        return handles
+
+    def _push(self, key: Key) -> None:
+        heapq.heappush(self._ready, (self._priority[key], next(self._seq), key))
+        self._pool.submit(self._work)
+
+    def _work(self) -> None:
+        with self._lock:
+            if self._stopped or not self._ready:
+                return
+            _, _, key = heapq.heappop(self._ready)
+            node = self._nodes[key]
+            values = {dep: self._results[dep] for dep in node.dependencies}
+        try:
+            value = node(values)
+        except BaseException as exc:  # handed to whoever waits for the result
+            with self._lock:
+                self._fail(key, exc)
+            return
+        with self._lock:
+            self._done(key, value)
+
+    def _done(self, key: Key, value: Any) -> None:
+        node = self._nodes.pop(key)
+        self._missing.pop(key, None)
+        self._results[key] = value
+        for future in self._futures.pop(key, []):
+            future.set_result(value)
+        for dependent in self._dependents.pop(key, set()):
+            waiting = self._missing.get(dependent)
+            if waiting is not None:
+                waiting.discard(key)
+                if not waiting and not self._stopped:
+                    self._push(dependent)
+        for dep in node.dependencies:
+            self._readers[dep] -= 1
+            self._maybe_drop(dep)
+        self._maybe_drop(key)
+
+    def _fail(self, key: Key, exc: BaseException) -> None:
+        node = self._nodes.pop(key, None)
+        self._missing.pop(key, None)
+        self._errors[key] = exc
+        for future in self._futures.pop(key, []):
+            future.set_exception(exc)
+        if node is not None:
+            for dep in node.dependencies:
+                self._readers[dep] -= 1
+                self._maybe_drop(dep)
+        for dependent in self._dependents.pop(key, set()):
+            if dependent in self._nodes:
+                self._fail(dependent, exc)
+
+    def _maybe_drop(self, key: Key) -> None:
+        if key in self._results and self._readers.get(key, 0) <= 0 and not self._holds.get(key):
+            del self._results[key]
+            self._readers.pop(key, None)
+            self._holds.pop(key, None)
+            self._priority.pop(key, None)
+
+    @property
+    def held(self) -> int:
+        """Results this runner holds now (for tests and diagnostics)."""
+        with self._lock:
+            return len(self._results)
+
+    def release(self, key: Key) -> None:
+        """The caller no longer needs ``key`` (one of the keys it asked for)."""
+        with self._lock:
+            self._holds[key] -= 1
+            self._maybe_drop(key)
+
+    @staticmethod
+    def wait(handles: Sequence[Future[Any]]) -> list[Future[Any]]:
+        """Block until at least one of ``handles`` is done; return the done ones."""
+        done, _ = wait_futures(handles, return_when=FIRST_COMPLETED)
+        return list(done)
+
+    @staticmethod
+    def result(handle: Future[Any]) -> Any:
+        """The value of a done handle (raises its task's error)."""
+        return handle.result()
+
+    def cancel(self) -> None:
+        """Start nothing more; tasks already running end on their own."""
+        with self._lock:
+            self._stopped = True
+            self._ready.clear()
+            for futures in self._futures.values():
+                for future in futures:
+                    future.cancel()
+
+    def close(self) -> None:
+        """Wait for running tasks and free the pool."""
+        self.cancel()
+        self._pool.shutdown(wait=True)
+
+
+class DistributedRunner:
+    """Submits tasks to a ``distributed`` cluster; keeps futures for the keys asked for.
+
+    A later graph that names a kept key as a dependency reuses its result on the cluster (and a
+    task resubmitted under a key the scheduler still has is not computed again).
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._kept: dict[Key, Any] = {}
+
+    def submit(
+        self, graph: Mapping[Key, GraphNode], want: Sequence[Key], priority: int
+    ) -> dict[Key, Any]:
+        """Send the tasks; return futures for ``want`` (earlier blocks get higher priority)."""
+        futures = self.client.get(dict(graph), list(want), sync=False, priority=-priority)
+        handles = dict(zip(want, futures, strict=True))
+        self._kept.update(handles)
+        return handles
+
+    def release(self, key: Key) -> None:
+        """Drop the future for ``key`` (the scheduler frees it once no task needs it)."""
+        future = self._kept.pop(key, None)
+        if future is not None:
+            future.release()
+
+    @staticmethod
+    def wait(handles: Sequence[Any]) -> list[Any]:
+        """Block until at least one of ``handles`` is done; return the done ones."""
+        from distributed import wait
+
+        done, _ = wait(list(handles), return_when="FIRST_COMPLETED")
+        return list(done)
+
+    @staticmethod
+    def result(handle: Any) -> Any:
+        """The value of a done future (raises its task's error)."""
+        return handle.result()
+
+    def cancel(self) -> None:
+        """Cancel everything still pending."""
+        pending = [f for f in self._kept.values() if not f.done()]
+        if pending:
+            self.client.cancel(pending)
+
+    def close(self) -> None:
+        """Drop every kept future."""
+        for key in list(self._kept):
+            self.release(key)
+
+
+def run_blocks(
+    units: BlockUnits,
+    runner: LocalRunner | DistributedRunner,
+    order: Sequence[int],
+    *,
+    store: Callable[[int, GraphNode | None], tuple[Key, GraphNode]],
+    finished: Callable[[int, Any], None],
+    wave: int,
+) -> int:
+    """Submit the blocks of ``order``, at most ``wave`` unfinished at once, and report each.
+
+    Parameters
+    ----------
+    units
+        The lazy array's blocks.
+    runner
+        Where tasks run.
+    order
+        Flat block numbers, in submission order.
+    store
+        Builds the task that stores block ``flat`` (its key and node), given the task that
+        computes the block to run inline (None: refer to the block's key); its result is
+        passed to ``finished``.
+    finished
+        Called with the block number and its store task's result as each block is stored.
+    wave
+        Most blocks submitted and not yet stored.
+
+    Returns
+    -------
+    int
+        The most blocks that were in flight at once.
+    """
+    kept: dict[Key, Any] = {}
+    waiting_for: dict[Key, set[int]] = {}
+    kept_for: dict[int, set[Key]] = defaultdict(set)
+    pending: dict[Any, tuple[int, Key]] = {}
+    blocks = iter(enumerate(order))
+    more, peak = True, 0
+    try:
+        while True:
+            while more and len(pending) < max(1, wave):
+                position, flat = next(blocks, (-1, -1))
+                if flat < 0:
+                    more = False
+                    break
+                new, _, hold = units.plan(flat, kept)
+                # The block's output is computed inside its store task: stored where it is
+                # made, never sent to another worker (nothing else reads it).
+                out = units.output_key(flat)
+                inline = isinstance(new.get(out), Task) and out not in hold
+                key, node = store(flat, new.pop(out) if inline else None)
+                new[key] = node
+                handles = runner.submit(new, [key, *(k for k in hold if k not in kept)], position)
+                for held, neighbours in hold.items():
+                    if held not in kept:
+                        kept[held] = handles[held]
+                    waiting_for.setdefault(held, set()).update(neighbours)
+                    for neighbour in neighbours:
+                        kept_for[neighbour].add(held)
+                # This block's graph now names what it reads: the runner keeps those for it.
+                for held in kept_for.pop(flat, set()):
+                    waiting = waiting_for.get(held)
+                    if waiting is not None:
+                        waiting.discard(flat)
+                        if not waiting:
+                            del waiting_for[held]
+                            kept.pop(held, None)
+                            runner.release(held)
+                pending[handles[key]] = (flat, key)
+                peak = max(peak, len(pending))
+            if not pending:
+                return peak
+            for handle in runner.wait(list(pending)):
+                flat, key = pending.pop(handle)
+                value = runner.result(handle)
+                runner.release(key)
+                finished(flat, value)
+    except BaseException:
+        runner.cancel()
+        raise
+    finally:
+        for held in list(kept):
+            runner.release(held)
+
+
+def tasks_per_block(units: BlockUnits) -> int:
+    """Tasks of the first block's unit (plus its store): a measure for how many fit at once."""
+    return len(units.unit(0)) + 1
