@@ -348,12 +348,23 @@ def evaluate(
         Path | None,
         typer.Option("--report", help="Write a PNG figure here.", show_default="none"),
     ] = None,
+    # -- issue 13: the Gaussian reference (srdvol.app.evaluate) --
+    gaussian: Annotated[
+        str | None,
+        typer.Option(
+            "--gaussian",
+            help="Sigmas (px) of the Gaussian reference filter of --noisy, best picked with the "
+            "truth per score; 'none' for no reference.",
+            show_default="0.5,0.75,1,1.25,1.5,2,2.5,3,4",
+        ),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """SNR, PSNR, SSIM and correlations of OUT against the ground truth."""
+    """SNR, SSIM, cell and pixel trace fidelity of OUT against the ground truth, beside the
+    noisy input and the best Gaussian filters of it."""
     from srdvol.app.commands import run_evaluate
 
-    typer.echo(run_evaluate(out, truth=truth, noisy=noisy, report=report))
+    typer.echo(run_evaluate(out, truth=truth, noisy=noisy, report=report, gaussian=gaussian))
 
 
 @app.command()
