@@ -52,7 +52,7 @@ def run(args: argparse.Namespace, root: Path) -> list[dict]:
             before = load()
             row = {"seed": seed, "run": f"lr {lr:g}, clipping {clip}", "lr": lr, "clip": clip}
             try:
-                losses, seconds = fit(
+                losses, seconds, _ = fit(
                     movie,
                     model,
                     network=args.network,

@@ -28,6 +28,7 @@ from srdvol.options import (
     DEFAULT_STEPS,
     MAX_OVERLAP,
     Autocast,
+    Loss,
     Ngff,
     OutputDtype,
     RunOptions,
@@ -126,6 +127,15 @@ BatchOpt = Annotated[
     int, typer.Option("--batch-size", min=1, help="Patches per step (per worker).")
 ]
 LrOpt = Annotated[float, typer.Option("--lr", help="Peak learning rate.")]
+# -- issue 13: the training loss (srdvol.training.pairs.pair_loss) --
+LossOpt = Annotated[
+    Loss,
+    typer.Option(
+        "--loss",
+        help="Training loss: mse (the mean; keeps dim transients) or l1mse (upstream SRDTrans's "
+        "0.5 L1 + 0.5 MSE).",
+    ),
+]
 SchedulerOpt = Annotated[
     str | None,
     typer.Option(
@@ -377,6 +387,7 @@ def train(
     steps: StepsOpt = DEFAULT_STEPS,
     batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
     lr: LrOpt = DEFAULT_LR,
+    loss: LossOpt = Loss.mse,
     seed: SeedOpt = 0,
     resume: ResumeOpt = False,
     overwrite: TrainOverwriteOpt = False,
@@ -452,6 +463,7 @@ def denoise(
     steps: StepsOpt = DEFAULT_STEPS,
     batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
     lr: LrOpt = DEFAULT_LR,
+    loss: LossOpt = Loss.mse,
     seed: SeedOpt = 0,
     dtype: DtypeOpt = OutputDtype.float32,
     ngff: NgffOpt = Ngff.v05,
