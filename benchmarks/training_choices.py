@@ -31,7 +31,8 @@ import torch
 from quality import NETWORKS, fit, gaussian, gaussian_axes, load, make_movie, markdown, tune
 
 from srdvol.options import DEFAULT_OVERLAP
-from srdvol.predict.predictors import ModelPredictor, predict_array
+from srdvol.predict.block import predict_array
+from srdvol.predict.predictors import ModelPredictor
 from srdvol.training.trainer import GRAD_CLIP
 
 
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace, root: Path) -> list[dict]:
             before = load()
             row = {"seed": seed, "run": f"lr {lr:g}, clipping {clip}", "lr": lr, "clip": clip}
             try:
-                losses, seconds = fit(
+                losses, seconds, _ = fit(
                     movie,
                     model,
                     network=args.network,

@@ -65,6 +65,7 @@ __all__ = [
     "Block",
     "ClusterOptions",
     "GPUChoice",
+    "Loss",
     "Ngff",
     "OutputDtype",
     "OutputOptions",
@@ -107,6 +108,13 @@ class Sampling(enum.StrEnum):
     spatial = "spatial"
     temporal = "temporal"
     auto = "auto"
+
+
+class Loss(enum.StrEnum):
+    """The self-supervised training loss between the prediction and its noisy targets."""
+
+    mse = "mse"  # the conditional mean: unbiased under shot noise (benchmarks/RESULTS.md)
+    l1mse = "l1mse"  # upstream SRDTrans: 0.5 L1 + 0.5 MSE (L1 pulls towards the median)
 
 
 class OutputDtype(enum.StrEnum):
@@ -231,6 +239,9 @@ class TrainOptions(_Options):
     steps: int = Field(DEFAULT_STEPS, ge=1, description="Optimiser steps.")
     batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, description="Patches per step and worker.")
     lr: float = Field(DEFAULT_LR, gt=0, description="Peak learning rate.")
+    loss: Loss = Field(
+        Loss.mse, description="Training loss: mse, or l1mse (upstream's 0.5 L1 + 0.5 MSE)."
+    )
     seed: int = Field(0, description="Seeds statistics sample, weights, patches and pairs.")
     checkpoint_every: int = Field(
         DEFAULT_CHECKPOINT_EVERY, ge=1, description="Steps between saved training states."

@@ -317,3 +317,17 @@ def test_help_shows_a_default_for_every_option_and_a_guide_for_every_choice():
                     unguided.append(f"{name} {param.opts[0]}")
     assert not missing, missing
     assert not unguided, unguided
+
+
+def test_evaluate_shows_the_gaussian_reference_and_refuses_bad_sigmas(tmp_path, capsys):
+    from srdvol.simulate import simulate
+
+    simulate(tmp_path / "n.zarr", truth=tmp_path / "t.zarr", frames=16, size=(32, 32))
+    n, t = str(tmp_path / "n.zarr"), str(tmp_path / "t.zarr")
+    code, out, _ = run_cli(capsys, "evaluate", n, "--truth", t, "--noisy", n, "--gaussian", "1,2")
+    assert code == 0
+    assert "gaussian σ=" in out and "pixel_r" in out and "trace_gain" in out
+    code, out, _ = run_cli(capsys, "evaluate", n, "--truth", t, "--noisy", n, "--gaussian", "none")
+    assert code == 0 and "gaussian" not in out
+    code, _, err = run_cli(capsys, "evaluate", n, "--truth", t, "--noisy", n, "--gaussian", "x")
+    assert code == 2 and "--gaussian" in err and "Traceback" not in err

@@ -362,7 +362,8 @@ def test_a_second_run_is_refused_and_a_killed_runs_lock_is_taken_over(faults, mo
     """Two identical runs: the second says who holds the output. The first is then killed
     (SIGKILL leaves its lock behind); a third run takes the stale lock over with a note and
     writes the same output as an uninterrupted run."""
-    from srdvol.predict.predictors import ModelPredictor, predict_array
+    from srdvol.predict.block import predict_array
+    from srdvol.predict.predictors import ModelPredictor
 
     monkeypatch.chdir(faults)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")

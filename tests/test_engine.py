@@ -31,7 +31,8 @@ from srdvol.errors import (
     OutputExistsError,
     UnsupportedDtypeError,
 )
-from srdvol.predict.predictors import AffineModel, PatchMeanModel, predict_array
+from srdvol.predict.block import predict_array
+from srdvol.predict.predictors import AffineModel, PatchMeanModel
 
 
 def noisy(shape, seed=0):

@@ -11,9 +11,9 @@ import pytest
 import xarray as xr
 from scipy import ndimage
 
-from srdvol.app.evaluate import evaluate_stores, format_metrics
-from srdvol.core.metrics import evaluate, frame_ssim
-from srdvol.errors import InputError
+from srdvol.app.evaluate import DEFAULT_SIGMAS, evaluate_stores, format_metrics, parse_sigmas
+from srdvol.core.metrics import evaluate, frame_ssim, gaussian_frames
+from srdvol.errors import ConfigError, InputError
 from srdvol.simulate import simulate
 
 OFFSET = 100.0
@@ -62,13 +62,22 @@ def _reference(estimate, truth, labels, offset):
     rng_ = truth.max() - truth.min()
     mse = np.mean((estimate - truth) ** 2)
     ssim = [_ref_ssim_frame(e, g, rng_) for e, g in zip(frames_e, frames_g, strict=True)]
-    rs = []
+    rs, gains = [], []
     for cell in np.unique(labels[labels > 0]):
         m = labels == cell
         te = np.array([frame[m].mean() for frame in estimate])
         tg = np.array([frame[m].mean() for frame in truth])
         rs.append(np.corrcoef(te, tg)[0, 1])
+        gains.append(np.polyfit(tg, te, 1)[0])
+    pixel_rs, pixel_gains = [], []
+    for index in zip(*np.nonzero(labels > 0), strict=True):
+        pe, pg = estimate[(slice(None), *index)], truth[(slice(None), *index)]
+        pixel_rs.append(np.corrcoef(pe, pg)[0, 1])
+        pixel_gains.append(np.polyfit(pg, pe, 1)[0])
     return {
+        "trace_gain": np.median(gains),
+        "pixel_r": np.mean(pixel_rs),
+        "pixel_gain": np.median(pixel_gains),
         "snr_db": np.mean(snr),
         "psnr_db": 10 * np.log10(rng_**2 / mse),
         "ssim": np.mean(ssim),
@@ -93,8 +102,10 @@ def test_evaluate_matches_numpy_on_oddly_chunked_dask_arrays(shape):
             masks=labels,
             offset=OFFSET,
         )
-    for key in ("snr_db", "psnr_db", "ssim", "pearson_r", "trace_r"):
+    keys = ("snr_db", "psnr_db", "ssim", "pearson_r", "trace_r", "trace_gain", "pixel_r")
+    for key in (*keys, "pixel_gain"):
         assert got[key] == pytest.approx(ref[key], rel=1e-9, abs=1e-12), key
+    assert got["n_pixels"] == int((labels > 0).sum())
     assert got["n_cells"] == ref["n_cells"] == (4 if len(shape) == 4 else 3)
     assert got["frames"] == int(np.prod(shape[:-2]))
 
@@ -138,6 +149,50 @@ def test_perfect_estimate_scores_perfectly_and_worse_estimates_score_lower():
     for key in ("snr_db", "psnr_db", "ssim", "pearson_r"):
         assert good[key] > bad[key], key
     assert good["snr_db"] - bad["snr_db"] == pytest.approx(20 * np.log10(3), rel=1e-9)
+
+
+def test_a_movie_with_halved_transients_has_gain_one_half_in_cells_and_pixels():
+    _, truth, labels = _movie((24, 2, 20, 22))
+    resting = truth.min(axis=0)  # each pixel keeps its own baseline, its changes are halved
+    estimate = resting + 0.5 * (truth - resting) + 4.0
+    got = evaluate(estimate, truth, masks=labels, offset=OFFSET)
+    assert got["trace_gain"] == pytest.approx(0.5, rel=1e-9)
+    assert got["pixel_gain"] == pytest.approx(0.5, rel=1e-9)
+    assert got["trace_r"] == pytest.approx(1.0, rel=1e-9)
+    assert got["pixel_r"] == pytest.approx(1.0, rel=1e-9)
+    assert got["snr_db"] < evaluate(truth + 4.0, truth, offset=OFFSET)["snr_db"]
+
+
+def test_a_known_pixel_correlation_comes_out():
+    # Every pixel of the estimate = the truth + noise orthogonal to that pixel's centred truth
+    # and of the same norm: correlation 1/sqrt(2) and gain 1 in every labelled pixel.
+    rng = np.random.default_rng(5)
+    _, truth, labels = _movie((32, 18, 20))
+    flat = truth.reshape(32, -1)
+    g = flat - flat.mean(axis=0)
+    n = rng.normal(size=g.shape)
+    n -= n.mean(axis=0)
+    n -= g * (g * n).sum(axis=0) / (g * g).sum(axis=0)
+    n *= np.linalg.norm(g, axis=0) / np.linalg.norm(n, axis=0)
+    estimate = (flat + n).reshape(truth.shape)
+    got = evaluate(da.from_array(estimate, chunks=(5, 7, 6)), truth, masks=labels)
+    assert got["pixel_r"] == pytest.approx(1 / np.sqrt(2), rel=1e-9)
+    assert got["pixel_gain"] == pytest.approx(1.0, rel=1e-9)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.8, 2.0])
+def test_gaussian_frames_filters_each_frame_alone(sigma):
+    estimate, _, _ = _movie((6, 2, 20, 22))
+    got = gaussian_frames(da.from_array(estimate, chunks=(4, 1, 7, 9)), sigma).compute()
+    for index in np.ndindex(estimate.shape[:2]):
+        ref = ndimage.gaussian_filter(estimate[index].astype(np.float32), sigma, mode="reflect")
+        np.testing.assert_allclose(got[index], ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("sigma", [-1.0, float("nan"), float("inf")])
+def test_gaussian_frames_refuses_a_bad_sigma(sigma):
+    with pytest.raises(ConfigError, match="sigma"):
+        gaussian_frames(np.zeros((2, 4, 4)), sigma)
 
 
 def test_dataarrays_are_put_in_time_first_y_x_last_order():
@@ -187,6 +242,58 @@ def test_evaluate_stores_reads_offset_and_labels_from_the_simulated_truth(tmp_pa
     assert perfect["estimate"]["ssim"] == pytest.approx(1.0)
     text = format_metrics(result)
     assert "snr_db" in text and "noisy" in text and "estimate" in text
+
+
+def test_evaluate_stores_scores_gaussian_references_and_picks_the_best_per_score(tmp_path):
+    simulate(tmp_path / "noisy", truth=tmp_path / "truth", frames=16, size=(40, 40), photons=3)
+    sigmas = (0.5, 1.5, 3.0)
+    result = evaluate_stores(
+        tmp_path / "noisy", truth=tmp_path / "truth", noisy=tmp_path / "noisy", sigmas=sigmas
+    )
+    assert sorted(result["gaussian"]) == list(sigmas)
+    from srdvol.ngff.labels import read_masks
+    from srdvol.ngff.read import open_image
+
+    noisy, truth = open_image(tmp_path / "noisy"), open_image(tmp_path / "truth")
+    masks = read_masks(tmp_path / "truth")
+    for sigma in sigmas:
+        filtered = ndimage.gaussian_filter(
+            noisy.values.astype(np.float32), (0, sigma, sigma), mode="reflect"
+        )
+        ref = evaluate(filtered, truth.values, masks=masks, offset=result["offset"])
+        assert result["gaussian"][sigma]["snr_db"] == pytest.approx(ref["snr_db"], rel=1e-6)
+    for key in ("snr_db", "ssim", "trace_r", "pixel_r"):
+        best = max(sigmas, key=lambda s: result["gaussian"][s][key])
+        assert result["gaussian_best"][key] == best, key
+    # A Gaussian filter helps the SNR of a noisy movie and flattens its pixels' transients.
+    best_snr = result["gaussian"][result["gaussian_best"]["snr_db"]]
+    assert best_snr["snr_db"] > result["noisy"]["snr_db"] + 3
+    assert result["gaussian"][3.0]["pixel_gain"] < result["gaussian"][0.5]["pixel_gain"]
+    text = format_metrics(result)
+    assert "gaussian σ=" in text and "best SNR" in text and "pixel_gain" in text
+    rows = [line.split()[0] for line in text.splitlines()[2:-1]]
+    assert rows[0] == "noisy" and rows[-1] == "estimate"
+    none = evaluate_stores(
+        tmp_path / "noisy",
+        truth=tmp_path / "truth",
+        noisy=tmp_path / "noisy",
+        sigmas=parse_sigmas("none"),
+    )
+    assert "gaussian" not in none and "gaussian σ" not in format_metrics(none)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [(None, DEFAULT_SIGMAS), ("none", ()), ("2,1, 1.5", (1.0, 1.5, 2.0)), ("1,1", (1.0,))],
+)
+def test_gaussian_sigmas_parse(text, expected):
+    assert parse_sigmas(text) == expected
+
+
+@pytest.mark.parametrize("text", ["a,b", "0", "-1,2", "inf"])
+def test_bad_gaussian_sigmas_name_the_option(text):
+    with pytest.raises(ConfigError, match="gaussian"):
+        parse_sigmas(text)
 
 
 def test_evaluate_stores_refuses_a_store_of_another_shape(tmp_path):

@@ -317,6 +317,33 @@ def test_time_convolutions_equal_torch_convolutions(frames, stride):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [8, 9, 16, 23])
+@pytest.mark.parametrize("frames", [3, 5, 8])
+def test_one_sample_convolutions_run_as_two_halves_and_equal_torch(rows, frames, monkeypatch):
+    conv = layers.TimeConv3d(3, 4, kernel_size=3, stride=(2, 1, 1), padding=1)
+    same = layers.TimeConv3d(3, 4, kernel_size=3, padding=1)
+    up = layers.TimeConvTranspose3d(3, 4, kernel_size=(4, 3, 3), stride=(2, 1, 1), padding=1)
+    halves = []
+    split = layers._in_two_halves
+    monkeypatch.setattr(
+        layers, "_in_two_halves", lambda x, h, run: halves.append(h) or split(x, h, run)
+    )
+    for module in (conv, same, up):
+        x = torch.randn(1, 3, frames, rows, 10, requires_grad=True)
+        out = module(x)
+        expected = _plain_conv(module, x)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        gradients = torch.autograd.grad(out.square().sum(), (x, module.weight, module.bias))
+        reference = torch.autograd.grad(expected.square().sum(), (x, module.weight, module.bias))
+        for got, want in zip(gradients, reference, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert halves == [1, 1, 1]  # every module took the two-halves path
+    # A batch of two or a frame too small to cut is left to torch.
+    same(torch.randn(2, 3, frames, rows, 10))
+    same(torch.randn(1, 3, frames, 6, 10))
+    assert halves == [1, 1, 1]
+
+
 def test_model_files_keep_their_parameter_names_and_shapes():
     network = build_network(NetworkConfig())
     shapes = {name: tuple(t.shape) for name, t in network.state_dict().items()}

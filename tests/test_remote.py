@@ -452,7 +452,8 @@ def test_predict_into_the_bucket_resumes_after_ctrl_c(remote, monkeypatch, capfd
     once a block is written (SIGINT to the process group, as a terminal sends it), then the same
     command again (here in-process, its workers still separate processes); the result matches
     a prediction made in this process."""
-    from srdvol.predict.predictors import ModelPredictor, predict_array
+    from srdvol.predict.block import predict_array
+    from srdvol.predict.predictors import ModelPredictor
 
     out = f"s3://{BUCKET}/resumed.zarr"
     argv = ["predict", f"s3://{BUCKET}/long.zarr", out, *MODEL, "--block", "16,32,32"]

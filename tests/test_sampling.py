@@ -99,17 +99,42 @@ def test_spatial_pairs_reject_odd_frames(shape: tuple[int, ...]) -> None:
         spatial_pairs(torch.zeros(shape))
 
 
-def test_losses_match_numpy() -> None:
+@pytest.mark.parametrize("kind", ["mse", "l1mse"])
+def test_losses_match_numpy(kind: str) -> None:
     rng = np.random.default_rng(4)
     pred, a, b = (rng.normal(size=(2, 3, 4, 4)) for _ in range(3))
 
     def reference(p: np.ndarray, t: np.ndarray) -> float:
-        return 0.5 * np.abs(p - t).mean() + 0.5 * ((p - t) ** 2).mean()
+        mse = ((p - t) ** 2).mean()
+        return mse if kind == "mse" else 0.5 * np.abs(p - t).mean() + 0.5 * mse
 
     torch_pred, torch_a, torch_b = (torch.from_numpy(v) for v in (pred, a, b))
-    assert float(pair_loss(torch_pred, torch_a)) == pytest.approx(reference(pred, a))
+    assert float(pair_loss(torch_pred, torch_a, kind=kind)) == pytest.approx(reference(pred, a))
     expected = 0.5 * (reference(pred, a) + reference(pred, b))
-    assert float(spatial_loss(torch_pred, torch_a, torch_b)) == pytest.approx(expected)
+    got = spatial_loss(torch_pred, torch_a, torch_b, kind=kind)
+    assert float(got) == pytest.approx(expected)
+
+
+def test_the_mse_loss_is_minimised_by_the_mean_and_l1mse_pulls_towards_the_median() -> None:
+    # Skewed targets (Poisson counts of mean 0.5): the best constant prediction under MSE is
+    # their mean; 0.5 L1 + 0.5 MSE lands between the median (0) and the mean.
+    targets = torch.from_numpy(np.random.default_rng(5).poisson(0.5, 20000).astype(np.float64))
+    grid = torch.linspace(0.0, 1.0, 201, dtype=torch.float64)
+
+    def best(kind: str) -> float:
+        losses = [float(pair_loss(c.expand_as(targets), targets, kind=kind)) for c in grid]
+        return float(grid[int(np.argmin(losses))])
+
+    mean = float(targets.mean())
+    assert best("mse") == pytest.approx(mean, abs=0.005)
+    # Between 0 and 1 the L1 half's slope is 0.5 (P(0) - P(>0)); the MSE half's is c - mean.
+    pull = 0.5 * (2 * np.exp(-0.5) - 1)
+    assert best("l1mse") == pytest.approx(mean - pull, abs=0.01)
+
+
+def test_an_unknown_loss_names_the_option() -> None:
+    with pytest.raises(ConfigError, match="loss"):
+        pair_loss(torch.zeros(2), torch.zeros(2), kind="huber")
 
 
 def test_temporal_pairs_pair_adjacent_distinct_frames() -> None:

@@ -88,7 +88,8 @@ QUICK: dict[str, Any] = {"patch": (16, 16, 16), "batch_size": 2, "network": TINY
 @pytest.mark.slow
 def test_training_lowers_loss_and_denoises(movie: tuple[Path, Path], tmp_path: Path) -> None:
     from srdvol.ngff.read import open_image
-    from srdvol.predict.predictors import ModelPredictor, predict_array
+    from srdvol.predict.block import predict_array
+    from srdvol.predict.predictors import ModelPredictor
 
     noisy_path, truth_path = movie
     model = tmp_path / "m.safetensors"
@@ -181,6 +182,22 @@ def test_resume_with_other_options_is_refused(movie: tuple[Path, Path], tmp_path
     record = train(noisy_path, tmp_path / "m", steps=3, resume=True, sampling="auto", **QUICK)
     assert record.sampling == "spatial"
     assert record.steps == 3
+
+
+def test_the_loss_is_recorded_and_a_resume_with_another_loss_is_refused(
+    movie: tuple[Path, Path], tmp_path: Path
+) -> None:
+    noisy_path, _ = movie
+    record = train(noisy_path, tmp_path / "m", steps=2, **QUICK)
+    assert record.training_data["loss"] == "mse"  # the default
+    with pytest.raises(ConfigError, match="loss"):
+        train(noisy_path, tmp_path / "m", steps=4, resume=True, loss="l1mse", **QUICK)
+    other = train(noisy_path, tmp_path / "o", steps=2, loss="l1mse", **QUICK)
+    assert other.training_data["loss"] == "l1mse"
+    assert not torch.equal(  # same seed and data: only the loss differs
+        weights(tmp_path / "m")["decoder.levels.3.2.weight"],
+        weights(tmp_path / "o")["decoder.levels.3.2.weight"],
+    )
 
 
 def test_existing_model_is_not_replaced(movie: tuple[Path, Path], tmp_path: Path) -> None:

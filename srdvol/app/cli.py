@@ -30,6 +30,7 @@ from srdvol.app.flags import (
     DtypeOpt,
     GpusOpt,
     LevelOpt,
+    LossOpt,
     LrOpt,
     ModelOpt,
     NgffOpt,
@@ -60,6 +61,7 @@ from srdvol.options import (
     DEFAULT_PHOTONS,
     DEFAULT_STEPS,
     Autocast,
+    Loss,
     Ngff,
     OutputDtype,
     RunOptions,
@@ -182,12 +184,22 @@ def evaluate(
         Path | None,
         typer.Option("--report", help="Write a PNG figure here.", show_default="none"),
     ] = None,
+    gaussian: Annotated[
+        str | None,
+        typer.Option(
+            "--gaussian",
+            help="Sigmas (px) of the Gaussian reference filter of --noisy, best picked with the "
+            "truth per score; 'none' for no reference.",
+            show_default="0.5,0.75,1,1.25,1.5,2,2.5,3,4",
+        ),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """SNR, PSNR, SSIM and correlations of OUT against the ground truth."""
+    """SNR, SSIM, cell and pixel trace fidelity of OUT against the ground truth, beside the
+    noisy input and the best Gaussian filters of it."""
     from srdvol.app.commands import run_evaluate
 
-    typer.echo(run_evaluate(out, truth=truth, noisy=noisy, report=report))
+    typer.echo(run_evaluate(out, truth=truth, noisy=noisy, report=report, gaussian=gaussian))
 
 
 @app.command()
@@ -200,6 +212,7 @@ def train(
     steps: StepsOpt = DEFAULT_STEPS,
     batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
     lr: LrOpt = DEFAULT_LR,
+    loss: LossOpt = Loss.mse,
     seed: SeedOpt = 0,
     resume: ResumeOpt = False,
     overwrite: TrainOverwriteOpt = False,
@@ -275,6 +288,7 @@ def denoise(
     steps: StepsOpt = DEFAULT_STEPS,
     batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
     lr: LrOpt = DEFAULT_LR,
+    loss: LossOpt = Loss.mse,
     seed: SeedOpt = 0,
     dtype: DtypeOpt = OutputDtype.float32,
     ngff: NgffOpt = Ngff.v05,

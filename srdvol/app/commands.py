@@ -46,12 +46,18 @@ def run_simulate(out: str, *, truth: str, options: SimulateOptions | None = None
 
 
 def run_evaluate(
-    out: str, *, truth: str, noisy: str | None = None, report: str | os.PathLike[str] | None = None
+    out: str,
+    *,
+    truth: str,
+    noisy: str | None = None,
+    report: str | os.PathLike[str] | None = None,
+    gaussian: str | None = None,
 ) -> str:
-    """``srdvol evaluate``: metrics of OUT (and of the noisy input) against the truth."""
-    from srdvol.app.evaluate import evaluate_stores, format_metrics
+    """``srdvol evaluate``: metrics of OUT, of the noisy input and of the best Gaussian filters
+    of it (``gaussian``: sigmas to try, or "none") against the truth."""
+    from srdvol.app.evaluate import evaluate_stores, format_metrics, parse_sigmas
 
-    result = evaluate_stores(out, truth=truth, noisy=noisy)
+    result = evaluate_stores(out, truth=truth, noisy=noisy, sigmas=parse_sigmas(gaussian))
     if report is not None:
         from srdvol.app.report import write_report
 

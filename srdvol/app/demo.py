@@ -14,8 +14,8 @@ __all__ = ["DEMO", "run_demo"]
 
 #: The demo: a small 0.3 Hz recording that trains and denoises in minutes on a laptop CPU
 #: (photons 2: noisy about 5 dB, the best oracle-tuned Gaussian filter about 15.6 dB). 200 steps
-#: of 2 patches gained 11.5 dB on 2 CPU cores (300 steps of 4 gained 11.7 dB in 2.7x the time;
-#: batch 1 is no cheaper, it falls off oneDNN's convolution path); see benchmarks/RESULTS.md.
+#: of 2 patches gained 11.5 dB on 2 CPU cores (300 steps of 4 gained 11.7 dB in 2.7x the time);
+#: see benchmarks/RESULTS.md.
 #: One torch thread in the worker: two threads on two busy cores ran a step 5x slower.
 DEMO: dict[str, Any] = {
     "frames": 96,

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from srdvol.app.config import config_defaults, load_config_file
-from srdvol.options import MAX_OVERLAP, Autocast, Ngff, OutputDtype, Sampling, Window
+from srdvol.options import MAX_OVERLAP, Autocast, Loss, Ngff, OutputDtype, Sampling, Window
 
 __all__ = [
     "AllowMissingOpt",
@@ -30,6 +30,7 @@ __all__ = [
     "DtypeOpt",
     "GpusOpt",
     "LevelOpt",
+    "LossOpt",
     "LrOpt",
     "ModelOpt",
     "NgffOpt",
@@ -129,6 +130,14 @@ BatchOpt = Annotated[
     int, typer.Option("--batch-size", min=1, help="Patches per step (per worker).")
 ]
 LrOpt = Annotated[float, typer.Option("--lr", help="Peak learning rate.")]
+LossOpt = Annotated[
+    Loss,
+    typer.Option(
+        "--loss",
+        help="Training loss: mse (the mean; keeps dim transients) or l1mse (upstream SRDTrans's "
+        "0.5 L1 + 0.5 MSE).",
+    ),
+]
 SchedulerOpt = Annotated[
     str | None,
     typer.Option(

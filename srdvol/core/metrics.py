@@ -23,6 +23,16 @@ trace_r
     Mean over cells of the Pearson correlation between the cell's mean trace (mean over its label
     pixels, per time point) in the estimate and in the truth. Pearson r is invariant to affine
     maps, so it equals the correlation of ΔF/F traces.
+trace_gain
+    Median over cells of the transient gain: the least-squares slope (with intercept) of the
+    estimate's cell trace on the truth's, ``cov / var(truth)``; 1 = amplitudes kept, < 1 =
+    flattened.
+pixel_r, pixel_gain
+    The same per pixel inside the cell labels (each labelled pixel's time series against the
+    truth's): the mean of the correlations and the median of the gains over those pixels.
+
+:mod:`srdvol.core.traces` defines the trace statistics; :func:`gaussian_frames` is the reference
+filter that evaluation compares a denoiser with.
 """
 
 from __future__ import annotations
@@ -36,14 +46,17 @@ import numpy as np
 from dask.utils import parse_bytes
 from scipy import ndimage
 
-from srdvol.errors import InputError
+from srdvol.core.traces import check_masks, fit_traces, label_sums, pixel_fit, pixel_sums
+from srdvol.errors import ConfigError, InputError
 
 __all__ = [
     "SSIM_SIGMA",
     "as_movie",
+    "cell_trace_fit",
     "cell_traces",
     "evaluate",
     "frame_ssim",
+    "gaussian_frames",
 ]
 
 #: Gaussian window of SSIM (sigma 1.5 px, truncated at 3.5 sigma: an 11 x 11 window).
@@ -134,42 +147,6 @@ def _ssim_block(e: np.ndarray, g: np.ndarray, *, data_range: float) -> np.ndarra
     return np.asarray(out, np.float64).reshape(lead)
 
 
-def _label_sums(block: np.ndarray, masks: np.ndarray, n_labels: int, block_info: Any) -> np.ndarray:
-    """Per time point and label, the sum of the block's pixels (label axis replaces y, x)."""
-    loc = block_info[0]["array-location"]
-    lab = masks[tuple(slice(a, b) for a, b in loc[1:])].ravel()
-    flat = block.reshape(block.shape[0], -1).astype(np.float64)
-    sums = np.stack([np.bincount(lab, weights=row, minlength=n_labels) for row in flat])
-    return sums.reshape((block.shape[0],) + (1,) * (block.ndim - 3) + (n_labels,))
-
-
-def _check_masks(masks: Any, shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
-    """Integer cell labels shaped like one time point of an image of ``shape``, and their count."""
-    labels = np.asarray(masks)
-    if labels.shape != tuple(shape[1:]) or not np.issubdtype(labels.dtype, np.integer):
-        raise InputError(
-            "masks",
-            f"shape {labels.shape} / dtype {labels.dtype} does not fit {tuple(shape)}",
-            "give integer labels shaped like one time point of the image",
-        )
-    return labels, int(labels.max()) + 1
-
-
-def _cell_traces(a: da.Array, masks: np.ndarray, n_labels: int) -> da.Array:
-    """Lazy (t, labels) sums of ``a`` over each label's pixels."""
-    chunks = (a.chunks[0], *[(1,) * len(c) for c in a.chunks[1:-2]], (n_labels,))
-    sums = da.map_blocks(
-        _label_sums,
-        a,
-        masks=masks,
-        n_labels=n_labels,
-        drop_axis=a.ndim - 1,
-        chunks=chunks,
-        dtype=np.float64,
-    )
-    return sums.sum(axis=tuple(range(1, a.ndim - 2))) if a.ndim > 3 else sums
-
-
 def cell_traces(image: Any, masks: np.ndarray) -> np.ndarray:
     """Mean trace of every label: array (t, max label + 1), column 0 is the background.
 
@@ -186,21 +163,12 @@ def cell_traces(image: Any, masks: np.ndarray) -> np.ndarray:
         Per time point, the mean of each label's pixels (NaN for labels without pixels).
     """
     a = as_movie(image)
-    labels, n_labels = _check_masks(masks, a.shape)
+    labels, n_labels = check_masks(masks, a.shape)
     g = _whole_frames(a.astype(np.float64))
-    sums = _cell_traces(g, labels, n_labels).compute()
+    sums = label_sums(g, labels, n_labels).compute()
     counts = np.bincount(labels.ravel(), minlength=n_labels).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         return sums / counts
-
-
-def _pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson r of matching columns of two (t, n) arrays; NaN where the truth is constant."""
-    a = a - a.mean(axis=0)
-    b = b - b.mean(axis=0)
-    den = np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (a * b).sum(axis=0) / den, np.nan)
 
 
 def evaluate(
@@ -215,7 +183,7 @@ def evaluate(
         reordered so y, x come last), dask or numpy arrays.
     masks
         Integer cell labels (0 = background), shape = the image shape without the time axis.
-        Needed for ``trace_r``.
+        Needed for the trace scores.
     offset
         Detector baseline subtracted from the truth in the SNR numerator.
 
@@ -223,7 +191,8 @@ def evaluate(
     -------
     dict
         ``snr_db``, ``psnr_db``, ``ssim``, ``pearson_r``, ``mse``, ``data_range``, ``frames``,
-        and with masks ``trace_r`` and ``n_cells`` (see the module docstring).
+        and with masks ``trace_r``, ``trace_gain``, ``n_cells``, ``pixel_r``, ``pixel_gain``
+        and ``n_pixels`` (see the module docstring).
 
     Raises
     ------
@@ -269,9 +238,13 @@ def evaluate(
     }
     labels = None
     if masks is not None:
-        labels, n_labels = _check_masks(masks, g.shape)
-        lazy["e_tr"] = _cell_traces(e, labels, n_labels)
-        lazy["g_tr"] = _cell_traces(g, labels, n_labels)
+        labels, n_labels = check_masks(masks, g.shape)
+        lazy["e_tr"] = label_sums(e, labels, n_labels)
+        lazy["g_tr"] = label_sums(g, labels, n_labels)
+        # Per-pixel fits stay lazy; only the labelled pixels' values are gathered.
+        pixel_r, pixel_gain = pixel_fit(pixel_sums(ec, gc), g.shape[0])
+        lazy["pixel_r"] = pixel_r[labels > 0]
+        lazy["pixel_gain"] = pixel_gain[labels > 0]
     done = dask.compute(lazy)[0]
     with np.errstate(divide="ignore"):
         snr = 10 * np.log10(np.asarray(sig2) / np.asarray(err2))
@@ -286,9 +259,76 @@ def evaluate(
         "frames": int(np.asarray(sig2).size),
     }
     if labels is not None:
-        counts = np.bincount(labels.ravel(), minlength=n_labels)
-        cells = np.nonzero(counts[1:])[0] + 1
-        r = _pearson_rows(done["e_tr"][:, cells], done["g_tr"][:, cells])
-        result["trace_r"] = float(np.nanmean(r)) if np.isfinite(r).any() else math.nan
-        result["n_cells"] = int(cells.size)
+        result.update(_trace_scores(done, labels, n_labels))
     return result
+
+
+def _nan_stat(fn: Any, values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(fn(finite)) if finite.size else math.nan
+
+
+def _trace_scores(done: dict[str, Any], labels: np.ndarray, n_labels: int) -> dict[str, Any]:
+    """Per-cell and per-pixel trace scores from the computed sums (module docstring)."""
+    counts = np.bincount(labels.ravel(), minlength=n_labels)
+    cells = np.nonzero(counts[1:])[0] + 1
+    r, gain = fit_traces(done["e_tr"][:, cells], done["g_tr"][:, cells])
+    return {
+        "trace_r": _nan_stat(np.mean, r),
+        "trace_gain": _nan_stat(np.median, gain),
+        "n_cells": int(cells.size),
+        "pixel_r": _nan_stat(np.mean, np.asarray(done["pixel_r"])),
+        "pixel_gain": _nan_stat(np.median, np.asarray(done["pixel_gain"])),
+        "n_pixels": int((labels > 0).sum()),
+    }
+
+
+def cell_trace_fit(estimate: Any, truth: Any, masks: np.ndarray) -> dict[str, np.ndarray]:
+    """Correlation and gain of every cell's trace (see :mod:`srdvol.core.traces`).
+
+    Parameters
+    ----------
+    estimate, truth
+        (t, ..., y, x) images of one shape (DataArray, dask or numpy).
+    masks
+        Integer labels shaped like one time point.
+
+    Returns
+    -------
+    dict
+        ``labels`` (the labels that have pixels), ``r`` and ``gain`` (one value per label),
+        ``estimate`` and ``truth`` (their mean traces, (t, labels)).
+    """
+    labels, _ = check_masks(masks, as_movie(truth).shape)
+    e_tr, g_tr = cell_traces(estimate, labels), cell_traces(truth, labels)
+    cells = np.nonzero(np.bincount(labels.ravel())[1:])[0] + 1
+    r, gain = fit_traces(e_tr[:, cells], g_tr[:, cells])
+    return {
+        "labels": cells,
+        "r": r,
+        "gain": gain,
+        "estimate": e_tr[:, cells],
+        "truth": g_tr[:, cells],
+    }
+
+
+def gaussian_frames(image: Any, sigma: float) -> da.Array:
+    """The reference filter: a 2D Gaussian of ``sigma`` pixels over every (y, x) frame, lazily.
+
+    Frames are filtered one by one (reflected at the frame's edges), so no time point or plane
+    is mixed with another; the result is float32, with the image's shape, in (t, ..., y, x)
+    order (a DataArray is put in that order first).
+
+    Raises
+    ------
+    ConfigError
+        If ``sigma`` is negative or not finite.
+    """
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise ConfigError("sigma", f"{sigma!r} is not a non-negative number", "give sigma >= 0")
+    a = _whole_frames(as_movie(image))
+    axes = (0.0,) * (a.ndim - 2) + (float(sigma), float(sigma))
+    return a.map_blocks(
+        lambda b: ndimage.gaussian_filter(b.astype(np.float32), axes, mode="reflect"),
+        dtype=np.float32,
+    )

@@ -13,10 +13,18 @@ float rounding):
 - one frame in or out: at the bottleneck of a 16-frame patch time has length 1, so two of the
   three time taps of a 3x3x3 kernel only ever see zero padding. Such a convolution is a 2D
   convolution with the live taps stacked on the channels, and skips a third to a half of the
-  work.
+  work;
+- a batch of one: torch sends a one-sample 3D convolution (and transposed convolution) to its
+  slow reference kernels (``Slow3d``), 7-12x slower per voxel than oneDNN's for the same voxels
+  in a batch of two (benchmarks/RESULTS.md, issue 13). A one-sample input is cut into its top
+  and bottom halves along y, each with the rows the kernel reaches across the cut, and the two
+  halves run as a batch of two; their outputs are put back together. This is what made a
+  training step on one (64, 64, 64) patch cost 3x a step on four (16, 64, 64) patches.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +58,33 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d)
 
 
+def _splits_rows(module: nn.Module, x: torch.Tensor) -> int | None:
+    """The halo (rows the kernel reaches across a cut along y) when a one-sample CPU input is
+    worth running as two halves; ``None`` otherwise."""
+    kh = module.kernel_size[1]
+    if x.device.type != "cpu" or x.shape[0] != 1 or x.shape[3] < 8 or kh % 2 == 0:
+        return None
+    plain = module.groups == 1 and module.dilation == (1, 1, 1)
+    if not (plain and module.padding_mode == "zeros" and isinstance(module.padding, tuple)):
+        return None
+    if module.stride[1] != 1 or module.padding[1] != kh // 2:
+        return None
+    return kh // 2
+
+
+def _in_two_halves(x: torch.Tensor, halo: int, run: Any) -> torch.Tensor:
+    """``run(x)`` for a one-sample ``x`` of (1, C, T, Y, X), computed as a batch of two halves
+    along y (each with ``halo`` rows beyond the cut); equal to ``run(x)`` for a convolution of
+    stride 1 and 'same' zero padding along y."""
+    rows = x.shape[3]
+    if rows % 2:
+        x = F.pad(x, (0, 0, 0, 1))  # one more zero row: what the padding holds anyway
+    half = x.shape[3] // 2
+    pair = torch.cat([x[:, :, :, : half + halo], x[:, :, :, half - halo :]], dim=0)
+    out = run(_channels_last(pair))
+    return torch.cat([out[:1, :, :, :half], out[1:, :, :, halo:]], dim=3)[:, :, :, :rows]
+
+
 class TimeConv3d(nn.Conv3d):
     """``nn.Conv3d`` (zero padding, no dilation or groups) that is faster on the CPU.
 
@@ -61,6 +96,9 @@ class TimeConv3d(nn.Conv3d):
         x = _channels_last(x)
         taps = self._live_taps(x.shape[2])
         if taps is None:
+            halo = _splits_rows(self, x)
+            if halo is not None:
+                return _in_two_halves(x, halo, lambda pair: nn.Conv3d.forward(self, pair))
             return super().forward(x)
         first, last = taps
         frames = last - first  # input frames 0..frames-1 meet kernel taps first..last-1
@@ -96,6 +134,10 @@ class TimeConvTranspose3d(nn.ConvTranspose3d):
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         x = _channels_last(x)
         if output_size is not None or not self._one_frame_in(x.shape[2]):
+            halo = None if output_size is not None else _splits_rows(self, x)
+            if halo is not None:
+                plain = nn.ConvTranspose3d.forward
+                return _in_two_halves(x, halo, lambda pair: plain(self, pair))
             return super().forward(x, output_size)
         k, pad = self.kernel_size[0], self.padding[0]
         frames = k - 2 * pad + self.output_padding[0]

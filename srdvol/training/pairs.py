@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from srdvol.errors import ConfigError, DataError, flag
 
 __all__ = [
+    "LOSSES",
     "SPATIAL_TRIPLES",
     "RedundancyEstimate",
     "dihedral",
@@ -178,16 +179,38 @@ def temporal_pairs(
     return torch.where(coin, odd, even), torch.where(coin, even, odd)
 
 
-def pair_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``0.5 * L1 + 0.5 * MSE`` between a prediction and one noisy target (mean over pixels)."""
-    return 0.5 * F.l1_loss(prediction, target) + 0.5 * F.mse_loss(prediction, target)
+#: The losses :func:`pair_loss` knows (the values of :class:`srdvol.options.Loss`).
+LOSSES = ("mse", "l1mse")
+
+
+def pair_loss(prediction: torch.Tensor, target: torch.Tensor, *, kind: str = "mse") -> torch.Tensor:
+    """The loss between a prediction and one noisy target (mean over pixels).
+
+    ``kind="mse"``: the mean squared error, minimised by the conditional mean of the target,
+    which is the clean signal for zero-mean noise. ``kind="l1mse"``: upstream SRDTrans's
+    ``0.5 * L1 + 0.5 * MSE``; its L1 half is minimised by the conditional median, which lies
+    below the mean for the skewed shot noise of dim pixels, so it flattens dim transients
+    (benchmarks/RESULTS.md, issue 13).
+
+    Raises
+    ------
+    ConfigError
+        If ``kind`` is not one of :data:`LOSSES`.
+    """
+    if kind == "mse":
+        return F.mse_loss(prediction, target)
+    if kind == "l1mse":
+        return 0.5 * F.l1_loss(prediction, target) + 0.5 * F.mse_loss(prediction, target)
+    raise ConfigError(flag("loss"), f"unknown loss {kind!r}", f"use one of {', '.join(LOSSES)}")
 
 
 def spatial_loss(
-    prediction: torch.Tensor, target_a: torch.Tensor, target_b: torch.Tensor
+    prediction: torch.Tensor, target_a: torch.Tensor, target_b: torch.Tensor, *, kind: str = "mse"
 ) -> torch.Tensor:
     """Mean over the two spatial targets of :func:`pair_loss`."""
-    return 0.5 * (pair_loss(prediction, target_a) + pair_loss(prediction, target_b))
+    return 0.5 * (
+        pair_loss(prediction, target_a, kind=kind) + pair_loss(prediction, target_b, kind=kind)
+    )
 
 
 def dihedral(patches: ArrayT, k: int) -> ArrayT:

@@ -223,6 +223,7 @@ def prepare_training(
         "sampling": sampling.value,
         "batch_size": options.batch_size,
         "lr": options.lr,
+        "loss": options.loss.value,
         "seed": options.seed,
         "world_size": world_size,
         "network": config.model_dump(mode="json"),

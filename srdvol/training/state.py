@@ -119,6 +119,7 @@ def model_record(
         "statistics": plan.stats.to_dict(),
         "batch_size": plan.options.batch_size,
         "lr": plan.options.lr,
+        "loss": plan.options.loss.value,
         "final_loss": sum(tail) / len(tail) if tail else None,
     }
     return ModelRecord(

@@ -84,8 +84,9 @@ class Trainer:
     network
         The bare SRDTrans network (moved to ``device`` here).
     options
-        The run's options: ``sampling`` (spatial or temporal pairs), ``lr`` and ``steps`` (the
-        schedule's peak and length), ``seed`` (the pair/augmentation stream, per rank).
+        The run's options: ``sampling`` (spatial or temporal pairs), ``loss``, ``lr`` and
+        ``steps`` (the schedule's peak and length), ``seed`` (the pair/augmentation stream, per
+        rank).
     stats
         Global statistics; batches are normalised with them.
     device
@@ -116,6 +117,7 @@ class Trainer:
         self.model = place.wrap(self.network) if place.wrap is not None else self.network
         self.stats = stats
         self.sampling = sampling
+        self.loss_kind = options.loss.value
         self.steps = int(options.steps)
         self.rank = int(place.rank)
         self.world_size = int(place.world_size)
@@ -154,8 +156,8 @@ class Trainer:
         inputs, *targets = self.pairs(x)
         prediction = self.model(inputs[:, None])[:, 0]
         if len(targets) == 2:
-            return spatial_loss(prediction, *targets)
-        return pair_loss(prediction, targets[0])
+            return spatial_loss(prediction, *targets, kind=self.loss_kind)
+        return pair_loss(prediction, targets[0], kind=self.loss_kind)
 
     def step(self, batch: np.ndarray) -> float:
         """Take one optimiser step on raw patches ``(B, t, y, x)``; return the loss."""
