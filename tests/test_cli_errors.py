@@ -319,6 +319,13 @@ def test_input_far_from_the_training_data_warns_with_both_figures(faults, monkey
     assert code == 2  # then stopped by the absent GPU, before anything was written
     assert warning.startswith("srdvol: warning: bright.zarr: the input's intensities (mean ")
     assert "from the model's training data (mean " in warning and "retrain" in warning
+    assert "--renormalize" in warning  # the other choice, as a flag
+    code, _, err = run_cli(
+        capsys, "predict", "bright.zarr", "out.zarr", *MODEL, "--renormalize", "--gpus", "0"
+    )
+    note = err.strip().splitlines()[0]
+    assert code == 2 and "warning" not in err
+    assert note.startswith("srdvol: normalising bright.zarr with its own statistics (mean ")
     code, _, err = run_cli(capsys, "predict", "in.zarr", "out.zarr", *MODEL, "--gpus", "0")
     assert "warning" not in err  # the training data itself is not far from itself
 

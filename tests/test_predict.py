@@ -195,6 +195,23 @@ def test_model_predictor_normalises_runs_the_network_and_denormalises(tiny_model
     assert model.record.normalization.mean == 100.0
 
 
+def test_renormalized_predictor_follows_a_brighter_input(tiny_model):
+    # A recording 60 units brighter than the training data (6 training std): with its own
+    # statistics the network sees what it saw in training, so the output is the same movie
+    # 60 units brighter; with the model's statistics it is not.
+    from srdvol.core.normalize import Statistics
+
+    path, network, _ = tiny_model
+    x = np.random.default_rng(0).normal(100, 10, size=(4, 16, 8, 8)).astype(np.float32)
+    plain = ModelPredictor(path, device="cpu", batch_size=4)(x)
+    own = Statistics(mean=160.0, std=10.0)
+    renormalized = ModelPredictor(path, device="cpu", batch_size=4, normalization=own)
+    np.testing.assert_allclose(renormalized(x + 60), plain + 60, atol=1e-3)
+    shifted = ModelPredictor(path, device="cpu", batch_size=4)(x + 60)
+    assert np.abs(shifted - (plain + 60)).max() > 1.0
+    assert "renormalized" in repr(pickle.loads(pickle.dumps(renormalized)))
+
+
 def test_model_predictor_tensor_path_and_batch(tiny_model):
     import torch
 

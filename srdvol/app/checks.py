@@ -85,16 +85,25 @@ def check_output_location(out: str | os.PathLike[str], *, image: Any, dtype: str
         say(f"srdvol: warning: {warning}")
 
 
-def check_intensities(source: Any, image: Any, record: Any) -> None:
+def check_intensities(source: Any, image: Any, record: Any, *, renormalize: bool = False) -> Any:
     """Sample the input (NaN/Inf stop the run here) and warn when its intensities are far
-    from the model's training data."""
+    from the model's training data; with ``renormalize``, return the sample's statistics
+    (the predictor normalises with them) and say so instead."""
     from srdvol.core.normalize import Statistics, compare_statistics, sample_statistics
 
     sample = sample_statistics(image)
     trained = Statistics(mean=record.normalization.mean, std=record.normalization.std)
+    if renormalize:
+        say(
+            f"srdvol: normalising {os.fspath(source)} with its own statistics (mean "
+            f"{sample.mean:.4g}, std {sample.std:.4g}) instead of the model's training data's "
+            f"(mean {trained.mean:.4g}, std {trained.std:.4g})"
+        )
+        return sample
     warning = compare_statistics(sample, trained, subject=os.fspath(source))
     if warning:
         say(f"srdvol: warning: {warning}")
+    return None
 
 
 def check_cluster_options(options: ClusterOptions) -> None:

@@ -162,8 +162,9 @@ def _predict(
     out_dtype = str(output_dtype(options.output.dtype, image))
     if checked is None:
         check_output_location(out, image=image, dtype=out_dtype)
+    own_statistics = None
     if checked is None or not checked.data_sampled:
-        check_intensities(source, image, record)
+        own_statistics = check_intensities(source, image, record, renormalize=predict.renormalize)
     check_model(model)
     run_record = {
         "command": "predict",
@@ -184,7 +185,15 @@ def _predict(
         # The cluster starts (or is reached) before the output is created, so an unreachable
         # scheduler or a missing GPU leaves nothing behind.
         with cluster_session(options.cluster, client) as active:
-            report = _write(image, out, options, model=model, output=output, client=active)
+            report = _write(
+                image,
+                out,
+                options,
+                model=model,
+                output=output,
+                client=active,
+                normalization=own_statistics,
+            )
     say(
         f"wrote {out}: {report.computed} block(s) computed, {report.skipped} already done, "
         f"{report.seconds:.1f} s"
@@ -200,8 +209,10 @@ def _write(
     model: str | os.PathLike[str],
     output: dict[str, Any],
     client: Any,
+    normalization: Any = None,
 ) -> Any:
-    """Create (or reopen) the output, write every block, then the pyramid."""
+    """Create (or reopen) the output, write every block, then the pyramid (``normalization``:
+    the input's own statistics, for ``--renormalize``)."""
     from srdvol import progress
     from srdvol.dask.graph import BlockInputError, denoise, write
     from srdvol.dask.workers import ModelPlugin
@@ -213,7 +224,12 @@ def _write(
     with storage_errors(out, resume=_RESUME):
         target = create_output(out, **output)
         run_id = str(target.attrs.get("srdvol", {}).get("run_id", ""))
-        predictor = ModelPredictor(model, patch=predict.patch, autocast=_autocast(predict.autocast))
+        predictor = ModelPredictor(
+            model,
+            patch=predict.patch,
+            autocast=_autocast(predict.autocast),
+            normalization=normalization,
+        )
         lazy = denoise(
             image,
             predictor,
@@ -272,6 +288,8 @@ def _parameters(options: RunOptions, *, patch: Any) -> dict[str, Any]:
             if read.selection()
             else {}
         ),
+        # recorded only when set, so outputs of earlier versions keep their run id
+        **({"renormalize": True} if predict.renormalize else {}),
     }
 
 

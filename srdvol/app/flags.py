@@ -37,6 +37,7 @@ __all__ = [
     "OverlapOpt",
     "OverwriteOpt",
     "PatchOpt",
+    "RenormalizeOpt",
     "ResumeOpt",
     "SamplingOpt",
     "SchedulerOpt",
@@ -244,6 +245,15 @@ AutocastOpt = Annotated[
         "--autocast",
         help="bf16 on the GPU: auto (on for CUDA, off on the CPU), on or off; bf16 is faster "
         "and differs from float32 by less than 2^-6 of the intensity range.",
+    ),
+]
+RenormalizeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--renormalize",
+        help="Normalise the input with its own sampled mean and std instead of the model's "
+        "training data's: for a recording brighter or dimmer than the one the model was "
+        "trained on (predict warns when it is); retraining on it is more faithful.",
     ),
 ]
 AllowMissingOpt = Annotated[

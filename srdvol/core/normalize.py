@@ -123,7 +123,7 @@ def compare_statistics(
         f"from the model's training data (mean {trained.mean:.4g}, std {trained.std:.4g}: "
         f"{shift:+.1f} training std apart, {ratio:.2g}x the spread), so the output may be "
         "shifted; retrain on this data (srdvol train, or srdvol denoise without [[model]]) for a "
-        "faithful result"
+        "faithful result, or pass [[renormalize]] to normalise it with its own statistics"
     )
 
 

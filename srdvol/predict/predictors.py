@@ -294,6 +294,10 @@ class ModelPredictor:
         as fill the GPU (:func:`device_batch`), :data:`CPU_BATCH` on a CPU.
     patch
         The patch size the engine will use; its t must equal the model's patch_t.
+    normalization
+        Mean and std (any object with ``mean`` and ``std``, e.g. a
+        :class:`~srdvol.core.normalize.Statistics` of the input) to normalise with instead of
+        the model's training statistics (``srdvol predict --renormalize``).
     """
 
     def __init__(
@@ -304,8 +308,10 @@ class ModelPredictor:
         autocast: bool | str = "auto",
         batch_size: int | None = None,
         patch: Sequence[int] | Mapping[str, int] | None = None,
+        normalization: Any = None,
     ) -> None:
         self.model_path = os.fspath(model_path)
+        self.normalization = normalization
         self.device = device
         self.autocast = autocast
         self._batch_size = int(batch_size) if batch_size is not None else None
@@ -368,8 +374,8 @@ class ModelPredictor:
                 f"with patch_t {record.patch[0]} ({self.model_path})",
                 f"use {flag('patch')} {record.patch[0]},Y,X",
             )
-        mean = float(record.normalization.mean)
-        std = float(record.normalization.std)
+        stats = self.normalization if self.normalization is not None else record.normalization
+        mean, std = float(stats.mean), float(stats.std)
         device = next(network.parameters()).device
         x = ((patches.to(device=device, dtype=torch.float32) - mean) / std).contiguous()
         out = torch.empty_like(x)
@@ -398,7 +404,8 @@ class ModelPredictor:
         return self.predict_tensor(x.to(self.tensor_device)).cpu().numpy()
 
     def __repr__(self) -> str:
-        return f"ModelPredictor({self.model_path!r}, device={self.device!r})"
+        own = "" if self.normalization is None else ", renormalized"
+        return f"ModelPredictor({self.model_path!r}, device={self.device!r}{own})"
 
 
 def __getattr__(name: str) -> Any:
