@@ -390,15 +390,37 @@ def _recorded(ledger: Path) -> int:
     return Ledger(ledger, nblocks=stored["grid"], fingerprint=stored["fingerprint"]).count
 
 
+@pytest.fixture(scope="module")
+def longer(data):
+    """A recording of 40 blocks (the tiny model runs 10 in about a second, less than the
+    ledger's interval) and its uninterrupted output."""
+    from srdvol.simulate import simulate
+
+    simulate(
+        data / "longer.zarr", truth=data / "longer-truth.zarr", frames=640, size=(32, 32), seed=2
+    )
+    reference = subprocess.run(
+        _srdvol("predict", "longer.zarr", "longer-reference.zarr", *_predict_options()),
+        cwd=data,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert reference.returncode == 0, reference.stderr
+    return data / "longer.zarr", data / "longer-reference.zarr", 40
+
+
 @pytest.mark.slow
-def test_a_predict_killed_mid_write_resumes_to_the_same_bytes(data, tmp_path):
+def test_a_predict_killed_mid_write_resumes_to_the_same_bytes(data, longer, tmp_path):
     """SIGKILL of ``srdvol predict`` and its LocalCluster workers while blocks are being written:
     no handler runs, so what is on disk is what the writer had stored and what its ledger (written
     every 2 s, the default) had recorded. The model is a real network (a patch's prediction
     depends on the whole patch). The same command then takes the stale lock over, computes only
     the blocks the ledger lacks, and leaves the bytes of an uninterrupted run."""
     out = tmp_path / "out.zarr"
-    argv = _srdvol("predict", str(data / "long.zarr"), str(out), *_predict_options())
+    source, reference, total = longer
+    argv = _srdvol("predict", str(source), str(out), *_predict_options())
     argv[argv.index("tiny.safetensors")] = str(data / "tiny.safetensors")
     ledger = out / "s0" / ".srdvol-ledger.json"
     log = tmp_path / "predict.log"
@@ -419,13 +441,13 @@ def test_a_predict_killed_mid_write_resumes_to_the_same_bytes(data, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     recorded = _recorded(ledger)
-    assert 1 <= recorded < 10, log.read_text()
+    assert 1 <= recorded < total, log.read_text()
     assert "wrote " not in log.read_text()  # it was killed mid-write, not after
 
     again = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert "took over the lock of a run that is no longer running" in again.stderr
     # resumed where the ledger says, not from block 0 and not past a block it lacks
-    assert f"{10 - recorded} block(s) computed, {recorded} already done" in again.stderr
-    assert _recorded(ledger) == 10
-    assert _chunk_bytes(out) == _chunk_bytes(data / "reference.zarr")
+    assert f"{total - recorded} block(s) computed, {recorded} already done" in again.stderr
+    assert _recorded(ledger) == total
+    assert _chunk_bytes(out) == _chunk_bytes(reference)
