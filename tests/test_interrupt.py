@@ -230,8 +230,14 @@ def data(tmp_path_factory):
         batch_size=1,
         progress=False,
     )
+    _predict_reference(root, "long.zarr", "reference.zarr")
+    return root
+
+
+def _predict_reference(root: Path, source: str, out: str) -> None:
+    """An uninterrupted ``srdvol predict`` of ``source`` in ``root`` with the tiny model."""
     reference = subprocess.run(
-        _srdvol("predict", "long.zarr", "reference.zarr", *_predict_options()),
+        _srdvol("predict", source, out, *_predict_options()),
         cwd=root,
         env=_env(),
         capture_output=True,
@@ -239,7 +245,6 @@ def data(tmp_path_factory):
         timeout=300,
     )
     assert reference.returncode == 0, reference.stderr
-    return root
 
 
 def _predict_options() -> list[str]:
@@ -399,15 +404,7 @@ def longer(data):
     simulate(
         data / "longer.zarr", truth=data / "longer-truth.zarr", frames=640, size=(32, 32), seed=2
     )
-    reference = subprocess.run(
-        _srdvol("predict", "longer.zarr", "longer-reference.zarr", *_predict_options()),
-        cwd=data,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert reference.returncode == 0, reference.stderr
+    _predict_reference(data, "longer.zarr", "longer-reference.zarr")
     return data / "longer.zarr", data / "longer-reference.zarr", 40
 
 
