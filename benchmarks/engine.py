@@ -393,8 +393,8 @@ def run_engine(src: Any, dst_path: Path, client: Any, chunks: tuple[int, ...]) -
 
     from srdvol.dask.budget import cluster_budget
     from srdvol.dask.graph import denoise, write
+    from srdvol.options import DEFAULT_TRAIN_PATCH as DEFAULT_PATCH
     from srdvol.predict.predictors import AffineModel
-    from srdvol.training.loop import DEFAULT_PATCH
 
     dst = zarr.create_array(str(dst_path), shape=src.shape, chunks=chunks, dtype="float32")
     lazy = denoise(
@@ -449,7 +449,7 @@ def section_identity(args: argparse.Namespace) -> None:
             f"memory_limit {args.worker_memory} each"
         )
     with open_cluster(gpus="none", dashboard_address=None, **options) as c:
-        from srdvol.dask.cluster import live_workers
+        from srdvol.dask.workers import live_workers
 
         workers = live_workers(c).values()
         layout += (

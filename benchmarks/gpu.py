@@ -6,7 +6,7 @@ Measures, on the GPU(s) of this machine:
    fill the device: fp32, bf16 autocast, and bf16 with ``torch.compile`` (a failed or slow
    compile is reported, not fatal), as patch voxels/s and the output voxels/s they mean at
    overlap 0.25;
-2. one NCCL training run (``srdvol.dask.ddp.train_distributed``, one rank per GPU) on a
+2. one NCCL training run (``srdvol.dask.ddp_train.train_distributed``, one rank per GPU) on a
    synthetic recording, which gives the trained model for 3 and 4;
 3. the bf16-vs-fp32 difference of that trained model's output on real patches;
 4. end-to-end ``srdvol predict`` on a multi-GB input: output Mvoxel/s;
@@ -174,10 +174,11 @@ def bf16_difference(model: Path, source: Path, patch: tuple[int, ...], device: s
 
 def train_nccl(source: Path, model: Path, patch: tuple[int, ...], args: argparse.Namespace) -> dict:
     """One distributed training run, one rank per GPU (NCCL; gloo on CPU workers)."""
-    from srdvol.dask.ddp import train_distributed
-
     from srdvol.dask.cluster import open_cluster
+    from srdvol.dask.ddp_train import train_distributed
+    from srdvol.dask.workers import live_workers
     from srdvol.model.config import NetworkConfig
+    from srdvol.options import ReadOptions
 
     network = NetworkConfig.tiny(patch[0]) if args.small else None
     gpus = "none" if args.device == "cpu" else "all"
@@ -186,14 +187,14 @@ def train_nccl(source: Path, model: Path, patch: tuple[int, ...], args: argparse
         GPUMemory() as memory,
         open_cluster(gpus=gpus, workers=1 if args.device == "cpu" else None) as client,
     ):
-        ranks = len(client.scheduler_info(n_workers=-1)["workers"])
+        ranks = len(live_workers(client))
         record = train_distributed(
             client,
             str(source),
             str(model),
+            read=ReadOptions(axes="tzyx"),
             patch=patch,
             steps=args.steps,
-            axes="tzyx",
             network=network,
             progress=False,
             overwrite=True,

@@ -14,8 +14,8 @@ The loop (:func:`run_loop`) draws a batch of raw patches
 (on the CPU, for the same seed and options).
 
 For a loop under your own ``torch.distributed`` launcher, call
-``run_training(prepare_training(...), rank=r, world_size=n, wrap=DistributedDataParallel)`` on
-every rank after ``init_process_group``: each rank samples its own patches, gradients are
+``run_training(prepare_training(..., rank=r, world_size=n), place=Rank(r, n,
+DistributedDataParallel))`` on every rank after ``init_process_group``: each rank samples its own patches, gradients are
 averaged in ``backward``, the ranks' random streams are gathered at each checkpoint, and only
 rank 0 writes the state and the model.
 """
