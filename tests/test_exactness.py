@@ -136,7 +136,11 @@ def _movie(case: dict) -> np.ndarray:
 
 def _model(case: dict, model_path: Path | None) -> Model:
     if model_path is None:
-        return PatchMeanModel(0.5)
+        model = PatchMeanModel(0.5)
+        model.batch_size = case["batch_size"]  # patches per call, read by the engine
+        return model
+    # the engine calls it with its forward batch; how patches are grouped into calls does not
+    # change their bits (test_real_network_prediction_does_not_depend_on_its_batch)
     return ModelPredictor(model_path, device="cpu", batch_size=case["model_batch"])
 
 
@@ -159,7 +163,6 @@ def _engine(case: dict, model: Model, root: Path, *, client=None) -> np.ndarray:
         block=case["block"],
         window=case["kind"],
         chunks=target.chunks,
-        batch_size=case["batch_size"],
     )
     report = write(lazy, target, client=client, threads=case["threads"], wave=3)
     assert report.computed == math.prod(lazy.numblocks)

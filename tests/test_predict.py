@@ -201,7 +201,7 @@ def test_renormalized_predictor_follows_a_brighter_input(tiny_model):
     # 60 units brighter; with the model's statistics it is not.
     from srdvol.core.normalize import Statistics
 
-    path, network, _ = tiny_model
+    path, _, _ = tiny_model
     x = np.random.default_rng(0).normal(100, 10, size=(4, 16, 8, 8)).astype(np.float32)
     plain = ModelPredictor(path, device="cpu", batch_size=4)(x)
     own = Statistics(mean=160.0, std=10.0)

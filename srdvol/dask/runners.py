@@ -14,8 +14,10 @@ Two runners execute the tasks: :class:`LocalRunner` (threads of this process) an
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
+import queue
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
@@ -363,6 +365,11 @@ class DistributedRunner:
     def __init__(self, client: Any) -> None:
         self.client = client
         self._kept: dict[Key, Any] = {}
+        # Finished futures are announced here (one callback per future): waiting on a queue
+        # leaves Ctrl-C to the main thread, where distributed.wait's event-loop call would
+        # take it mid-callback and log a NameError from distributed's own cancel path.
+        self._finished: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._watched: set[Any] = set()
 
     def submit(
         self, graph: Mapping[Key, GraphNode], want: Sequence[Key], priority: int
@@ -379,13 +386,19 @@ class DistributedRunner:
         if future is not None:
             future.release()
 
-    @staticmethod
-    def wait(handles: Sequence[Any]) -> list[Any]:
+    def wait(self, handles: Sequence[Any]) -> list[Any]:
         """Block until at least one of ``handles`` is done; return the done ones."""
-        from distributed import wait
-
-        done, _ = wait(list(handles), return_when="FIRST_COMPLETED")
-        return list(done)
+        for handle in handles:
+            if handle.key not in self._watched:
+                self._watched.add(handle.key)
+                handle.add_done_callback(self._finished.put)
+        while True:
+            done = [handle for handle in handles if handle.done()]
+            if done:
+                self._watched.difference_update(handle.key for handle in done)
+                return done
+            with contextlib.suppress(queue.Empty):
+                self._finished.get(timeout=1.0)
 
     @staticmethod
     def result(handle: Any) -> Any:

@@ -62,6 +62,8 @@ def _splits_rows(module: nn.Module, x: torch.Tensor) -> int | None:
     """The halo (rows the kernel reaches across a cut along y) when a one-sample CPU input is
     worth running as two halves; ``None`` otherwise."""
     kh = module.kernel_size[1]
+    if torch.jit.is_tracing():
+        return None  # a trace (zoo export) would fix the batch of one it saw
     if x.device.type != "cpu" or x.shape[0] != 1 or x.shape[3] < 8 or kh % 2 == 0:
         return None
     plain = module.groups == 1 and module.dilation == (1, 1, 1)

@@ -15,9 +15,9 @@ The loop (:func:`run_loop`) draws a batch of raw patches
 
 For a loop under your own ``torch.distributed`` launcher, call
 ``run_training(prepare_training(..., rank=r, world_size=n), place=Rank(r, n,
-DistributedDataParallel))`` on every rank after ``init_process_group``: each rank samples its own patches, gradients are
-averaged in ``backward``, the ranks' random streams are gathered at each checkpoint, and only
-rank 0 writes the state and the model.
+DistributedDataParallel))`` on every rank after ``init_process_group``: each rank samples its
+own patches, gradients are averaged in ``backward``, the ranks' random streams are gathered
+at each checkpoint, and only rank 0 writes the state and the model.
 """
 
 from __future__ import annotations
