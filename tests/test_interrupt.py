@@ -99,7 +99,14 @@ def _send(sig: int, group: bool) -> Callable[[subprocess.Popen[bytes]], None]:
 
 
 def _last_line(text: str) -> str:
-    return [line for line in text.splitlines() if line.strip()][-1]
+    """srdvol's last line. After SIGTERM to the whole group, multiprocessing's resource tracker
+    (a process of its own) may still warn about the semaphores of the killed workers."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    while len(lines) > 1 and (
+        "resource_tracker" in lines[-1] or lines[-1].startswith("  warnings.warn(")
+    ):
+        lines.pop()
+    return lines[-1]
 
 
 SIGNALS = [

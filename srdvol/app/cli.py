@@ -398,12 +398,6 @@ def main(argv: list[str] | None = None) -> None:
     # Dask's INFO logs (worker start/stop, plugins) would bury srdvol's own output; worker
     # processes read this from the environment. An explicit user setting wins.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if debug else "warning")
-    if not debug:
-        # SIGTERM to the whole job (scancel, a batch system's time limit) also stops the
-        # workers before they free their semaphores; multiprocessing's resource tracker, a
-        # process of its own that takes its -W options from these, would then print a warning
-        # after srdvol's last line saying what was kept and how to resume.
-        sys.warnoptions.append("ignore:resource_tracker:UserWarning")
     try:
         with interrupt.handling():
             _invoke(args)

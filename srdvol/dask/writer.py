@@ -31,13 +31,8 @@ from dask._task_spec import GraphNode, Task, TaskRef
 from srdvol import interrupt
 from srdvol.dask.ledger import Ledger
 from srdvol.dask.reports import patch_reports
-from srdvol.dask.runners import (
-    BlockUnits,
-    DistributedRunner,
-    LocalRunner,
-    run_blocks,
-    tasks_per_block,
-)
+from srdvol.dask.runners import DistributedRunner, LocalRunner, run_blocks
+from srdvol.dask.units import BlockUnits, tasks_per_block
 from srdvol.errors import ClusterError, ConfigError, DataError, flag
 
 __all__ = [
