@@ -382,6 +382,27 @@ def export(
     )
 
 
+def _quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker told not to warn about leaked semaphores.
+
+    An interrupted run closes its local cluster while workers still hold semaphores; the
+    tracker (a process of its own, shared by the workers) would print a warning after srdvol's
+    last line saying what was kept and how to resume. It takes its ``-W`` options from
+    ``sys.warnoptions`` when it starts, so the option is there only for that moment (worker
+    processes started later do not get it).
+    """
+    from multiprocessing import resource_tracker
+
+    option = "ignore:resource_tracker:UserWarning"
+    sys.warnoptions.append(option)
+    try:
+        resource_tracker.ensure_running()
+    except OSError:  # no tracker is no reason to fail a command
+        pass
+    finally:
+        sys.warnoptions.remove(option)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``srdvol`` console script.
 
@@ -398,6 +419,8 @@ def main(argv: list[str] | None = None) -> None:
     # Dask's INFO logs (worker start/stop, plugins) would bury srdvol's own output; worker
     # processes read this from the environment. An explicit user setting wins.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if debug else "warning")
+    if not debug:
+        _quiet_resource_tracker()
     try:
         with interrupt.handling():
             _invoke(args)
