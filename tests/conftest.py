@@ -46,6 +46,14 @@ def _signal_handlers_restored():
     ``sys.exit()`` (its ``runner`` module does so at import), and a test that leaked it made the
     interrupt tests of later modules see SystemExit instead of Ctrl-C.
     """
+    # A test that starts srdvol in a subprocess passes on what it finds here: an ignored or
+    # blocked SIGINT/SIGTERM (left by a library, seen only in full-suite runs) would make the
+    # child ignore the signal the test sends it.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     yield
     for sig, handler in before.items():
