@@ -7,19 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from cli_run import run_cli
 
 from srdvol.app.cli import main
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    """Run ``srdvol ARGS`` in-process; return (exit code, stdout, stderr)."""
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_console_script_help_lists_every_command():

@@ -26,22 +26,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from cli_run import run_cli
 
-from srdvol.app.cli import main
 from srdvol.ngff.lock import lock_path
 
 pytestmark = pytest.mark.slow
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    """Run ``srdvol ARGS`` in-process; return (exit code, stdout, stderr)."""
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _edit_json(path: Path, change) -> None:

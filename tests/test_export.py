@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 import yaml
 import zarr
-
-from srdvol.app.cli import main
+from cli_run import run_cli
 
 pytestmark = [
     pytest.mark.slow,
@@ -26,17 +25,6 @@ pytestmark = [
     # (it still works; bioimageio has no torch.export weights format yet).
     pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning"),
 ]
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    """Run ``srdvol ARGS`` in-process; return (exit code, stdout, stderr)."""
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 class _NoNetwork:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_run import run_cli
 
 from srdvol.app.cli import main
 
@@ -202,16 +203,6 @@ def local_state(root: Path) -> dict[str, str]:
         p.name: digest(p) if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
         for p in root.iterdir()
     }
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 MODEL = ["--model", "m16.safetensors", "--dashboard-address", "127.0.0.1:0"]
