@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from cli_run import run_cli
+from cli_run import assert_one_clear_sentence, run_cli
 
 from srdvol.ngff.lock import lock_path
 
@@ -243,14 +243,7 @@ def test_fault_is_one_clear_sentence_and_writes_nothing(
 
     code, out, err = run_cli(capsys, *argv, *extra)
 
-    message = err.strip()
-    assert code == 2, message
-    assert message.count("\n") == 0, message
-    assert message.startswith("srdvol: error: "), message
-    named = message.removeprefix("srdvol: error: ").split(": ")[0]
-    assert named == subject or named.endswith(f"/{subject}"), message  # relative or absolute
-    assert words in message
-    assert "Traceback" not in err + out
+    assert_one_clear_sentence(code, out, err, subject=subject, words=words)
     assert digests(faults) == before  # nothing written, nothing removed, inputs unchanged
 
 

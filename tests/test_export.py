@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 import zarr
-from cli_run import run_cli
+from cli_run import assert_one_clear_sentence, run_cli
 
 pytestmark = [
     pytest.mark.slow,
@@ -323,14 +323,7 @@ def test_bad_input_is_one_clear_sentence_and_writes_nothing(
 
     code, out, err = run_cli(capsys, "export", *argv)
 
-    message = err.strip()
-    assert code == 2, message
-    assert message.count("\n") == 0, message
-    assert message.startswith("srdvol: error: "), message
-    named = message.removeprefix("srdvol: error: ").split(": ")[0]
-    assert named == subject or named.endswith(f"/{subject}"), message
-    assert words in message
-    assert "Traceback" not in err + out
+    assert_one_clear_sentence(code, out, err, subject=subject, words=words)
     assert digests(faults) == before
 
 
