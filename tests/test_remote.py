@@ -45,6 +45,8 @@ NOISE = ("Traceback", "Exception ignored", "Unclosed client session", "internal 
 #: botocore retries a refused connection 4 times with backoff (about 10 s); one attempt
 #: keeps the unreachable cases quick and changes nothing else.
 ONE_ATTEMPT = {"AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard"}
+#: Read-only requests that moto 5.2.6 authorizes under their operation names.
+MOTO_OPERATION_ALIASES = ("s3:HeadObject", "s3:HeadBucket", "s3:ListObjectsV2", "s3:ListObjects")
 
 
 @dataclass
@@ -137,7 +139,10 @@ def remote(tmp_path_factory):
         "Statement": [
             {
                 "Effect": "Allow",
-                "Action": ["s3:GetObject", "s3:ListBucket"],
+                # moto 5.2.6 checks some requests by their API operation instead of the IAM
+                # action AWS uses for it (HeadObject is s3:GetObject, ListObjectsV2 and
+                # HeadBucket are s3:ListBucket); naming both keeps "reader" a reader on either.
+                "Action": ["s3:GetObject", "s3:ListBucket", *MOTO_OPERATION_ALIASES],
                 "Resource": [f"arn:aws:s3:::{BUCKET}", f"arn:aws:s3:::{BUCKET}/*"],
             }
         ],
