@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from srdvol.core.cost import plan_cost
 from srdvol.core.tiling import (
+    HALO_SHARE,
     axis_blocks,
     block_bytes,
     lattice,
@@ -201,7 +202,13 @@ def test_plan_grows_t_first_while_its_halo_dominates():
     assert grown[0][0] > 64 and grown[0][2:] == (512, 512)  # a small budget: only t grew
     volumes = [np.prod(b) for b in grown]
     assert volumes == sorted(volumes)  # more memory, larger blocks
-    assert grown[-1][2:] == (2048, 2048)  # a large one: whole frames, no y/x halo
+    # a large one stops where no halo is more than HALO_SHARE of its block, and more memory
+    # changes nothing: the blocks do not grow with what the worker has past that point
+    t, _, y, x = grown[-1]
+    assert 63 / t <= HALO_SHARE and 127 / y <= HALO_SHARE and 127 / x <= HALO_SHARE
+    assert 63 / (t / 2) > HALO_SHARE and 127 / (y / 2) > HALO_SHARE and 127 / (x / 2) > HALO_SHARE
+    huge = plan_blocks(shape, dims=dims, patch=patch, overlap=0.25, chunks=chunks, memory=2**45)
+    assert huge.block_shape == grown[-1]
 
 
 @given(
@@ -242,8 +249,8 @@ def test_default_blocks_fit_the_budget_and_cannot_grow(t, y, x, pt, pyx, ct, cyx
     )
     assert host <= max(memory, least)  # within the budget, or no more than the least blocks
     for a, n, c, d in zip(dims, shape, chunks, plan.depth, strict=True):
-        if not d or sizes[a] >= n:
-            continue
+        if not d or sizes[a] >= n or d / sizes[a] <= HALO_SHARE:
+            continue  # no halo, whole axis, or a halo already cheap enough
         trial = dict(sizes)
         trial[a] = min(n, -(-(sizes[a] + c) // c) * c)  # one more chunk
         if n - trial[a] < d:

@@ -26,6 +26,7 @@ from srdvol.values import Window, check_overlap
 
 __all__ = [
     "COS2_SCALE",
+    "HALO_SHARE",
     "MOVIE_ORDER",
     "BlockMemory",
     "BlockPlan",
@@ -237,6 +238,13 @@ def block_bytes(core: int, region: int, itemsize: int) -> int:
     return region * (itemsize + 8) + region * itemsize + region * 8 + core * 4
 
 
+#: Default blocks stop growing along an axis once its halo is at most this share of the block:
+#: each patch runs once whatever the blocks, so larger blocks would only save the float64 sums
+#: passed across edges, and they cost memory that grows with the input until the budget caps
+#: it (the peak would then depend on the input's size, and fewer blocks pipeline worse).
+HALO_SHARE = 1 / 8
+
+
 def _round_up(value: int, multiple: int) -> int:
     return max(multiple, math.ceil(value / multiple) * multiple)
 
@@ -281,7 +289,7 @@ def plan_blocks(
         c and z blocks are one output chunk deep with no halo (each (c, z) plane is its own
         movie). Default blocks grow by doubling the movie axis whose halo costs the most
         (``(patch - 1) / block``, t first on ties: its halo dominates short blocks) while the
-        memory allows.
+        memory allows and that halo is more than :data:`HALO_SHARE` of the block.
     """
     dims = tuple(dims)
     if len(shape) != len(dims) or len(chunks) != len(dims):
@@ -387,7 +395,7 @@ def _grow(
         # The axis whose halo costs the most relative to the block first (t on ties); a larger
         # step first, then one chunk.
         axes = sorted(
-            (a for a in MOVIE_ORDER if halo[a] and sizes[a] < full[a]),
+            (a for a in MOVIE_ORDER if halo[a] / sizes[a] > HALO_SHARE and sizes[a] < full[a]),
             key=lambda k: (-halo[k] / sizes[k], MOVIE_ORDER.index(k)),
         )
         for a in axes:
