@@ -865,3 +865,38 @@ def test_what_waits_for_later_blocks_does_not_grow_with_the_movie(tmp_path, monk
         np.testing.assert_allclose(out[...], 2 * arr + 1, rtol=2e-6)
     # 4 times the blocks along t; what is held depends a little on timing, not on the length
     assert 9 <= peaks[64] and peaks[256] < 1.5 * peaks[64]
+
+
+def test_planes_of_a_zarr_input_are_independent_and_go_one_after_another(tmp_path):
+    """from_zarr gives every block one shared task (the array handle): it must not couple the
+    z planes, or the writer would hold a whole layer of planes for later neighbours."""
+    from srdvol.dask.units import BlockUnits
+
+    arr = noisy((64, 3, 16, 16), seed=3)
+    src = zarr.create_array(str(tmp_path / "in.zarr"), data=arr, chunks=(8, 1, 16, 16))
+    lazy = denoise(
+        da.from_zarr(src),
+        AffineModel(2, 1),
+        dims="tzyx",
+        patch=(16, 8, 8),
+        chunks=(16, 1, 16, 16),
+        block=(16, 16, 16),
+    )
+    units = BlockUnits(lazy, eager_prefix=writer.EAGER_PREFIX)
+    assert units.grid[:2] == (4, 3) and units.coupled == [0]  # t only; y and x are one block
+    planes = [units.index(flat)[1] for flat in units.order(range(12))]
+    assert planes == [0] * 4 + [1] * 4 + [2] * 4
+    out = make_output(tmp_path / "out.zarr", arr.shape, (16, 1, 16, 16))
+    write(lazy, out, wave=2)
+    np.testing.assert_allclose(out[...], 2 * arr + 1, rtol=2e-6)
+
+
+def test_a_spill_is_a_copy_that_lets_the_block_sums_go():
+    """A block's spill past its t edge is a slice along the first axis: a view would keep the
+    whole float64 sums of the block alive until its neighbour had run."""
+    from srdvol.dask.graph import _cut
+
+    sums = np.arange(6 * 4 * 4, dtype=np.float64).reshape(6, 4, 4)
+    spill = _cut(sums, (slice(4, None), slice(None), slice(None)))
+    assert spill.base is None and not np.shares_memory(spill, sums)
+    np.testing.assert_array_equal(spill, sums[4:])

@@ -409,7 +409,9 @@ def _overlap_add(
 
 
 def _cut(sums: np.ndarray, region: tuple[slice, ...]) -> np.ndarray:
-    return np.ascontiguousarray(sums[region])  # a copy: the block's sums can then be freed
+    # Always a copy (np.ascontiguousarray would return a slice along t, the first axis, as a
+    # view, which keeps the block's whole sums alive until the neighbour has run).
+    return np.array(sums[region], order="C", copy=True)
 
 
 def _combine(

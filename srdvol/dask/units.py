@@ -72,8 +72,18 @@ class BlockUnits:
     def unit(self, flat: int) -> dict[Key, GraphNode]:
         """Every task the block needs (its whole dependency closure), by key."""
         if flat not in self._units:
-            culled = self._graph.cull(set(self.roots(flat)))
-            self._units[flat] = convert_legacy_graph(dict(culled))
+            roots = self.roots(flat)
+            culled = convert_legacy_graph(dict(self._graph.cull(set(roots))))
+            # HighLevelGraph.cull may keep more of a layer than the roots need (it kept another
+            # plane's spill): walk the dependencies, or every axis would look coupled.
+            unit: dict[Key, GraphNode] = {}
+            stack = list(roots)
+            while stack:
+                key = stack.pop()
+                if key not in unit:
+                    unit[key] = culled[key]
+                    stack.extend(unit[key].dependencies)
+            self._units[flat] = unit
         return self._units[flat]
 
     def _coupled_axes(self) -> list[int]:
@@ -87,7 +97,11 @@ class BlockUnits:
             step = [0] * len(self.grid)
             step[axis] = 1
             other = int(np.ravel_multi_index(step, self.grid))
-            if not first.keys().isdisjoint(self.unit(other).keys()):
+            # Chunks of an array (tuple keys) couple blocks; a graph-wide constant such as
+            # from_zarr's "original-..." array handle (a string key) is every block's and
+            # couples nothing.
+            shared = first.keys() & self.unit(other).keys()
+            if any(isinstance(key, tuple) for key in shared):
                 coupled.append(axis)
         self._units.clear()
         return coupled
