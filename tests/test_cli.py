@@ -321,3 +321,18 @@ def test_evaluate_shows_the_gaussian_reference_and_refuses_bad_sigmas(tmp_path, 
     assert code == 0 and "gaussian" not in out
     code, _, err = run_cli(capsys, "evaluate", n, "--truth", t, "--noisy", n, "--gaussian", "x")
     assert code == 2 and "--gaussian" in err and "Traceback" not in err
+
+
+def test_simulate_without_truth_writes_it_beside_the_output(tmp_path, capsys, monkeypatch):
+    import zarr
+
+    from srdvol.app.commands import truth_beside
+
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "simulate", "rec.zarr", "--frames", "16", "--size", "32", "32")
+    assert code == 0, err
+    assert "rec-truth.zarr (truth" in out + err
+    noisy, truth = zarr.open_group("rec.zarr"), zarr.open_group("rec-truth.zarr")
+    assert noisy["s0"].shape == truth["s0"].shape == (16, 32, 32)
+    assert truth_beside("s3://lab/runs/day1.zarr/") == "s3://lab/runs/day1-truth.zarr"
+    assert truth_beside("movie") == "movie-truth.zarr"

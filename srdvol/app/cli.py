@@ -147,7 +147,14 @@ def info(
 def simulate(
     ctx: typer.Context,
     out: Annotated[str, typer.Argument(metavar="OUT", help="Noisy OME-Zarr to write.")],
-    truth: Annotated[str, typer.Option("--truth", help="Ground-truth OME-Zarr to write.")],
+    truth: Annotated[
+        str | None,
+        typer.Option(
+            "--truth",
+            help="Ground-truth OME-Zarr to write.",
+            show_default="beside OUT: in.zarr -> in-truth.zarr",
+        ),
+    ] = None,
     frames: Annotated[int, typer.Option("--frames", min=16, help="Frames (time points).")] = 128,
     planes: Annotated[
         int | None,

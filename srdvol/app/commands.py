@@ -33,16 +33,29 @@ __all__ = ["run_denoise", "run_evaluate", "run_predict", "run_simulate", "run_tr
 _RESUME = "run the same command again to resume"
 
 
-def run_simulate(out: str, *, truth: str, options: SimulateOptions | None = None) -> Any:
-    """``srdvol simulate``: write a noisy recording and its ground truth; print a summary."""
+def run_simulate(
+    out: str, *, truth: str | None = None, options: SimulateOptions | None = None
+) -> Any:
+    """``srdvol simulate``: write a noisy recording and its ground truth (default: beside it,
+    ``in.zarr`` -> ``in-truth.zarr``); print a summary."""
     from srdvol.simulate import simulate
 
+    if truth is None:
+        truth = truth_beside(out)
     info = simulate(out, truth=truth, **(options or SimulateOptions()).model_dump())
     say(
         f"wrote {info.out} (noisy, {info.dims} {info.shape}) and {info.truth} (truth, "
         f"{info.n_cells} cells), {info.rate_hz:g} Hz, {info.photons:g} photons"
     )
     return info
+
+
+def truth_beside(out: str) -> str:
+    """The default ground-truth path of ``srdvol simulate OUT``: OUT's name with ``-truth``
+    before its ``.zarr`` (local paths and URLs alike)."""
+    base = out.rstrip("/")
+    stem = base[: -len(".zarr")] if base.endswith(".zarr") else base
+    return f"{stem}-truth.zarr"
 
 
 def run_evaluate(
