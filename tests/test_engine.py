@@ -900,3 +900,25 @@ def test_a_spill_is_a_copy_that_lets_the_block_sums_go():
     spill = _cut(sums, (slice(4, None), slice(None), slice(None)))
     assert spill.base is None and not np.shares_memory(spill, sums)
     np.testing.assert_array_equal(spill, sums[4:])
+
+
+def test_rechunking_is_plain_tasks_even_where_dask_would_pick_p2p(tmp_path):
+    """With a distributed Client as the default, dask picks its P2P rechunk for all-to-all
+    rechunks; its barrier cannot run block by block (nor in this process)."""
+    import dask
+
+    arr = noisy((16, 4, 6), seed=5)
+    out = make_output(tmp_path / "out.zarr", arr.shape, (1, 2, 1))
+    with dask.config.set({"array.rechunk.method": "p2p"}):
+        lazy = denoise(
+            da.from_array(arr, chunks=(1, 1, 6)),
+            AffineModel(2, 1),
+            dims="tyx",
+            patch=(4, 2, 2),
+            overlap=0.0,
+            chunks=(1, 2, 1),
+            block=(1, 3, 1),
+        )
+    assert not any("p2p" in str(name) for name in lazy.__dask_graph__().layers)
+    write(lazy, out, wave=1)
+    np.testing.assert_allclose(out[...], 2 * arr + 1, rtol=2e-6)

@@ -210,7 +210,9 @@ def _lazy(
     window_kind: Window,
     overlap: float,
 ) -> da.Array:
-    data = data.rechunk(plan.chunks)
+    # Plain tasks, never distributed's P2P rechunk (which dask picks when a Client is the
+    # default): its all-to-all barrier cannot run block by block, nor without a cluster.
+    data = data.rechunk(plan.chunks, method="tasks")
     token = dask.base.tokenize(data.name, plan, predictor, window_kind, overlap)
     name = f"srdvol-denoise-{token}"
     depth = {a: (0, d) if d else 0 for a, d in enumerate(plan.depth)}
