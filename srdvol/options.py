@@ -277,6 +277,11 @@ class PredictOptions(_Options):
     )
     window: Window = Field(Window.TENT, description="Blending window of overlapping patches.")
     autocast: Autocast = Field(Autocast.auto, description="bf16 autocast: auto, on or off.")
+    tta: bool = Field(
+        False,
+        description="Test-time augmentation: average the model over the 8 symmetries of the "
+        "(y, x) plane (8x the prediction time).",
+    )
     renormalize: bool = Field(
         False,
         description="Normalise the input with its own sampled mean and std, not the model's "

@@ -336,3 +336,35 @@ def test_simulate_without_truth_writes_it_beside_the_output(tmp_path, capsys, mo
     assert noisy["s0"].shape == truth["s0"].shape == (16, 32, 32)
     assert truth_beside("s3://lab/runs/day1.zarr/") == "s3://lab/runs/day1-truth.zarr"
     assert truth_beside("movie") == "movie-truth.zarr"
+
+
+@pytest.mark.slow
+def test_predict_tta_averages_the_symmetries_and_records_it(tiny_model, tmp_path, monkeypatch):
+    import json
+
+    import numpy as np
+    import zarr
+
+    from srdvol.ngff.read import open_image
+    from srdvol.predict.block import predict_array
+    from srdvol.predict.predictors import ModelPredictor
+    from srdvol.simulate import simulate
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    noisy = tmp_path / "in.zarr"
+    simulate(noisy, truth=tmp_path / "truth.zarr", frames=24, size=(24, 32), seed=5)
+    common = ["--model", str(tiny_model), "--workers", "1", "--dashboard-address", ":0"]
+    for name, extra in (("tta", ["--tta"]), ("plain", [])):
+        try:
+            main(["predict", str(noisy), str(tmp_path / f"{name}.zarr"), *common, *extra])
+        except SystemExit as exc:
+            assert not exc.code, exc.code
+    got = zarr.open_array(tmp_path / "tta.zarr" / "s0", mode="r")[...]
+    plain = zarr.open_array(tmp_path / "plain.zarr" / "s0", mode="r")[...]
+    data = np.asarray(open_image(noisy).data, dtype=np.float32)
+    predictor = ModelPredictor(tiny_model, device="cpu", tta=True)
+    expected = predict_array(data, predictor, patch=(16, 16, 16), overlap=0.25)
+    np.testing.assert_allclose(got.reshape(expected.shape), expected, rtol=0, atol=1e-3)
+    assert np.abs(got - plain).max() > 1e-2
+    attrs = json.loads((tmp_path / "tta.zarr" / "zarr.json").read_text())["attributes"]
+    assert attrs["srdvol"]["parameters"]["tta"] is True

@@ -212,6 +212,29 @@ def test_renormalized_predictor_follows_a_brighter_input(tiny_model):
     assert "renormalized" in repr(pickle.loads(pickle.dumps(renormalized)))
 
 
+@pytest.mark.parametrize("shape", [(3, 16, 8, 8), (2, 16, 8, 12)])
+def test_tta_predictor_is_the_mean_over_the_eight_symmetries(tiny_model, shape):
+    # numpy reference: turn/mirror the patches, run the plain predictor, map back, average.
+    from srdvol.training.pairs import dihedral, dihedral_inverse
+
+    path, _, _ = tiny_model
+    x = np.random.default_rng(1).normal(100, 10, size=shape).astype(np.float32)
+    plain = ModelPredictor(path, device="cpu", batch_size=4)
+    tta = ModelPredictor(path, device="cpu", batch_size=4, tta=True)
+    expected = np.mean(
+        [dihedral_inverse(plain(np.ascontiguousarray(dihedral(x, k))), k) for k in range(8)],
+        axis=0,
+    )
+    got = tta(x)
+    assert got.shape == x.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+    assert np.abs(got - plain(x)).max() > 0.1  # the network is not equivariant: TTA changes it
+    # a patch's result does not depend on the patches it is batched with
+    np.testing.assert_array_equal(tta(x[:1]), got[:1])
+    again = pickle.loads(pickle.dumps(tta))
+    assert again.tta and "tta" in repr(again)
+
+
 def test_model_predictor_tensor_path_and_batch(tiny_model):
     import torch
 

@@ -242,6 +242,7 @@ def _write(
             patch=predict.patch,
             autocast=_autocast(predict.autocast),
             normalization=normalization,
+            tta=predict.tta,
         )
         lazy = denoise(
             image,
@@ -303,6 +304,7 @@ def _parameters(options: RunOptions, *, patch: Any) -> dict[str, Any]:
         ),
         # recorded only when set, so outputs of earlier versions keep their run id
         **({"renormalize": True} if predict.renormalize else {}),
+        **({"tta": True} if predict.tta else {}),
     }
 
 
@@ -393,5 +395,7 @@ def _predict_record(options: RunOptions) -> dict[str, str]:
         "autocast": predict.autocast.value,
         "chunks": tuple(output.chunks) if output.chunks else None,
         "compression": output.compression,
+        # only when set, so outputs of earlier versions keep their run id
+        **({"tta": True} if predict.tta else {}),
     }
     return {k: str(v) for k, v in values.items()}

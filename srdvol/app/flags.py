@@ -45,6 +45,7 @@ __all__ = [
     "StepsOpt",
     "TOpt",
     "TrainOverwriteOpt",
+    "TtaOpt",
     "WindowOpt",
     "WorkersOpt",
     "XOpt",
@@ -245,6 +246,15 @@ AutocastOpt = Annotated[
         "--autocast",
         help="bf16 on the GPU: auto (on for CUDA, off on the CPU), on or off; bf16 is faster "
         "and differs from float32 by less than 2^-6 of the intensity range.",
+    ),
+]
+TtaOpt = Annotated[
+    bool,
+    typer.Option(
+        "--tta",
+        help="Test-time augmentation: predict every patch in the 8 symmetries of the (y, x) "
+        "plane (turns and mirrors) and average them: about 0.5-0.7 dB higher SNR and cleaner "
+        "pixel traces, at 8x the prediction time.",
     ),
 ]
 RenormalizeOpt = Annotated[

@@ -227,6 +227,8 @@ def check_model(model_path: str | os.PathLike[str], *, device: str = "cpu") -> A
 
 #: Patches per forward pass on a CPU (larger batches do not run faster there).
 CPU_BATCH = 4
+#: Test-time augmentation: the symmetries of the (y, x) plane that training augments with.
+SYMMETRIES = 8
 #: At most this many patches per forward pass on a GPU.
 MAX_BATCH = 64
 #: Share of a GPU's memory the activations of one forward pass may fill.
@@ -298,6 +300,11 @@ class ModelPredictor:
         Mean and std (any object with ``mean`` and ``std``, e.g. a
         :class:`~srdvol.core.normalize.Statistics` of the input) to normalise with instead of
         the model's training statistics (``srdvol predict --renormalize``).
+    tta
+        Test-time augmentation (``--tta``): run every patch in the 8 symmetries of the (y, x)
+        plane that training augments with, map each result back and average them (8x the
+        network time). The network is not exactly equivariant to them, so the mean has less
+        of its variance: higher SNR, cleaner pixel traces (benchmarks/RESULTS.md).
     """
 
     def __init__(
@@ -309,9 +316,11 @@ class ModelPredictor:
         batch_size: int | None = None,
         patch: Sequence[int] | Mapping[str, int] | None = None,
         normalization: Any = None,
+        tta: bool = False,
     ) -> None:
         self.model_path = os.fspath(model_path)
         self.normalization = normalization
+        self.tta = bool(tta)
         self.device = device
         self.autocast = autocast
         self._batch_size = int(batch_size) if batch_size is not None else None
@@ -378,11 +387,27 @@ class ModelPredictor:
         mean, std = float(stats.mean), float(stats.std)
         device = next(network.parameters()).device
         x = ((patches.to(device=device, dtype=torch.float32) - mean) / std).contiguous()
+        if self.tta:
+            from srdvol.training.pairs import dihedral, dihedral_inverse
+
+            # A fixed order of float32 sums: the mean does not depend on the batch either.
+            out = self._forward(network, dihedral(x, 0).contiguous())
+            for k in range(1, SYMMETRIES):
+                out += dihedral_inverse(self._forward(network, dihedral(x, k).contiguous()), k)
+            out /= SYMMETRIES
+        else:
+            out = self._forward(network, x)
+        return out * std + mean
+
+    def _forward(self, network: Any, x: Any) -> Any:
+        """The network on normalised patches ``(n, t, y, x)``, ``batch_size`` at a time."""
+        import torch
+
         out = torch.empty_like(x)
         size = self.batch_size
         with (
             torch.inference_mode(),
-            torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self._amp()),
+            torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self._amp()),
         ):
             for i in range(0, len(x), size):
                 # Every forward pass gets exactly batch_size patches (a short batch is padded
@@ -395,7 +420,7 @@ class ModelPredictor:
                 if n < size:
                     part = torch.cat([part, part[-1:].expand(size - n, *part.shape[1:])])
                 out[i : i + n] = network(part[:, None])[:n, 0].float()
-        return out * std + mean
+        return out
 
     def __call__(self, patches: np.ndarray) -> np.ndarray:
         import torch
@@ -405,6 +430,7 @@ class ModelPredictor:
 
     def __repr__(self) -> str:
         own = "" if self.normalization is None else ", renormalized"
+        own += ", tta" if self.tta else ""
         return f"ModelPredictor({self.model_path!r}, device={self.device!r}{own})"
 
 
