@@ -215,7 +215,7 @@ def test_renormalized_predictor_follows_a_brighter_input(tiny_model):
 @pytest.mark.parametrize("shape", [(3, 16, 8, 8), (2, 16, 8, 12)])
 def test_tta_predictor_is_the_mean_over_the_eight_symmetries(tiny_model, shape):
     # numpy reference: turn/mirror the patches, run the plain predictor, map back, average.
-    from srdvol.training.pairs import dihedral, dihedral_inverse
+    from srdvol.model.symmetry import dihedral, dihedral_inverse
 
     path, _, _ = tiny_model
     x = np.random.default_rng(1).normal(100, 10, size=shape).astype(np.float32)

@@ -227,8 +227,6 @@ def check_model(model_path: str | os.PathLike[str], *, device: str = "cpu") -> A
 
 #: Patches per forward pass on a CPU (larger batches do not run faster there).
 CPU_BATCH = 4
-#: Test-time augmentation: the symmetries of the (y, x) plane that training augments with.
-SYMMETRIES = 8
 #: At most this many patches per forward pass on a GPU.
 MAX_BATCH = 64
 #: Share of a GPU's memory the activations of one forward pass may fill.
@@ -388,7 +386,7 @@ class ModelPredictor:
         device = next(network.parameters()).device
         x = ((patches.to(device=device, dtype=torch.float32) - mean) / std).contiguous()
         if self.tta:
-            from srdvol.training.pairs import dihedral, dihedral_inverse
+            from srdvol.model.symmetry import SYMMETRIES, dihedral, dihedral_inverse
 
             # A fixed order of float32 sums: the mean does not depend on the batch either.
             out = self._forward(network, dihedral(x, 0).contiguous())

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from srdvol.errors import ConfigError, DataError, flag
+from srdvol.model.symmetry import SYMMETRIES, dihedral, dihedral_inverse
 
 __all__ = [
     "LOSSES",
@@ -58,8 +59,6 @@ SPATIAL_TRIPLES: tuple[tuple[int, int, int], ...] = (
     (3, 2, 1),
     (3, 1, 2),
 )
-
-ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 
 def training_read_shape(
@@ -213,41 +212,6 @@ def spatial_loss(
     )
 
 
-def dihedral(patches: ArrayT, k: int) -> ArrayT:
-    """Apply the ``k``-th of the 8 symmetries of the square to the (y, x) plane.
-
-    ``k % 4`` quarter turns from the y axis towards the x axis (``rot90`` on the last two
-    axes), then, for ``k >= 4``, a mirror along x. Works on numpy arrays and torch tensors
-    of any leading shape. Turns by 90 or 270 degrees swap the y and x sizes.
-
-    Raises
-    ------
-    ConfigError
-        If ``k`` is not in 0..7.
-    """
-    _check_k(k)
-    if isinstance(patches, torch.Tensor):
-        out = torch.rot90(patches, k % 4, dims=(-2, -1))
-        return torch.flip(out, dims=(-1,)) if k >= 4 else out
-    out = np.rot90(patches, k % 4, axes=(-2, -1))
-    return np.flip(out, axis=-1) if k >= 4 else out
-
-
-def dihedral_inverse(patches: ArrayT, k: int) -> ArrayT:
-    """Undo :func:`dihedral` with the same ``k``."""
-    _check_k(k)
-    if isinstance(patches, torch.Tensor):
-        out = torch.flip(patches, dims=(-1,)) if k >= 4 else patches
-        return torch.rot90(out, -(k % 4), dims=(-2, -1))
-    out = np.flip(patches, axis=-1) if k >= 4 else patches
-    return np.rot90(out, -(k % 4), axes=(-2, -1))
-
-
-def _check_k(k: int) -> None:
-    if k not in range(8):
-        raise ConfigError("dihedral", f"transform index {k} is not in 0..7", "pass 0 to 7")
-
-
 def random_dihedral(
     patches: torch.Tensor, *, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -257,7 +221,7 @@ def random_dihedral(
     the shape (identity, half turn, and the two mirrors), so the batch stays stackable.
     """
     square = patches.shape[-1] == patches.shape[-2]
-    choices = torch.tensor(range(8) if square else (0, 2, 4, 6))
+    choices = torch.tensor(range(SYMMETRIES) if square else (0, 2, 4, 6))
     draws = torch.randint(
         0, len(choices), (patches.shape[0],), generator=generator, device=patches.device
     ).cpu()
