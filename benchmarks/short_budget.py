@@ -22,8 +22,8 @@ Variants (each changes one thing; the rest is srdvol's default path):
 - ``--shuffle-frames``: the frames of every training patch in a random order of their own
   (at 0.3 Hz consecutive frames share no activity, so their order carries nothing but an
   invitation to mix neighbours' transients);
-- ``--tta``: predict every patch in the 8 symmetries of the square and average (8x the
-  inference cost);
+- ``--tta``: predict every patch in the 8 symmetries of the square and average (``srdvol
+  predict --tta``; 8x the inference cost);
 - ``--overlap``, ``--window``: inference lattice (``--from-model TAG`` predicts with the model
   of an earlier run instead of training);
 - ``--patch``, ``--batch-size``, ``--steps``, ``--lr``.
@@ -167,24 +167,6 @@ def make_trainer_class(
     return Variant
 
 
-class DihedralAverage:
-    """Test-time augmentation: the mean of a predictor over the 8 symmetries of the (y, x)
-    plane, each prediction mapped back (square patches)."""
-
-    def __init__(self, predictor: Any) -> None:
-        self.predictor = predictor
-        self.batch_size = getattr(predictor, "batch_size", None)
-
-    def __call__(self, patches: np.ndarray) -> np.ndarray:
-        from srdvol.training.pairs import dihedral, dihedral_inverse
-
-        total = np.zeros(patches.shape, np.float64)
-        for k in range(8):
-            turned = np.ascontiguousarray(dihedral(patches, k))
-            total += dihedral_inverse(np.asarray(self.predictor(turned)), k)
-        return (total / 8).astype(np.float32)
-
-
 # ------------------------------------------------------------------------------ one run
 
 
@@ -233,9 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     train_cpu, train_wall = time.process_time() - cpu0, time.perf_counter() - wall0
     after_train = load()
-    predictor: Any = ModelPredictor(model, device="cpu", batch_size=4)
-    if args.tta:
-        predictor = DihedralAverage(predictor)
+    predictor = ModelPredictor(model, device="cpu", batch_size=4, tta=args.tta)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     noisy_in = movie["noisy"] if args.transform == "none" else anscombe(movie["noisy"], **sim)
     denoised = predict_array(
