@@ -19,7 +19,9 @@ the cells, see :mod:`srdvol.core.traces`):
   median 1 px wide (no spatial filter);
 - **srdvol**: training as :func:`srdvol.train` does it (spatial sampling, no truth), then a
   whole-movie prediction with :func:`srdvol.predict.block.predict_array` at ``--overlap``
-  (default: the command line's default, 0.25);
+  (default: the command line's default, 0.25) and ``--anchor`` (default: the command line's,
+  :data:`srdvol.options.DEFAULT_ANCHOR`); with an anchor, the network's own output
+  (``--anchor 0``) is scored too, as "srdvol, --anchor 0";
 - with ``--subgrid``, the same model applied to the four half-resolution sub-grids
   ``noisy[:, i::2, j::2]`` (the resolution the network is trained at) and put back together,
   against full-resolution inference (what the method prescribes).
@@ -44,6 +46,7 @@ Run from the repository root (results: benchmarks/RESULTS.md)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import json
@@ -66,7 +69,7 @@ from srdvol.model.config import NetworkConfig
 from srdvol.model.device import resolve_device
 from srdvol.ngff.labels import read_masks
 from srdvol.ngff.read import open_image
-from srdvol.options import DEFAULT_OVERLAP, TrainOptions
+from srdvol.options import DEFAULT_ANCHOR, DEFAULT_OVERLAP, TrainOptions
 from srdvol.predict.block import predict_array
 from srdvol.predict.predictors import ModelPredictor
 from srdvol.simulate import simulate
@@ -381,7 +384,7 @@ def run_seed(photons: float, seed: int, args: argparse.Namespace, root: Path) ->
         seed=seed,
         device=args.device,
     )
-    predictor = ModelPredictor(model, device=args.device, batch_size=4)
+    predictor = ModelPredictor(model, device=args.device, batch_size=4, anchor=args.anchor)
     started = time.perf_counter()
     denoised = predict_array(movie.noisy, predictor, patch=patch, overlap=args.overlap)
     predicted = time.perf_counter() - started
@@ -397,7 +400,12 @@ def run_seed(photons: float, seed: int, args: argparse.Namespace, root: Path) ->
         "load_after": load(),
         "final_loss": losses[-1],
     }
-    row("srdvol", movie.score(denoised), params=f"overlap {args.overlap:g}", **timing)
+    settings = f"overlap {args.overlap:g}, anchor {args.anchor:g}"
+    row("srdvol", movie.score(denoised), params=settings, **timing)
+    if args.anchor:
+        network_only = ModelPredictor(model, device=args.device, batch_size=4)
+        own = predict_array(movie.noisy, network_only, patch=patch, overlap=args.overlap)
+        row("srdvol, --anchor 0", movie.score(own), params=f"overlap {args.overlap:g}")
     if args.subgrid:
         started = time.perf_counter()
         sub = subgrid_prediction(movie.noisy, predictor, patch, args.overlap)
@@ -484,6 +492,9 @@ def main() -> None:
     parser.add_argument("--patch-t", type=int, default=16)
     parser.add_argument("--patch-yx", type=int, default=64)
     parser.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP)
+    parser.add_argument(
+        "--anchor", type=float, default=DEFAULT_ANCHOR, help="srdvol predict --anchor SIGMA"
+    )
     parser.add_argument("--network", choices=sorted(NETWORKS), default="default")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -508,6 +519,11 @@ def main() -> None:
         default=["gaussian", "median"],
     )
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the models and movies in --workdir (default: a temporary folder inside it)",
+    )
     args = parser.parse_args()
     if args.lr is None:
         from srdvol.options import DEFAULT_LR
@@ -520,7 +536,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+    if args.keep and args.workdir is None:
+        parser.error("--keep needs --workdir")
+    with (
+        contextlib.nullcontext(str(args.workdir))
+        if args.keep
+        else tempfile.TemporaryDirectory(dir=args.workdir)
+    ) as tmp:
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         for photons, seed in itertools.product(args.photons, args.seeds):
             rows += run_seed(photons, seed, args, Path(tmp))
             if args.json:

@@ -31,6 +31,7 @@ from pydantic import (
 from srdvol.errors import ConfigError, flag
 from srdvol.model.config import NetworkConfig
 from srdvol.values import (
+    DEFAULT_ANCHOR,
     DEFAULT_COMPRESSION,
     DEFAULT_OVERLAP,
     DEVICE_PREFIXES,
@@ -49,6 +50,7 @@ from srdvol.values import (
 )
 
 __all__ = [
+    "DEFAULT_ANCHOR",
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_CHECKPOINT_EVERY",
     "DEFAULT_COMPRESSION",
@@ -281,6 +283,12 @@ class PredictOptions(_Options):
         False,
         description="Test-time augmentation: average the model over the 8 symmetries of the "
         "(y, x) plane (8x the prediction time).",
+    )
+    anchor: float = Field(
+        DEFAULT_ANCHOR,
+        ge=0,
+        description="Keep the input's intensities at scales above this Gaussian sigma in "
+        "pixels (the network's fine detail, the measurement's coarse levels); 0 turns it off.",
     )
     renormalize: bool = Field(
         False,

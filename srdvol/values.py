@@ -11,6 +11,7 @@ from typing import Any, Literal, NamedTuple
 from srdvol.errors import ConfigError, flag
 
 __all__ = [
+    "DEFAULT_ANCHOR",
     "DEFAULT_COMPRESSION",
     "DEFAULT_LICENSE",
     "DEFAULT_OVERLAP",
@@ -29,6 +30,10 @@ __all__ = [
     "parse_triple",
 ]
 
+#: Gaussian sigma (pixels) above which the output keeps the input's own intensities
+#: (``--anchor``, :mod:`srdvol.predict.anchor`): unbiased cell traces at short training budgets
+#: (benchmarks/RESULTS.md, issue 13).
+DEFAULT_ANCHOR = 4.0
 #: Patch overlap of prediction: every voxel is covered by about 2.4 patches at 0.25.
 DEFAULT_OVERLAP = 0.25
 #: Above this the stride is 5 % of the patch and a run costs tens of times more (`srdvol info`).

@@ -339,7 +339,9 @@ def test_simulate_without_truth_writes_it_beside_the_output(tmp_path, capsys, mo
 
 
 @pytest.mark.slow
-def test_predict_tta_averages_the_symmetries_and_records_it(tiny_model, tmp_path, monkeypatch):
+def test_predict_tta_and_anchor_are_the_predictors_and_are_recorded(
+    tiny_model, tmp_path, monkeypatch
+):
     import json
 
     import numpy as np
@@ -349,22 +351,36 @@ def test_predict_tta_averages_the_symmetries_and_records_it(tiny_model, tmp_path
     from srdvol.predict.block import predict_array
     from srdvol.predict.predictors import ModelPredictor
     from srdvol.simulate import simulate
+    from srdvol.values import DEFAULT_ANCHOR
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     noisy = tmp_path / "in.zarr"
     simulate(noisy, truth=tmp_path / "truth.zarr", frames=24, size=(24, 32), seed=5)
     common = ["--model", str(tiny_model), "--workers", "1", "--dashboard-address", ":0"]
-    for name, extra in (("tta", ["--tta"]), ("plain", [])):
+    # --tta with the default anchor; the network's own output with --anchor 0
+    runs = {"tta": ["--tta"], "plain": ["--anchor", "0"]}
+    for name, extra in runs.items():
         try:
             main(["predict", str(noisy), str(tmp_path / f"{name}.zarr"), *common, *extra])
         except SystemExit as exc:
             assert not exc.code, exc.code
-    got = zarr.open_array(tmp_path / "tta.zarr" / "s0", mode="r")[...]
-    plain = zarr.open_array(tmp_path / "plain.zarr" / "s0", mode="r")[...]
     data = np.asarray(open_image(noisy).data, dtype=np.float32)
-    predictor = ModelPredictor(tiny_model, device="cpu", tta=True)
-    expected = predict_array(data, predictor, patch=(16, 16, 16), overlap=0.25)
-    np.testing.assert_allclose(got.reshape(expected.shape), expected, rtol=0, atol=1e-3)
-    assert np.abs(got - plain).max() > 1e-2
-    attrs = json.loads((tmp_path / "tta.zarr" / "zarr.json").read_text())["attributes"]
-    assert attrs["srdvol"]["parameters"]["tta"] is True
+    predictors = {
+        "tta": ModelPredictor(tiny_model, device="cpu", tta=True, anchor=DEFAULT_ANCHOR),
+        "plain": ModelPredictor(tiny_model, device="cpu"),
+    }
+    written = {}
+    for name, predictor in predictors.items():
+        written[name] = zarr.open_array(tmp_path / f"{name}.zarr" / "s0", mode="r")[...]
+        expected = predict_array(data, predictor, patch=(16, 16, 16), overlap=0.25)
+        got = written[name].reshape(expected.shape)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3)
+    assert np.abs(written["tta"] - written["plain"]).max() > 1e-2
+    recorded = {
+        name: json.loads((tmp_path / f"{name}.zarr" / "zarr.json").read_text())["attributes"][
+            "srdvol"
+        ]["parameters"]
+        for name in runs
+    }
+    assert recorded["tta"]["tta"] is True and recorded["tta"]["anchor"] == DEFAULT_ANCHOR
+    assert "tta" not in recorded["plain"] and "anchor" not in recorded["plain"]

@@ -29,6 +29,7 @@ import zarr
 from cli_run import assert_one_clear_sentence, run_cli
 
 from srdvol.ngff.lock import lock_path
+from srdvol.values import DEFAULT_ANCHOR
 
 pytestmark = pytest.mark.slow
 
@@ -387,7 +388,9 @@ def test_a_second_run_is_refused_and_a_killed_runs_lock_is_taken_over(faults, mo
         assert not lock.exists()
         data = zarr.open_array(faults / "in.zarr" / "s0", mode="r")[...]
         expected = predict_array(
-            data, ModelPredictor(faults / "m16.safetensors", device="cpu"), patch=(16, 16, 16)
+            data,
+            ModelPredictor(faults / "m16.safetensors", device="cpu", anchor=DEFAULT_ANCHOR),
+            patch=(16, 16, 16),
         )
         written = zarr.open_array(out / "s0", mode="r")[...]
         np.testing.assert_allclose(written, expected, rtol=1e-5, atol=1e-3)

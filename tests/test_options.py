@@ -39,6 +39,8 @@ BAD = [
     ({"dtype": "int8"}, "dtype", "'float32' or 'input'"),
     ({"ngff": "0.3"}, "ngff", "'0.5' or '0.4'"),
     ({"autocast": "maybe"}, "autocast", "'auto', 'on' or 'off'"),
+    ({"anchor": -1}, "anchor", "greater than or equal to 0"),
+    ({"anchor": "wide"}, "anchor", "valid number"),
     ({"level": -1}, "level", "greater than or equal to 0"),
     ({"workers": 0}, "workers", "greater than or equal to 1"),
     ({"gpus": "gpu0"}, "gpus", "not a GPU choice"),

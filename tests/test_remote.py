@@ -35,6 +35,7 @@ import pytest
 from cli_run import run_cli
 
 from srdvol.app.cli import main
+from srdvol.values import DEFAULT_ANCHOR
 
 pytestmark = pytest.mark.slow
 
@@ -510,7 +511,9 @@ def test_predict_into_the_bucket_resumes_after_ctrl_c(remote, monkeypatch, capfd
     written = zarr.open_array(f"{out}/s0", mode="r")[...]
     data = zarr.open_array(remote.root / "long.zarr" / "s0", mode="r")[...]
     expected = predict_array(
-        data, ModelPredictor(remote.root / "m16.safetensors", device="cpu"), patch=(16, 16, 16)
+        data,
+        ModelPredictor(remote.root / "m16.safetensors", device="cpu", anchor=DEFAULT_ANCHOR),
+        patch=(16, 16, 16),
     )
     np.testing.assert_allclose(written, expected, rtol=1e-5, atol=1e-3)
 

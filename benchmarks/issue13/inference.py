@@ -5,8 +5,11 @@ For every ``model-P-S.safetensors`` in ``WORKDIR`` (what ``benchmarks/quality.py
 leaves: the model, its noisy movie and truth), the script predicts the whole movie as
 ``srdvol predict`` does (overlap 0.25):
 
-- ``plain``: the model at full resolution (the method);
-- ``tta``: :class:`~srdvol.predict.predictors.ModelPredictor` with ``tta=True`` (``--tta``);
+- ``plain``: the model at full resolution, the network's own output (``--anchor 0``);
+- ``tta``: :class:`~srdvol.predict.predictors.ModelPredictor` with ``tta=True`` (``--tta
+  --anchor 0``);
+- ``anchor`` and ``tta+anchor``: the same with ``anchor=--anchor`` (default: srdvol's,
+  :data:`srdvol.options.DEFAULT_ANCHOR`);
 - ``subgrid``: the four half-resolution sub-grids ``noisy[:, i::2, j::2]`` denoised on their
   own and interleaved (the scale the network is trained at).
 
@@ -26,7 +29,7 @@ traces (truth's cell masks):
 One JSON line per model and method on stdout. Run from the repository root, one thread::
 
     python benchmarks/issue13/inference.py /tmp/srdvol-short-budget/tmp_XXXX \\
-        --methods plain tta subgrid [--models 4-0 4-1]
+        --methods plain tta subgrid anchor tta+anchor [--models 4-0 4-1] [--anchor 4]
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from quality import subgrid_prediction
 from srdvol.core.metrics import cell_traces, evaluate
 from srdvol.ngff.labels import read_masks
 from srdvol.ngff.read import open_image
+from srdvol.options import DEFAULT_ANCHOR
 from srdvol.predict.block import predict_array
 from srdvol.predict.predictors import ModelPredictor
 
@@ -98,8 +102,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdir", type=Path)
     parser.add_argument(
-        "--methods", nargs="+", choices=("plain", "tta", "subgrid"), default=["plain", "tta"]
+        "--methods",
+        nargs="+",
+        choices=("plain", "tta", "subgrid", "anchor", "tta+anchor"),
+        default=["plain", "tta"],
     )
+    parser.add_argument("--anchor", type=float, default=DEFAULT_ANCHOR)
     parser.add_argument("--models", nargs="+", default=None, help="tags, e.g. 4-0 2-1")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -114,10 +122,19 @@ def main() -> None:
         noisy = np.asarray(open_image(args.workdir / f"noisy-{tag}.zarr").data, dtype=np.float32)
         masks = np.asarray(read_masks(truth_path))
         plain = ModelPredictor(model, device="cpu", batch_size=4)
-        tta = ModelPredictor(model, device="cpu", batch_size=4, tta=True)
+        predictors = {
+            "plain": plain,
+            "tta": ModelPredictor(model, device="cpu", batch_size=4, tta=True),
+            "anchor": ModelPredictor(model, device="cpu", batch_size=4, anchor=args.anchor),
+            "tta+anchor": ModelPredictor(
+                model, device="cpu", batch_size=4, tta=True, anchor=args.anchor
+            ),
+        }
         methods = {
-            "plain": functools.partial(predict_array, noisy, plain, patch=patch, overlap=0.25),
-            "tta": functools.partial(predict_array, noisy, tta, patch=patch, overlap=0.25),
+            name: functools.partial(predict_array, noisy, p, patch=patch, overlap=0.25)
+            for name, p in predictors.items()
+        }
+        methods |= {
             "subgrid": functools.partial(subgrid_prediction, noisy, plain, patch, 0.25),
         }
         rows = [("noisy", noisy, 0.0)]

@@ -17,6 +17,7 @@ import typer
 from srdvol.app.demo import DEMO
 from srdvol.app.flags import (
     AllowMissingOpt,
+    AnchorOpt,
     AutocastOpt,
     AxesOpt,
     BatchOpt,
@@ -55,6 +56,7 @@ from srdvol.app.flags import (
 from srdvol.app.say import say
 from srdvol.errors import SrdvolError
 from srdvol.options import (
+    DEFAULT_ANCHOR,
     DEFAULT_BATCH_SIZE,
     DEFAULT_COMPRESSION,
     DEFAULT_DASHBOARD_ADDRESS,
@@ -262,6 +264,7 @@ def predict(
     compression: CompressionOpt = str(DEFAULT_COMPRESSION),
     autocast: AutocastOpt = Autocast.auto,
     tta: TtaOpt = False,
+    anchor: AnchorOpt = DEFAULT_ANCHOR,
     renormalize: RenormalizeOpt = False,
     overwrite: OverwriteOpt = False,
     allow_missing_chunks: AllowMissingOpt = False,
@@ -307,6 +310,7 @@ def denoise(
     compression: CompressionOpt = str(DEFAULT_COMPRESSION),
     autocast: AutocastOpt = Autocast.auto,
     tta: TtaOpt = False,
+    anchor: AnchorOpt = DEFAULT_ANCHOR,
     renormalize: RenormalizeOpt = False,
     overwrite: OverwriteOpt = False,
     allow_missing_chunks: AllowMissingOpt = False,

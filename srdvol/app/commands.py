@@ -243,6 +243,7 @@ def _write(
             autocast=_autocast(predict.autocast),
             normalization=normalization,
             tta=predict.tta,
+            anchor=predict.anchor,
         )
         lazy = denoise(
             image,
@@ -305,6 +306,7 @@ def _parameters(options: RunOptions, *, patch: Any) -> dict[str, Any]:
         # recorded only when set, so outputs of earlier versions keep their run id
         **({"renormalize": True} if predict.renormalize else {}),
         **({"tta": True} if predict.tta else {}),
+        **({"anchor": predict.anchor} if predict.anchor else {}),
     }
 
 
@@ -397,5 +399,6 @@ def _predict_record(options: RunOptions) -> dict[str, str]:
         "compression": output.compression,
         # only when set, so outputs of earlier versions keep their run id
         **({"tta": True} if predict.tta else {}),
+        **({"anchor": predict.anchor} if predict.anchor else {}),
     }
     return {k: str(v) for k, v in values.items()}

@@ -17,6 +17,7 @@ from srdvol.options import MAX_OVERLAP, Autocast, Loss, Ngff, OutputDtype, Sampl
 
 __all__ = [
     "AllowMissingOpt",
+    "AnchorOpt",
     "AutocastOpt",
     "AxesOpt",
     "BatchOpt",
@@ -255,6 +256,18 @@ TtaOpt = Annotated[
         help="Test-time augmentation: predict every patch in the 8 symmetries of the (y, x) "
         "plane (turns and mirrors) and average them: about 0.5-0.7 dB higher SNR and cleaner "
         "pixel traces, at 8x the prediction time.",
+    ),
+]
+AnchorOpt = Annotated[
+    float,
+    typer.Option(
+        "--anchor",
+        min=0.0,
+        metavar="SIGMA",
+        help="Keep the input's own intensities at scales above a Gaussian of SIGMA pixels: the "
+        "output is the network's fine detail plus the measurement's coarse levels, so cell "
+        "traces keep their amplitudes even after a short training, for a little coarse noise. "
+        "0 turns it off (the network's output as it is).",
     ),
 ]
 RenormalizeOpt = Annotated[

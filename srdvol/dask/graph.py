@@ -49,6 +49,7 @@ from srdvol.dask.writer import (
 from srdvol.errors import ConfigError, InputError, UnsupportedDtypeError, flag
 from srdvol.predict.block import Placement, block_sums, model_turn
 from srdvol.predict.predictors import ModelPredictor, Predictor, as_patch, check_frames
+from srdvol.values import DEFAULT_ANCHOR
 
 __all__ = [
     "SPILL_PREFIX",
@@ -84,7 +85,10 @@ def denoise(
     array
         An :class:`xarray.DataArray` (dims from it), or a dask/numpy array with ``dims``.
     model
-        A :class:`~srdvol.predict.predictors.Predictor` or the path of a model file.
+        A :class:`~srdvol.predict.predictors.Predictor` or the path of a model file. A file is
+        run as ``srdvol predict`` runs it, with the default ``--anchor``
+        (:data:`srdvol.values.DEFAULT_ANCHOR`); for other settings pass
+        ``ModelPredictor(path, anchor=..., tta=...)``.
     patch
         Patch size (t, y, x); default: the model's (``model.patch``).
     overlap
@@ -137,7 +141,9 @@ def denoise(
         )
     check_frames(data.shape[names.index("t")], subject="array")
     predictor: Predictor = (
-        ModelPredictor(model, patch=patch) if isinstance(model, str | os.PathLike) else model
+        ModelPredictor(model, patch=patch, anchor=DEFAULT_ANCHOR)
+        if isinstance(model, str | os.PathLike)
+        else model
     )
     if patch is None:
         patch = getattr(predictor, "patch", None)

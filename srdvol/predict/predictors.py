@@ -303,6 +303,10 @@ class ModelPredictor:
         plane that training augments with, map each result back and average them (8x the
         network time). The network is not exactly equivariant to them, so the mean has less
         of its variance: higher SNR, cleaner pixel traces (benchmarks/RESULTS.md).
+    anchor
+        Gaussian sigma in pixels (``--anchor``): the output keeps the input's intensities at
+        scales above it (:func:`~srdvol.predict.anchor.anchor_to_input`, applied to each patch
+        after the network and ``tta``); 0, the default here, returns the network's output.
     """
 
     def __init__(
@@ -315,10 +319,12 @@ class ModelPredictor:
         patch: Sequence[int] | Mapping[str, int] | None = None,
         normalization: Any = None,
         tta: bool = False,
+        anchor: float = 0.0,
     ) -> None:
         self.model_path = os.fspath(model_path)
         self.normalization = normalization
         self.tta = bool(tta)
+        self.anchor = float(anchor)
         self.device = device
         self.autocast = autocast
         self._batch_size = int(batch_size) if batch_size is not None else None
@@ -395,6 +401,10 @@ class ModelPredictor:
             out /= SYMMETRIES
         else:
             out = self._forward(network, x)
+        if self.anchor:
+            from srdvol.predict.anchor import anchor_to_input
+
+            out = anchor_to_input(x, out, self.anchor)
         return out * std + mean
 
     def _forward(self, network: Any, x: Any) -> Any:
@@ -429,6 +439,7 @@ class ModelPredictor:
     def __repr__(self) -> str:
         own = "" if self.normalization is None else ", renormalized"
         own += ", tta" if self.tta else ""
+        own += f", anchor={self.anchor:g}" if self.anchor else ""
         return f"ModelPredictor({self.model_path!r}, device={self.device!r}{own})"
 
 
