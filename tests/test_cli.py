@@ -340,7 +340,7 @@ def test_simulate_without_truth_writes_it_beside_the_output(tmp_path, capsys, mo
 
 @pytest.mark.slow
 def test_predict_tta_and_anchor_are_the_predictors_and_are_recorded(
-    tiny_model, tmp_path, monkeypatch
+    tiny_model, tmp_path, monkeypatch, capsys
 ):
     import json
 
@@ -384,3 +384,11 @@ def test_predict_tta_and_anchor_are_the_predictors_and_are_recorded(
     }
     assert recorded["tta"]["tta"] is True and recorded["tta"]["anchor"] == DEFAULT_ANCHOR
     assert "tta" not in recorded["plain"] and "anchor" not in recorded["plain"]
+    # the --tta output is another run's for a plain predict, and the refusal says why
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        main(["predict", str(noisy), str(tmp_path / "tta.zarr"), *common, "--anchor", "0"])
+    assert refused.value.code != 0
+    error = capsys.readouterr().err
+    assert f"parameters.anchor={DEFAULT_ANCHOR} where this run has none" in error, error
+    assert "parameters.tta=true where this run has none" in error, error

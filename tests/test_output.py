@@ -348,3 +348,36 @@ def test_omero_hints_of_float_data_and_a_chosen_channel(backend):
     empty = xr.DataArray(np.full((16, 4, 4), np.nan, np.float32), dims=("t", "y", "x"))
     window = omero_hints(empty, dtype=np.dtype("float32"))["channels"][0]["window"]
     assert window == {"start": 0.0, "end": 1.0, "min": 0.0, "max": 1.0}
+
+
+def test_record_differences_name_what_sets_two_runs_apart():
+    from srdvol.ngff.provenance import record_differences
+
+    earlier = {
+        "run_id": "a",
+        "created": "then",
+        "version": "1",
+        "training": {"steps": 200, "lr": 1e-3},
+        "parameters": {"overlap": 0.25, "anchor": 4.0},
+    }
+    # a check made before training knows no prediction parameters: those are not compared
+    now = {"run_id": "b", "created": "now", "version": "1", "training": {"steps": 400, "lr": 1e-3}}
+    assert record_differences(earlier, now) == ["training.steps=200 where this run has 400"]
+    plain = {**now, "training": earlier["training"], "parameters": {"overlap": 0.5}}
+    assert record_differences(earlier, plain) == [
+        "parameters.anchor=4.0 where this run has none",
+        "parameters.overlap=0.25 where this run has 0.5",
+    ]
+    assert record_differences(earlier, plain, limit=1) == [
+        "parameters.anchor=4.0 where this run has none"
+    ]
+    assert record_differences(earlier, {**earlier, "run_id": "c", "created": "x"}) == []
+
+
+def test_refusing_another_runs_output_names_the_difference(tmp_path, make_image):
+    path, _ = make_image(shape=(16, 8, 8))
+    out = str(tmp_path / "out.zarr")
+    like = open_image(path)
+    create_output(out, like=like, provenance={"parameters": {"overlap": 0.25}})
+    with pytest.raises(OutputExistsError, match=r"written with parameters\.overlap=0\.25 where"):
+        check_output(out, like=like, provenance={"parameters": {"overlap": 0.5}})

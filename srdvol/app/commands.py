@@ -357,7 +357,8 @@ def run_denoise(
                 out,
                 like=image,
                 options=options.output,
-                provenance={"run_id": run_id},
+                # the training record lets a refusal name what differs from an earlier run
+                provenance={**provenance, "run_id": run_id},
                 keep=keep,
             )
             provenance["run_id"] = run_id

@@ -25,6 +25,7 @@ __all__ = [
     "make_run_id",
     "new_record",
     "read_provenance",
+    "record_differences",
     "simulation_record",
 ]
 
@@ -43,6 +44,37 @@ def make_run_id(provenance: Mapping[str, Any]) -> str:
     content = {k: v for k, v in provenance.items() if k not in _VOLATILE}
     text = json.dumps(content, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def record_differences(
+    existing: Mapping[str, Any], wanted: Mapping[str, Any], *, limit: int = 3
+) -> list[str]:
+    """What sets two provenance records apart, for a message: ``"parameters.anchor=4.0 where
+    this run has none"``.
+
+    Entries are compared leaf by leaf (nested keys joined with dots); a key is compared only
+    where its parent exists in both records, so a record holding fewer entries (a check made
+    before training knows no prediction parameters yet) names only what it knows.
+    ``run_id`` and ``created`` are ignored; at most ``limit`` differences are returned.
+    """
+    found: list[str] = []
+
+    def walk(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str) -> None:
+        for key in sorted(set(old) | set(new)):
+            if not prefix and (key in _VOLATILE or key not in old or key not in new):
+                continue
+            a, b = old.get(key), new.get(key)
+            if isinstance(a, Mapping) and isinstance(b, Mapping):
+                walk(a, b, f"{prefix}{key}.")
+            elif a != b:
+                found.append(f"{prefix}{key}={_shown(a)} where this run has {_shown(b)}")
+
+    walk(existing, json.loads(json.dumps(dict(wanted), default=str)), "")
+    return found[:limit]
+
+
+def _shown(value: Any) -> str:
+    return "none" if value is None else json.dumps(value, default=str)
 
 
 def new_record(

@@ -36,7 +36,13 @@ from srdvol.ngff.formats import FORMATS, NgffFormat, format_for
 from srdvol.ngff.metadata import axes_metadata, level_dataset, read_multiscale
 from srdvol.ngff.omero import omero_hints
 from srdvol.ngff.paths import check_output_path, exists, is_zarr_store, remove
-from srdvol.ngff.provenance import PROVENANCE_KEY, make_run_id, new_record, read_provenance
+from srdvol.ngff.provenance import (
+    PROVENANCE_KEY,
+    make_run_id,
+    new_record,
+    read_provenance,
+    record_differences,
+)
 from srdvol.ngff.pyramid import (
     PYRAMID_MIN_SIZE,
     level_datasets,
@@ -299,8 +305,10 @@ def _plan_output(
     if options.overwrite:
         return replace(plan, action="replace")
     if existing is None or existing.get("run_id") != record["run_id"]:
+        differences = "; ".join(record_differences(existing or {}, record))
         owner = (
-            f"from another srdvol run (run_id {existing.get('run_id')})"
+            f"from another srdvol run (run_id {existing.get('run_id')}"
+            + (f": written with {differences})" if differences else ")")
             if existing is not None
             else "and is not a srdvol output"
         )
