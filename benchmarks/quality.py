@@ -538,12 +538,13 @@ def main() -> None:
     rows: list[dict] = []
     if args.keep and args.workdir is None:
         parser.error("--keep needs --workdir")
+    if args.workdir is not None:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with (
         contextlib.nullcontext(str(args.workdir))
         if args.keep
         else tempfile.TemporaryDirectory(dir=args.workdir)
     ) as tmp:
-        Path(tmp).mkdir(parents=True, exist_ok=True)
         for photons, seed in itertools.product(args.photons, args.seeds):
             rows += run_seed(photons, seed, args, Path(tmp))
             if args.json:
