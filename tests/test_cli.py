@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,14 @@ def test_info_describes_an_image_and_a_model(bad_inputs, capsys):
     assert code == 0
     assert "shape (32, 32, 32)" in out and "NGFF 0.5" in out
     assert "patch (16, 32, 32)" in out and "blocks" in out
+    assert "input's own levels above a Gaussian of 4 px (--anchor)" in out
+    plain_cost = float(re.search(r"cost +([\d.]+) model voxels", out).group(1))
+    code, out, _ = run_cli(
+        capsys, "info", str(bad_inputs / "in.zarr"), "--patch", "16,32,32", "--tta", "--anchor", "0"
+    )
+    assert code == 0 and "the network's own output (--anchor 0); --tta" in out
+    tta_cost = float(re.search(r"cost +([\d.]+) model voxels", out).group(1))
+    assert tta_cost == pytest.approx(8 * plain_cost, abs=0.05)
     code, out, _ = run_cli(capsys, "info", str(bad_inputs / "m16.safetensors"))
     assert code == 0
     assert "patch      [16, 16, 16]" in out and '"spatial"' in out and "sha256" in out

@@ -137,6 +137,8 @@ def info(
     c: COpt = None,
     y: YOpt = None,
     x: XOpt = None,
+    tta: TtaOpt = False,
+    anchor: AnchorOpt = DEFAULT_ANCHOR,
     config: ConfigOpt = None,
 ) -> None:
     """Show axes, shape, chunks, size and what `srdvol denoise` would do and write, with its

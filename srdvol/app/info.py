@@ -69,7 +69,13 @@ def info_text(source: str | os.PathLike[str], options: RunOptions | None = None)
     out_chunks = output_chunks(shape, dtype=out_dtype, chunks=options.output.chunk_map())
     patch = predict.patch or options.train.patch_or_default()
     lines += _denoise_lines(
-        image, patch=patch, block=predict.block, overlap=predict.overlap, chunks=out_chunks
+        image,
+        patch=patch,
+        block=predict.block,
+        overlap=predict.overlap,
+        chunks=out_chunks,
+        tta=predict.tta,
+        anchor=predict.anchor,
     )
     lines += _output_lines(
         image, dtype=out_dtype, ngff=ngff, chunks=out_chunks, compression=options.output.compression
@@ -84,6 +90,8 @@ def _denoise_lines(
     block: tuple[int, int, int] | None,
     overlap: float,
     chunks: dict[str, int],
+    tta: bool = False,
+    anchor: float = 0.0,
 ) -> list[str]:
     """Training patch and padding, block plan, its cost, workers."""
     from srdvol.core.cost import plan_cost
@@ -99,6 +107,7 @@ def _denoise_lines(
     ]
     lines += _padding_lines(image, sizes)
     blocks = math.prod(plan.nblocks)
+    passes, tta_note = (8, ", each run 8 times") if tta else (1, "")
     about = "" if exact else "about "
     sized = ""
     if not block:
@@ -114,10 +123,18 @@ def _denoise_lines(
         f"             blocks: {blocks} of {''.join(plan.dims)} {plan.block_shape} plus a halo "
         f"{plan.depth} on the high side{sized}",
         f"             {about}{tasks} dask tasks in the graph, plus one write task per block",
-        f"  cost       {cost.lattice_ratio:.2f} model voxels per output voxel in one whole-array "
-        f"pass (lattice patches: {cost.lattice_patches})",
-        f"             {cost.computed_ratio:.2f} as computed now: each lattice patch once, by the "
-        f"block its start falls in (patches run: {cost.computed_patches})",
+        "             output: "
+        + (
+            f"the network's fine detail on the input's own levels above a Gaussian of "
+            f"{anchor:g} px (--anchor)"
+            if anchor
+            else "the network's own output (--anchor 0)"
+        )
+        + ("; --tta: every patch in the 8 turns and mirrors of (y, x)" if tta else ""),
+        f"  cost       {passes * cost.lattice_ratio:.2f} model voxels per output voxel in one "
+        f"whole-array pass (lattice patches: {cost.lattice_patches}{tta_note})",
+        f"             {passes * cost.computed_ratio:.2f} as computed now: each lattice patch "
+        f"once, by the block its start falls in (patches run: {cost.computed_patches})",
         f"             {cost.read_ratio:.2f} bytes read per input byte (a block's halo is its "
         "neighbours' input, kept until they run)",
         f"             {cost.region_ratio:.2f} input voxels per output voxel in block regions, "
