@@ -182,6 +182,21 @@ def test_description_carries_the_record(trained, package):
     assert "| patch (t, y, x) | 16,16,16 |" in readme and "## Validation" in readme
     assert str(record.training_data["source"]) in readme
     assert rdf["cite"][0]["doi"] == "10.1038/s43588-023-00568-2"
+    # the README's recipe for srdvol's default --anchor is srdvol's anchoring
+    import torch
+
+    from srdvol.predict.anchor import anchor_to_input
+    from srdvol.values import DEFAULT_ANCHOR
+
+    recipe = next(b for b in readme.split("```python")[1:] if "gaussian_filter" in b)
+    rng = np.random.default_rng(3)
+    movie, network_output = rng.normal(size=(2, 16, 20, 24)).astype(np.float32)
+    scope = {"movie": movie, "denoised": network_output.copy()}
+    exec(recipe.split("```")[0], scope)
+    expected = anchor_to_input(
+        torch.from_numpy(movie)[None], torch.from_numpy(network_output)[None], DEFAULT_ANCHOR
+    )
+    np.testing.assert_allclose(scope["denoised"], expected[0].numpy(), atol=1e-5)
 
 
 def test_trace_follows_any_frame_size_and_batch():
