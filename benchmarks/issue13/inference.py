@@ -10,6 +10,9 @@ leaves: the model, its noisy movie and truth), the script predicts the whole mov
   --anchor 0``);
 - ``anchor`` and ``tta+anchor``: the same with ``anchor=--anchor`` (default: srdvol's,
   :data:`srdvol.options.DEFAULT_ANCHOR`);
+- ``anchor-sweep``: the ``plain`` prediction anchored as a whole movie (one frame at a time)
+  at every sigma of ``--sweep`` (the per-patch anchoring of ``srdvol predict`` differs from it
+  by under 0.01 dB, RESULTS.md), rows ``anchor-frame SIGMA``;
 - ``subgrid``: the four half-resolution sub-grids ``noisy[:, i::2, j::2]`` denoised on their
   own and interleaved (the scale the network is trained at).
 
@@ -29,7 +32,8 @@ traces (truth's cell masks):
 One JSON line per model and method on stdout. Run from the repository root, one thread::
 
     python benchmarks/issue13/inference.py /tmp/srdvol-short-budget/tmp_XXXX \\
-        --methods plain tta subgrid anchor tta+anchor [--models 4-0 4-1] [--anchor 4]
+        --methods plain tta subgrid anchor tta+anchor anchor-sweep [--models 4-0 4-1] \\
+        [--anchor 4] [--sweep 2 3 4 6]
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from srdvol.core.metrics import cell_traces, evaluate
 from srdvol.ngff.labels import read_masks
 from srdvol.ngff.read import open_image
 from srdvol.options import DEFAULT_ANCHOR
+from srdvol.predict.anchor import anchor_to_input
 from srdvol.predict.block import predict_array
 from srdvol.predict.predictors import ModelPredictor
 
@@ -104,10 +109,11 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        choices=("plain", "tta", "subgrid", "anchor", "tta+anchor"),
+        choices=("plain", "tta", "subgrid", "anchor", "tta+anchor", "anchor-sweep"),
         default=["plain", "tta"],
     )
     parser.add_argument("--anchor", type=float, default=DEFAULT_ANCHOR)
+    parser.add_argument("--sweep", type=float, nargs="+", default=[2, 3, 4, 6, 8])
     parser.add_argument("--models", nargs="+", default=None, help="tags, e.g. 4-0 2-1")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -139,6 +145,15 @@ def main() -> None:
         }
         rows = [("noisy", noisy, 0.0)]
         for name in args.methods:
+            if name == "anchor-sweep":
+                own = next((r[1] for r in rows if r[0] == "plain"), None)
+                own = methods["plain"]() if own is None else own
+                for sigma in args.sweep:
+                    anchored = anchor_to_input(
+                        torch.from_numpy(noisy)[None], torch.from_numpy(own)[None], sigma
+                    )
+                    rows.append((f"anchor-frame {sigma:g}", anchored[0].numpy(), 0.0))
+                continue
             started = time.process_time()
             rows.append((name, methods[name](), time.process_time() - started))
         for name, estimate, cpu in rows:
