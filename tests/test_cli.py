@@ -401,3 +401,21 @@ def test_predict_tta_and_anchor_are_the_predictors_and_are_recorded(
     error = capsys.readouterr().err
     assert f"parameters.anchor={DEFAULT_ANCHOR} where this run has none" in error, error
     assert "parameters.tta=true where this run has none" in error, error
+
+
+def test_cpu_training_with_the_gpu_default_patch_gets_a_hint(monkeypatch):
+    from srdvol.app.commands import cpu_patch_hint
+    from srdvol.options import RunOptions
+
+    monkeypatch.setattr("srdvol.dask.gpus.visible_gpus", lambda: [])
+    hint = cpu_patch_hint(RunOptions.from_flat({}))
+    assert hint is not None and "default patch 64,128,128" in hint
+    assert "--patch 16,64,64 --steps 300" in hint
+    # a patch of one's own, a remote scheduler or a GPU: nothing to say
+    assert cpu_patch_hint(RunOptions.from_flat({"patch": (16, 64, 64)})) is None
+    assert cpu_patch_hint(RunOptions.from_flat({"scheduler": "tcp://127.0.0.1:8786"})) is None
+    monkeypatch.setattr("srdvol.dask.gpus.visible_gpus", lambda: ["0"])
+    assert cpu_patch_hint(RunOptions.from_flat({})) is None
+    # GPUs asked for but absent are reported when the cluster starts, not here
+    monkeypatch.setattr("srdvol.dask.gpus.visible_gpus", lambda: [])
+    assert cpu_patch_hint(RunOptions.from_flat({"gpus": "all"})) is None

@@ -83,6 +83,27 @@ def run_evaluate(
 # train
 
 
+def cpu_patch_hint(options: RunOptions) -> str | None:
+    """A line for whoever is about to train on this machine's CPU with the default patch, which
+    is sized for a GPU (a step takes seconds to minutes on a CPU); ``None`` otherwise."""
+    from srdvol.dask.gpus import resolve_gpus
+    from srdvol.errors import SrdvolError, as_flags, flag
+
+    if options.train.patch is not None or options.cluster.scheduler is not None:
+        return None
+    try:
+        if resolve_gpus(options.cluster.gpus):
+            return None
+    except SrdvolError:  # asked-for GPUs that are absent: reported with the cluster's start
+        return None
+    patch = ",".join(str(n) for n in options.train.patch_or_default())
+    return as_flags(
+        f"note: training on the CPU with the default patch {patch}, sized for a GPU: each "
+        f"step can take a minute; for a first result in minutes pass {flag('patch')} 16,64,64 "
+        f"{flag('steps')} 300 (README, Choosing options)"
+    )
+
+
 def run_train(
     source: str | os.PathLike[str],
     model: str | os.PathLike[str],
@@ -102,6 +123,8 @@ def run_train(
         check_model_path(model, source)
     from srdvol.ngff.storecheck import storage_errors
 
+    if hint := cpu_patch_hint(options):
+        say(hint)
     resume = (
         "run the same command again (srdvol train with [[resume]]) to continue from the last "
         "checkpoint"
