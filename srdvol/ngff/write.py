@@ -305,13 +305,11 @@ def _plan_output(
     if options.overwrite:
         return replace(plan, action="replace")
     if existing is None or existing.get("run_id") != record["run_id"]:
-        differences = "; ".join(record_differences(existing or {}, record))
-        owner = (
-            f"from another srdvol run (run_id {existing.get('run_id')}"
-            + (f": written with {differences})" if differences else ")")
-            if existing is not None
-            else "and is not a srdvol output"
-        )
+        owner = "and is not a srdvol output"
+        if existing is not None:
+            differences = "; ".join(record_differences(existing, record))
+            written = f": written with {differences}" if differences else ""
+            owner = f"from another srdvol run (run_id {existing.get('run_id')}{written})"
         raise OutputExistsError(
             target,
             f"the output already exists {owner}",
