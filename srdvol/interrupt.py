@@ -190,3 +190,18 @@ def signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
+
+
+def resume_message(exc: BaseException, args: list[str]) -> str:
+    """One line for the command line: which signal, what was kept, the command that resumes."""
+    import shlex
+
+    words = [a for a in args if a != "--debug"]
+    command = next((a for a in words if not a.startswith("-")), "")
+    if command == "train" and "--resume" not in words:
+        words = [*words, "--resume"]
+    again = shlex.join(["srdvol", *words])
+    return (
+        f"srdvol: interrupted by {signal_name(exit_code(exc) - 128)}: "
+        f"{'; '.join(kept(exc)) or 'nothing was written yet'}; to resume, run: {again}"
+    )

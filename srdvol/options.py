@@ -290,6 +290,13 @@ class PredictOptions(_Options):
         description="Keep the input's intensities at scales above this Gaussian sigma in "
         "pixels (the network's fine detail, the measurement's coarse levels); 0 turns it off.",
     )
+    guide: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Filter each denoised frame's activity with the input's mean image as "
+        "guide, in windows of this radius in pixels (a still recording); 0 turns it off.",
+    )
     renormalize: bool = Field(
         False,
         description="Normalise the input with its own sampled mean and std, not the model's "

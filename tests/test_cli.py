@@ -37,6 +37,7 @@ def test_info_describes_an_image_and_a_model(bad_inputs, capsys):
     assert "shape (32, 32, 32)" in out and "NGFF 0.5" in out
     assert "patch (16, 32, 32)" in out and "blocks" in out
     assert "input's own levels above a Gaussian of 4 px (--anchor)" in out
+    assert "--guide" not in out
     plain_cost = float(re.search(r"cost +([\d.]+) model voxels", out).group(1))
     code, out, _ = run_cli(
         capsys, "info", str(bad_inputs / "in.zarr"), "--patch", "16,32,32", "--tta", "--anchor", "0"
@@ -44,6 +45,10 @@ def test_info_describes_an_image_and_a_model(bad_inputs, capsys):
     assert code == 0 and "the network's own output (--anchor 0); --tta" in out
     tta_cost = float(re.search(r"cost +([\d.]+) model voxels", out).group(1))
     assert tta_cost == pytest.approx(8 * plain_cost, abs=0.05)
+    code, out, _ = run_cli(
+        capsys, "info", str(bad_inputs / "in.zarr"), "--patch", "16,32,32", "--guide", "3"
+    )
+    assert code == 0 and "windows of radius 3 px with the mean image of 32 input frames" in out
     code, out, _ = run_cli(capsys, "info", str(bad_inputs / "m16.safetensors"))
     assert code == 0
     assert "patch      [16, 16, 16]" in out and '"spatial"' in out and "sha256" in out
@@ -348,7 +353,7 @@ def test_simulate_without_truth_writes_it_beside_the_output(tmp_path, capsys, mo
 
 
 @pytest.mark.slow
-def test_predict_tta_and_anchor_are_the_predictors_and_are_recorded(
+def test_predict_tta_anchor_and_guide_are_the_predictors_and_are_recorded(
     tiny_model, tmp_path, monkeypatch, capsys
 ):
     import json
@@ -366,8 +371,8 @@ def test_predict_tta_and_anchor_are_the_predictors_and_are_recorded(
     noisy = tmp_path / "in.zarr"
     simulate(noisy, truth=tmp_path / "truth.zarr", frames=24, size=(24, 32), seed=5)
     common = ["--model", str(tiny_model), "--workers", "1", "--dashboard-address", ":0"]
-    # --tta with the default anchor; the network's own output with --anchor 0
-    runs = {"tta": ["--tta"], "plain": ["--anchor", "0"]}
+    # --tta and --guide with the default anchor; the network's own output with --anchor 0
+    runs = {"tta": ["--tta", "--guide", "2"], "plain": ["--anchor", "0"]}
     for name, extra in runs.items():
         try:
             main(["predict", str(noisy), str(tmp_path / f"{name}.zarr"), *common, *extra])
@@ -375,7 +380,7 @@ def test_predict_tta_and_anchor_are_the_predictors_and_are_recorded(
             assert not exc.code, exc.code
     data = np.asarray(open_image(noisy).data, dtype=np.float32)
     predictors = {
-        "tta": ModelPredictor(tiny_model, device="cpu", tta=True, anchor=DEFAULT_ANCHOR),
+        "tta": ModelPredictor(tiny_model, device="cpu", tta=True, anchor=DEFAULT_ANCHOR, guide=2),
         "plain": ModelPredictor(tiny_model, device="cpu"),
     }
     written = {}
@@ -392,7 +397,8 @@ def test_predict_tta_and_anchor_are_the_predictors_and_are_recorded(
         for name in runs
     }
     assert recorded["tta"]["tta"] is True and recorded["tta"]["anchor"] == DEFAULT_ANCHOR
-    assert "tta" not in recorded["plain"] and "anchor" not in recorded["plain"]
+    assert recorded["tta"]["guide"] == 2
+    assert not {"tta", "anchor", "guide"} & set(recorded["plain"])
     # the --tta output is another run's for a plain predict, and the refusal says why
     capsys.readouterr()
     with pytest.raises(SystemExit) as refused:
@@ -401,6 +407,7 @@ def test_predict_tta_and_anchor_are_the_predictors_and_are_recorded(
     error = capsys.readouterr().err
     assert f"parameters.anchor={DEFAULT_ANCHOR} where this run has none" in error, error
     assert "parameters.tta=true where this run has none" in error, error
+    assert "parameters.guide=2 where this run has none" in error, error
 
 
 def test_cpu_training_with_the_gpu_default_patch_gets_a_hint(monkeypatch):

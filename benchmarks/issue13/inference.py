@@ -13,6 +13,11 @@ leaves: the model, its noisy movie and truth), the script predicts the whole mov
 - ``anchor-sweep``: the ``plain`` prediction anchored as a whole movie (one frame at a time)
   at every sigma of ``--sweep`` (the per-patch anchoring of ``srdvol predict`` differs from it
   by under 0.01 dB, RESULTS.md), rows ``anchor-frame SIGMA``;
+- ``guide``: ``--guide`` (default 2) with the anchoring of ``--anchor``, as ``srdvol predict
+  --guide 2`` runs it;
+- ``guided-input``: a reference without the network, the same guided filter applied to the
+  noisy input itself (``M + GF_R(noisy - M; guide M)``, ``M`` its mean image), one row per
+  radius of ``--guide-sweep``;
 - ``subgrid``: the four half-resolution sub-grids ``noisy[:, i::2, j::2]`` denoised on their
   own and interleaved (the scale the network is trained at).
 
@@ -59,6 +64,7 @@ from srdvol.ngff.read import open_image
 from srdvol.options import DEFAULT_ANCHOR
 from srdvol.predict.anchor import anchor_to_input
 from srdvol.predict.block import predict_array
+from srdvol.predict.guide import guided_filter, mean_image
 from srdvol.predict.predictors import ModelPredictor
 
 #: The simulator's detector offset (srdvol.simulate's default), removed before SNR.
@@ -103,17 +109,37 @@ def _fit(y: np.ndarray, columns: list[np.ndarray]) -> tuple[float, np.ndarray]:
     return 1 - float((y - x @ coef).var() / y.var()), coef
 
 
+def guided_input(noisy: np.ndarray, radius: int) -> np.ndarray:
+    """The guided filter of ``--guide`` on the noisy movie itself, in units of its std."""
+    std = float(noisy.std())
+    image = mean_image(noisy)
+    activity = torch.from_numpy((noisy - image) / std)[None]
+    guide = torch.from_numpy(image / std)[None]
+    return image + std * guided_filter(activity, guide, radius)[0].numpy()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdir", type=Path)
     parser.add_argument(
         "--methods",
         nargs="+",
-        choices=("plain", "tta", "subgrid", "anchor", "tta+anchor", "anchor-sweep"),
+        choices=(
+            "plain",
+            "tta",
+            "subgrid",
+            "anchor",
+            "tta+anchor",
+            "anchor-sweep",
+            "guide",
+            "guided-input",
+        ),
         default=["plain", "tta"],
     )
     parser.add_argument("--anchor", type=float, default=DEFAULT_ANCHOR)
     parser.add_argument("--sweep", type=float, nargs="+", default=[2, 3, 4, 6, 8])
+    parser.add_argument("--guide", type=int, default=2)
+    parser.add_argument("--guide-sweep", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--models", nargs="+", default=None, help="tags, e.g. 4-0 2-1")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -135,6 +161,9 @@ def main() -> None:
             "tta+anchor": ModelPredictor(
                 model, device="cpu", batch_size=4, tta=True, anchor=args.anchor
             ),
+            "guide": ModelPredictor(
+                model, device="cpu", batch_size=4, anchor=args.anchor, guide=args.guide
+            ),
         }
         methods = {
             name: functools.partial(predict_array, noisy, p, patch=patch, overlap=0.25)
@@ -153,6 +182,10 @@ def main() -> None:
                         torch.from_numpy(noisy)[None], torch.from_numpy(own)[None], sigma
                     )
                     rows.append((f"anchor-frame {sigma:g}", anchored[0].numpy(), 0.0))
+                continue
+            if name == "guided-input":
+                for radius in args.guide_sweep:
+                    rows.append((f"guided-input {radius}", guided_input(noisy, radius), 0.0))
                 continue
             started = time.process_time()
             rows.append((name, methods[name](), time.process_time() - started))

@@ -30,6 +30,7 @@ from srdvol.app.flags import (
     DashboardOpt,
     DtypeOpt,
     GpusOpt,
+    GuideOpt,
     LevelOpt,
     LossOpt,
     LrOpt,
@@ -139,6 +140,7 @@ def info(
     x: XOpt = None,
     tta: TtaOpt = False,
     anchor: AnchorOpt = DEFAULT_ANCHOR,
+    guide: GuideOpt = 0,
     config: ConfigOpt = None,
 ) -> None:
     """Show axes, shape, chunks, size and what `srdvol denoise` would do and write, with its
@@ -267,6 +269,7 @@ def predict(
     autocast: AutocastOpt = Autocast.auto,
     tta: TtaOpt = False,
     anchor: AnchorOpt = DEFAULT_ANCHOR,
+    guide: GuideOpt = 0,
     renormalize: RenormalizeOpt = False,
     overwrite: OverwriteOpt = False,
     allow_missing_chunks: AllowMissingOpt = False,
@@ -313,6 +316,7 @@ def denoise(
     autocast: AutocastOpt = Autocast.auto,
     tta: TtaOpt = False,
     anchor: AnchorOpt = DEFAULT_ANCHOR,
+    guide: GuideOpt = 0,
     renormalize: RenormalizeOpt = False,
     overwrite: OverwriteOpt = False,
     allow_missing_chunks: AllowMissingOpt = False,
@@ -445,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
             import traceback
 
             traceback.print_exc()
-        say(_interrupted(exc, args))
+        say(interrupt.resume_message(exc, args))
         raise SystemExit(interrupt.exit_code(exc)) from None
     except SrdvolError as exc:
         if debug:
@@ -475,24 +479,6 @@ def _invoke(args: list[str]) -> None:
     command = typer.main.get_command(app)
     with command.make_context("srdvol", list(args)) as ctx:
         command.invoke(ctx)
-
-
-def _interrupted(exc: BaseException, args: list[str]) -> str:
-    """One line: which signal, what was kept, the command that resumes."""
-    import shlex
-
-    from srdvol import interrupt
-
-    words = [a for a in args if a != "--debug"]
-    command = next((a for a in words if not a.startswith("-")), "")
-    if command == "train" and "--resume" not in words:
-        words = [*words, "--resume"]
-    kept = "; ".join(interrupt.kept(exc)) or "nothing was written yet"
-    again = shlex.join(["srdvol", *words])
-    return (
-        f"srdvol: interrupted by {interrupt.signal_name(interrupt.exit_code(exc) - 128)}: "
-        f"{kept}; to resume, run: {again}"
-    )
 
 
 if __name__ == "__main__":

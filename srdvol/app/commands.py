@@ -267,6 +267,7 @@ def _write(
             normalization=normalization,
             tta=predict.tta,
             anchor=predict.anchor,
+            guide=predict.guide,
         )
         lazy = denoise(
             image,
@@ -330,6 +331,7 @@ def _parameters(options: RunOptions, *, patch: Any) -> dict[str, Any]:
         **({"renormalize": True} if predict.renormalize else {}),
         **({"tta": True} if predict.tta else {}),
         **({"anchor": predict.anchor} if predict.anchor else {}),
+        **({"guide": predict.guide} if predict.guide else {}),
     }
 
 
@@ -424,5 +426,6 @@ def _predict_record(options: RunOptions) -> dict[str, str]:
         # only when set, so outputs of earlier versions keep their run id
         **({"tta": True} if predict.tta else {}),
         **({"anchor": predict.anchor} if predict.anchor else {}),
+        **({"guide": predict.guide} if predict.guide else {}),
     }
     return {k: str(v) for k, v in values.items()}

@@ -270,6 +270,19 @@ AnchorOpt = Annotated[
         "0 turns it off (the network's output as it is).",
     ),
 ]
+GuideOpt = Annotated[
+    int,
+    typer.Option(
+        "--guide",
+        min=0,
+        max=16,
+        metavar="PIXELS",
+        help="Filter each denoised frame's activity (its difference from the recording's mean "
+        "image) with that mean image as guide, in windows of this radius: activity shaped like "
+        "the cells stays, fine noise goes (cleaner pixel traces inside cells, higher SNR). For "
+        "still or registered recordings; 2 is a good start, 0 (default) turns it off.",
+    ),
+]
 RenormalizeOpt = Annotated[
     bool,
     typer.Option(

@@ -76,6 +76,7 @@ def info_text(source: str | os.PathLike[str], options: RunOptions | None = None)
         chunks=out_chunks,
         tta=predict.tta,
         anchor=predict.anchor,
+        guide=predict.guide,
     )
     lines += _output_lines(
         image, dtype=out_dtype, ngff=ngff, chunks=out_chunks, compression=options.output.compression
@@ -92,10 +93,12 @@ def _denoise_lines(
     chunks: dict[str, int],
     tta: bool = False,
     anchor: float = 0.0,
+    guide: int = 0,
 ) -> list[str]:
     """Training patch and padding, block plan, its cost, workers."""
     from srdvol.core.cost import plan_cost
     from srdvol.dask.gpus import visible_gpus
+    from srdvol.predict.guide import guide_frames
 
     sizes = dict(zip(("t", "y", "x"), patch, strict=True))
     plan = _block_plan(image, sizes=sizes, block=block, overlap=overlap, chunks=chunks)
@@ -130,7 +133,14 @@ def _denoise_lines(
             if anchor
             else "the network's own output (--anchor 0)"
         )
-        + ("; --tta: every patch in the 8 turns and mirrors of (y, x)" if tta else ""),
+        + ("; --tta: every patch in the 8 turns and mirrors of (y, x)" if tta else "")
+        + (
+            f"; --guide: each frame's activity filtered in windows of radius {guide} px with "
+            f"the mean image of {len(guide_frames(int(image.sizes['t'])))} input frames, read "
+            "first"
+            if guide
+            else ""
+        ),
         f"  cost       {passes * cost.lattice_ratio:.2f} model voxels per output voxel in one "
         f"whole-array pass (lattice patches: {cost.lattice_patches}{tta_note})",
         f"             {passes * cost.computed_ratio:.2f} as computed now: each lattice patch "

@@ -48,6 +48,7 @@ from srdvol.dask.writer import (
 )
 from srdvol.errors import ConfigError, InputError, UnsupportedDtypeError, flag
 from srdvol.predict.block import Placement, block_sums, model_turn
+from srdvol.predict.guide import mean_image
 from srdvol.predict.predictors import ModelPredictor, Predictor, as_patch, check_frames
 from srdvol.values import DEFAULT_ANCHOR
 
@@ -222,6 +223,9 @@ def _lazy(
     token = dask.base.tokenize(data.name, plan, predictor, window_kind, overlap)
     name = f"srdvol-denoise-{token}"
     depth = {a: (0, d) if d else 0 for a, d in enumerate(plan.depth)}
+    # --guide: the input's mean image, one small task every block depends on (and a worker
+    # fetches once); None keeps the graph as it was.
+    guide = mean_image(data, plan.dims.index("t")) if getattr(predictor, "guide", 0) else None
     sums = da.map_overlap(
         _sums_block,
         data,
@@ -237,6 +241,7 @@ def _lazy(
         window_kind=window_kind,
         overlap=overlap,
         tag=name,
+        **({"guide": guide} if guide is not None else {}),
     )
     spill = f"{SPILL_PREFIX}{token}"
     spills, combine = _overlap_add(sums.name, spill, name, plan, window_kind, overlap)
@@ -308,6 +313,7 @@ def _sums_block(
     window_kind: Window,
     overlap: float,
     tag: str,
+    guide: np.ndarray | None = None,
     block_info: dict[Any, Any] | None = None,
 ) -> np.ndarray:
     # block_info locations refer to the overlapped array: derive global offsets from the block
@@ -334,6 +340,12 @@ def _sums_block(
         )
     movie = [plan.dims.index(a) for a in MOVIE_AXES]
     moved = np.moveaxis(x, movie, (-3, -2, -1))
+    images = None
+    if guide is not None:  # the mean image over this region, its axes as the region's less t
+        time = movie[0]
+        crop = tuple(slice(starts[a], starts[a] + x.shape[a]) for a in range(x.ndim) if a != time)
+        plane_axes = [a - (a > time) for a in movie[1:]]
+        images = np.moveaxis(guide[crop], plane_axes, (-2, -1))
     planes = []
     report = functools.partial(count_patches, tag)
     for idx in np.ndindex(moved.shape[:-3]):
@@ -347,6 +359,7 @@ def _sums_block(
                     origin=[starts[a] for a in movie],
                     shape=[plan.shape[a] for a in movie],
                     core=[(starts[a], stops[a]) for a in movie],
+                    mean_image=None if images is None else images[idx],
                 ),
                 window_kind=window_kind,
                 progress=report,

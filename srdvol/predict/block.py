@@ -26,6 +26,7 @@ from srdvol.axes import MOVIE_AXES, parse_axes
 from srdvol.core.blend import divide, weight_sums
 from srdvol.core.tiling import Window, lattice, owned, stride, window
 from srdvol.errors import InputError
+from srdvol.predict.guide import mean_image
 from srdvol.predict.predictors import Predictor, as_patch, check_frames
 
 __all__ = ["Placement", "block_sums", "model_turn", "predict_array"]
@@ -60,11 +61,16 @@ class Placement(NamedTuple):
         Shape of the whole movie.
     core
         ``(start, stop)`` per axis: the block predicts the lattice patches that start there.
+    mean_image
+        The movie's mean image (:func:`srdvol.predict.guide.mean_image` of the whole movie)
+        over the region's (y, x), for a predictor with ``guide`` set (``--guide``); each patch
+        gets its part.
     """
 
     origin: Sequence[int]
     shape: Sequence[int]
     core: Sequence[tuple[int, int]]
+    mean_image: np.ndarray | None = None
 
 
 def block_sums(
@@ -110,7 +116,7 @@ def block_sums(
 
     sizes = as_patch(patch)
     psize = tuple(sizes[a] for a in MOVIE_AXES)
-    origin, shape, core = place
+    origin, shape, core, guide = place
     pads, per_axis = [], []
     for a, p in enumerate(psize):
         length, start0 = int(shape[a]), int(origin[a])
@@ -140,6 +146,15 @@ def block_sums(
         values = np.pad(values, pads, mode="reflect")
     device = _device_of(predictor)
     tensor_path = hasattr(predictor, "predict_tensor")
+    image = None
+    if getattr(predictor, "guide", 0):
+        if guide is None or tuple(guide.shape) != tuple(region.shape[1:]):
+            raise RuntimeError(
+                f"{predictor!r} needs the mean image over the region's (y, x) "
+                f"{tuple(region.shape[1:])}, got {None if guide is None else guide.shape}"
+            )
+        padded = np.pad(np.asarray(guide, dtype=np.float32), pads[1:], mode="reflect")
+        image = torch.from_numpy(padded).to(device)
     # The region stays in its own dtype (half the bytes of float32 for uint16); each batch of
     # patches is converted as it is gathered, as the whole region converted first would be.
     x = torch.from_numpy(np.ascontiguousarray(values)).to(device)
@@ -165,7 +180,10 @@ def block_sums(
         patches = converted[: len(group)]
         if converted is not gathered:
             patches.copy_(gathered[: len(group)])
-        if tensor_path:
+        if image is not None:
+            crops = torch.stack([image[box[1:]] for box in boxes])
+            preds = predictor.predict_tensor(patches, crops)  # type: ignore[attr-defined]
+        elif tensor_path:
             preds = predictor.predict_tensor(patches)  # type: ignore[attr-defined]
         else:
             preds = torch.from_numpy(
@@ -230,6 +248,7 @@ def predict_array(
         for a, n in zip(MOVIE_AXES, shape, strict=True)
     ]
     out = np.empty(moved.shape, dtype=np.float32)
+    guided = bool(getattr(predictor, "guide", 0))
     for idx in np.ndindex(moved.shape[:-3]):
         with model_turn():
             num = block_sums(
@@ -237,7 +256,12 @@ def predict_array(
                 predictor=predictor,
                 patch=sizes,
                 overlap=overlap,
-                place=Placement((0, 0, 0), shape, [(0, n) for n in shape]),
+                place=Placement(
+                    (0, 0, 0),
+                    shape,
+                    [(0, n) for n in shape],
+                    mean_image(moved[idx]) if guided else None,
+                ),
                 window_kind=window_kind,
                 batch_size=batch_size,
             )

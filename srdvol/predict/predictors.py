@@ -307,6 +307,11 @@ class ModelPredictor:
         Gaussian sigma in pixels (``--anchor``): the output keeps the input's intensities at
         scales above it (:func:`~srdvol.predict.anchor.anchor_to_input`, applied to each patch
         after the network and ``tta``); 0, the default here, returns the network's output.
+    guide
+        Window radius in pixels of the guided filter with the input's mean image
+        (``--guide``, :mod:`srdvol.predict.guide`), applied to each patch after the network and
+        ``tta`` and before ``anchor``; 0, the default, turns it off. The mean image comes with
+        the patches (:func:`~srdvol.predict.block.block_sums` gathers it).
     """
 
     def __init__(
@@ -320,8 +325,10 @@ class ModelPredictor:
         normalization: Any = None,
         tta: bool = False,
         anchor: float = 0.0,
+        guide: int = 0,
     ) -> None:
         self.model_path = os.fspath(model_path)
+        self.guide = int(guide)
         self.normalization = normalization
         self.tta = bool(tta)
         self.anchor = float(anchor)
@@ -375,8 +382,10 @@ class ModelPredictor:
                 _BATCHES[key] = device_batch(network, shape, amp=amp)
             return _BATCHES[key]
 
-    def predict_tensor(self, patches: Any) -> Any:
-        """Denoise float32 patches ``(n, t, y, x)``, a torch tensor on :attr:`tensor_device`."""
+    def predict_tensor(self, patches: Any, guide: Any = None) -> Any:
+        """Denoise float32 patches ``(n, t, y, x)``, a torch tensor on :attr:`tensor_device`;
+        ``guide`` is the input's mean image over each patch, ``(n, y, x)`` (needed when
+        :attr:`guide` is set)."""
         import torch
 
         network, record = load_cached(self.model_path, device=self.device)
@@ -401,6 +410,17 @@ class ModelPredictor:
             out /= SYMMETRIES
         else:
             out = self._forward(network, x)
+        if self.guide:
+            from srdvol.predict.guide import guided_filter
+
+            if guide is None:
+                raise RuntimeError(
+                    f"{self!r} needs the input's mean image with the patches; predict with "
+                    "srdvol.predict.block.predict_array or srdvol.dask.denoise"
+                )
+            image = ((guide.to(device=device, dtype=torch.float32) - mean) / std)[:, None]
+            radius = min(self.guide, out.shape[-2] - 1, out.shape[-1] - 1)
+            out = image + guided_filter(out - image, image[:, 0], radius)
         if self.anchor:
             from srdvol.predict.anchor import anchor_to_input
 
@@ -440,6 +460,7 @@ class ModelPredictor:
         own = "" if self.normalization is None else ", renormalized"
         own += ", tta" if self.tta else ""
         own += f", anchor={self.anchor:g}" if self.anchor else ""
+        own += f", guide={self.guide}" if self.guide else ""
         return f"ModelPredictor({self.model_path!r}, device={self.device!r}{own})"
 
 
