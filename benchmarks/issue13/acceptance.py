@@ -9,9 +9,14 @@ score alone:
 - median transient gain between 0.95 and 1.05;
 - pixel trace r inside somata above the best Gaussian's.
 
+Files ending in ``.jsonl`` are ``benchmarks/issue13/inference.py`` output on the models of such
+a run: their rows join the movie's baselines (``anchor`` is srdvol's default, ``guide`` is
+``--guide``, ``guided-input R`` the guided filter alone on the noisy input, scored as a
+reference against the same targets).
+
 Prints one markdown table. Run from the repository root::
 
-    python benchmarks/issue13/acceptance.py benchmarks/issue13/anchor-p4.json [...]
+    python benchmarks/issue13/acceptance.py benchmarks/issue13/anchor-p4.json [...] [X.jsonl]
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ def verdicts(rows: list[dict]) -> list[list[str]]:
     snr, trace, pixel = (best(rows, k) for k in ("snr_db", "trace_r", "pixel_r"))
     lines = []
     for r in rows:
-        if not r["method"].startswith("srdvol"):
+        if not r["method"].startswith(("srdvol", "guided filter")):
             continue
         checks = {
             "SNR - best Gaussian": (f"{r['snr_db'] - snr:+.2f} dB", r["snr_db"] - snr >= 3),
@@ -56,8 +61,37 @@ def verdicts(rows: list[dict]) -> list[list[str]]:
     return lines
 
 
+#: inference.py's method names as quality.py's rows name them.
+INFERENCE_NAMES = {"anchor": "srdvol (inference.py)", "plain": "srdvol, --anchor 0 (inference.py)"}
+
+
+def inference_rows(path: Path) -> list[dict]:
+    """``inference.py`` lines as quality.py rows (photons and seed from the model tag)."""
+    rows = []
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        method = row["method"]
+        if method == "noisy":
+            continue
+        if method.startswith("guided-input"):
+            method = f"guided filter of the input, radius {method.split()[-1]}"
+        elif method == "guide":
+            method = "srdvol --guide (inference.py)"
+        else:
+            method = INFERENCE_NAMES.get(method, f"srdvol {method} (inference.py)")
+        photons, seed = row["model"].split("-")
+        rows.append({**row, "photons": float(photons), "seed": int(seed), "method": method})
+    return rows
+
+
 def main() -> None:
-    rows = [r for path in sys.argv[1:] for r in json.loads(Path(path).read_text())["rows"]]
+    rows = []
+    for name in sys.argv[1:]:
+        path = Path(name)
+        if path.suffix == ".jsonl":
+            rows += inference_rows(path)
+        else:
+            rows += json.loads(path.read_text())["rows"]
     movies: dict[tuple[float, int], list[dict]] = {}
     for r in rows:
         movies.setdefault((r["photons"], r["seed"]), []).append(r)
