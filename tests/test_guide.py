@@ -118,3 +118,25 @@ def test_engine_blocks_give_the_in_memory_result(tiny_model):
     assert min(lazy.numblocks) > 1
     with dask.config.set(scheduler="threads"):
         np.testing.assert_array_equal(lazy.compute(), whole)
+
+
+def test_each_plane_is_guided_by_its_own_mean_image(tiny_model):
+    # tzyx: every z plane is its own movie with its own mean image, in memory and in blocks.
+    rng = np.random.default_rng(5)
+    movie = rng.integers(50, 400, size=(40, 2, 40, 20), dtype=np.uint16)
+    movie[:, 1] //= 4  # the planes differ: a mix-up of their images shows
+    guided = ModelPredictor(tiny_model, device="cpu", batch_size=4, guide=2)
+    both = predict_array(movie, guided, patch=(16, 16, 16), dims="tzyx")
+    for z in range(2):
+        alone = predict_array(movie[:, z], guided, patch=(16, 16, 16))
+        np.testing.assert_array_equal(both[:, z], alone)
+    lazy = denoise(
+        da.from_array(movie, chunks=(8, 1, 8, 20)),
+        guided,
+        patch=(16, 16, 16),
+        block=(16, 16, 20),
+        dims="tzyx",
+    )
+    assert lazy.numblocks[1] == 2 and max(lazy.numblocks[0], lazy.numblocks[2]) > 1
+    with dask.config.set(scheduler="threads"):
+        np.testing.assert_array_equal(lazy.compute(), both)
