@@ -402,6 +402,35 @@ def test_a_second_run_is_refused_and_a_killed_runs_lock_is_taken_over(faults, mo
         shutil.rmtree(out, ignore_errors=True)
 
 
+def test_nan_in_a_frame_of_the_guide_mean_image_is_named_as_input(
+    faults, tmp_path, monkeypatch, capsys
+):
+    """With --guide every block depends on the mean image, which a NaN in any averaged frame
+    spoils: whichever block meets it first says the input holds NaN, never that the model's
+    output does (which would send the user to retrain)."""
+    import functools
+
+    from srdvol.core import normalize
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    values = zarr.open_array(faults / "in.zarr" / "s0", mode="r")[...].astype("float32")
+    values = np.concatenate([values, values[::-1]])  # 64 frames: 4 blocks of 16
+    values[60, 5, 5] = np.nan
+    zarr.create_array("nan.zarr", data=values, chunks=(16, 32, 32))
+    one_chunk = 8 * 16 * 32 * 32  # the statistics sample misses the NaN (see above)
+    sample = functools.partial(normalize.sample_statistics, max_bytes=one_chunk)
+    monkeypatch.setattr(normalize, "sample_statistics", sample)
+    argv = ["predict", "nan.zarr", "out.zarr", "--axes", "tyx", "--guide", "2"]
+    argv += ["--model", str(faults / "m16.safetensors"), "--block", "16,32,32"]
+    code, _, err = run_cli(capsys, *argv, "--workers", "1", "--dashboard-address", ":0")
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("srdvol: ")]
+    assert len(lines) == 1, err
+    assert "the input holds NaN or Inf values" in lines[0] and "retrain" not in lines[0], err
+    assert "replace them" in lines[0], err
+
+
 def _recorded_blocks(out: Path) -> set[int]:
     """Blocks the output's ledger records as finished."""
     from srdvol.dask.graph import Ledger

@@ -89,7 +89,7 @@ def denoise(
         A :class:`~srdvol.predict.predictors.Predictor` or the path of a model file. A file is
         run as ``srdvol predict`` runs it, with the default ``--anchor``
         (:data:`srdvol.values.DEFAULT_ANCHOR`); for other settings pass
-        ``ModelPredictor(path, anchor=..., tta=...)``.
+        ``ModelPredictor(path, anchor=..., tta=..., guide=...)``.
     patch
         Patch size (t, y, x); default: the model's (``model.patch``).
     overlap
@@ -346,6 +346,14 @@ def _sums_block(
         crop = tuple(slice(starts[a], starts[a] + x.shape[a]) for a in range(x.ndim) if a != time)
         plane_axes = [a - (a > time) for a in movie[1:]]
         images = np.moveaxis(guide[crop], plane_axes, (-2, -1))
+        if not np.isfinite(images).all():  # a NaN in a frame the mean image averages
+            y, x = (int(v) for v in np.argwhere(~np.isfinite(images))[0][-2:])
+            raise BlockInputError(
+                _where(plan, location),
+                f"the input holds NaN or Inf values in frames that the mean image of "
+                f"{flag('guide')} averages (at y={starts[movie[1]] + y}, x={starts[movie[2]] + x})",
+                "replace them (e.g. with the local median) and run again",
+            )
     planes = []
     report = functools.partial(count_patches, tag)
     for idx in np.ndindex(moved.shape[:-3]):
