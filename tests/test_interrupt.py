@@ -386,6 +386,8 @@ def test_a_worker_killed_mid_prediction_is_recovered_or_named_and_a_rerun_comple
 
     rc = _signal_when(argv, log, lambda text: _done(text) >= 1, kill_a_worker)
     text = log.read_text()
+    # the user is told why the run takes longer (distributed reruns the lost worker's tasks)
+    assert re.search(r"srdvol: warning: lost worker tcp://\S+ \(it died", text), text
     if rc != 0:  # distributed could not retry the block: one clear sentence, then a rerun
         assert rc == 2 and _last_line(text).startswith("srdvol: error: "), text
         again = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=300)

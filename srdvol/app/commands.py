@@ -237,6 +237,14 @@ def _predict(
     return report
 
 
+def _say_lost_worker(address: str, tasks: int) -> None:
+    say(
+        f"srdvol: warning: lost worker {address} (it died or stopped answering) while it ran "
+        f"{tasks} task(s); they run again on the other workers, so this takes longer and the "
+        "output is the same"
+    )
+
+
 def _write(
     image: Any,
     out: str | os.PathLike[str],
@@ -251,7 +259,7 @@ def _write(
     the input's own statistics, for ``--renormalize``)."""
     from srdvol import progress
     from srdvol.dask.graph import BlockInputError, denoise, write
-    from srdvol.dask.workers import ModelPlugin
+    from srdvol.dask.workers import ModelPlugin, lost_workers_reported
     from srdvol.ngff.storecheck import storage_errors
     from srdvol.ngff.write import create_output, write_pyramid
     from srdvol.predict.predictors import ModelPredictor
@@ -279,7 +287,7 @@ def _write(
             chunks=getattr(target, "shards", None) or target.chunks,
         )
         client.register_plugin(ModelPlugin(os.fspath(model)))
-        with progress.denoising() as bar:
+        with progress.denoising() as bar, lost_workers_reported(client, _say_lost_worker):
             try:
                 report = write(
                     lazy,

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from distributed import Client, WorkerPlugin
@@ -29,6 +29,7 @@ __all__ = [
     "TorchThreadsPlugin",
     "WorkerWatch",
     "live_workers",
+    "lost_workers_reported",
 ]
 
 logger = logging.getLogger(__name__)
@@ -281,3 +282,30 @@ class CloseStoreSessions(WorkerPlugin):
         from srdvol.ngff.remote import close_sessions
 
         close_sessions()
+
+
+@contextlib.contextmanager
+def lost_workers_reported(client: Client, on_lost: Callable[[str, int], None]) -> Iterator[None]:
+    """Inside: call ``on_lost(address, tasks)`` once for every worker the scheduler loses
+    without being asked to (killed, crashed, stopped answering), with the number of tasks it was
+    running. distributed reruns those elsewhere and the job goes on; a user waiting for it
+    should know why it takes longer. Workers retired on purpose (``expected``) are not reported.
+    """
+    said: set[str] = set()
+
+    def on_event(event: Any) -> None:
+        msg = event[1]
+        if not isinstance(msg, dict) or msg.get("action") != "remove-worker":
+            return
+        address = str(msg.get("worker", "?"))
+        if msg.get("expected") or address in said:
+            return
+        said.add(address)
+        on_lost(address, len(msg.get("processing-tasks") or ()))
+
+    client.subscribe_topic("all", on_event)  # the scheduler's own event stream
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            client.unsubscribe_topic("all")
