@@ -468,3 +468,29 @@ def test_a_closed_dashboard_page_prints_no_traceback(capsys):
         ]
     finally:
         logger.removeHandler(handler)
+
+
+def test_a_dashboard_port_in_use_is_said_in_the_dashboard_line(capfd, monkeypatch):
+    # On a shared node another user's Dask often holds 8787: one line says where the dashboard
+    # went instead of distributed's four-line UserWarning.
+    import socket
+    import warnings
+    from urllib.parse import urlparse
+
+    from srdvol.app.session import cluster_session
+    from srdvol.options import ClusterOptions
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        options = ClusterOptions(workers=1, threads_per_worker=1, dashboard_address=f":{port}")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # what a terminal would show
+            with cluster_session(options) as client:
+                link = dashboard_link(client)
+    err = capfd.readouterr().err
+    assert link and urlparse(link).port != port
+    assert f"dashboard: {link} (port {port} was in use)" in err, err
+    assert not [w for w in caught if "already in use" in str(w.message)]

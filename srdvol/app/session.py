@@ -28,8 +28,18 @@ def cluster_session(options: ClusterOptions, client: Any = None) -> Iterator[Any
             opened.register_plugin(CloseStoreSessions())
         link = dashboard_link(opened)
         if link:
-            say(f"dashboard: {link}")
+            say(f"dashboard: {link}{_port_taken(options.dashboard_address, link)}")
         yield opened
+
+
+def _port_taken(asked: str | None, link: str) -> str:
+    """`` (port N was in use)`` when the dashboard could not have the port asked for."""
+    from urllib.parse import urlparse
+
+    port = (asked or "").rpartition(":")[2]
+    if not port.isdigit() or int(port) == 0 or urlparse(link).port == int(port):
+        return ""
+    return f" (port {port} was in use)"
 
 
 def wants_cluster_training(options: ClusterOptions) -> bool:

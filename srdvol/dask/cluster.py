@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -359,7 +360,10 @@ def open_cluster(
         # all turns off glibc's adaptive mmap threshold, so every large torch tensor is mmap'ed
         # and page-faulted afresh: measured 0.17 vs 0.08 s per CPU training step of the default
         # network (any value, 64 KiB or 128 MiB). None leaves glibc's defaults in the workers.
-        with dask.config.set({PRE_SPAWN_TRIM: None}):
+        with dask.config.set({PRE_SPAWN_TRIM: None}), warnings.catch_warnings():
+            # A dashboard port in use (another user's Dask on a shared node) makes distributed
+            # take another one with a four-line UserWarning; srdvol's dashboard line says it.
+            warnings.filterwarnings("ignore", message=r"Port \d+ is already in use")
             cluster = SpecCluster(
                 workers=spec,
                 scheduler=_scheduler_spec(host, dashboard_address),
