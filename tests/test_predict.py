@@ -273,3 +273,44 @@ def test_real_model_through_the_whole_array_path(tiny_model):
     corner = _network_in_input_units(network, movie[None, :, :16, :16])[0]
     np.testing.assert_allclose(out[:, :4, :4], corner[:, :4, :4], rtol=1e-6, atol=1e-4)
     assert np.abs(out - movie).max() > 1.0
+
+
+def test_a_closing_worker_stops_the_block_in_the_model_at_its_next_batch():
+    # A closing worker must not exit while a block's thread is inside torch (C++ then aborts
+    # with "terminate called without an active exception"): stop_blocks parks that block at its
+    # next batch and returns; the block raises only if it is let go (here, by the test).
+    import threading
+    import time
+
+    from srdvol.predict import block
+
+    movie = np.ones((16, 64, 64), np.float32)
+    raised = []
+
+    def run() -> None:
+        try:
+            with block.model_turn():
+                block_sums(
+                    movie,
+                    predictor=AffineModel(delay=0.2),  # 0.2 s per call of one patch
+                    patch=(16, 8, 8),
+                    overlap=0.0,  # 64 patches: about 13 s in all
+                    place=Placement((0, 0, 0), movie.shape, [(0, 16), (0, 64), (0, 64)]),
+                    batch_size=1,
+                )
+        except block.BlocksStopped as exc:
+            raised.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    try:
+        assert block.stop_blocks(timeout=10)
+        assert time.monotonic() - started < 8  # a batch or so, not the 13 s of the block
+        assert worker.is_alive() and not raised  # parked, outside the model's code
+    finally:
+        block._CLOSING.clear()  # this test process goes on predicting: let the block go
+        worker.join(20)
+        block._PARKED.clear()
+    assert raised and "parked" in str(raised[0])

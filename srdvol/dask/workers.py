@@ -21,6 +21,7 @@ from distributed import Client, WorkerPlugin
 
 __all__ = [
     "CONFIRM_LOST",
+    "STOP_WAIT",
     "THREAD_VARS",
     "CloseStoreSessions",
     "ModelPlugin",
@@ -169,6 +170,10 @@ class _CancelledOnClose(logging.Filter):
 _CANCELLED_ON_CLOSE = _CancelledOnClose()
 
 
+#: Seconds a closing worker waits for the block in its model to park (one batch at most).
+STOP_WAIT = 20.0
+
+
 class SignalPlugin(WorkerPlugin):
     """Worker plugin: SIGINT and SIGTERM only ask a running training to stop and save.
 
@@ -191,7 +196,16 @@ class SignalPlugin(WorkerPlugin):
         logging.getLogger("distributed.worker.state_machine").addFilter(_CANCELLED_ON_CLOSE)
 
     def teardown(self, worker: Any) -> None:
-        """Nothing to release."""
+        """Park the block in the model at its next batch before the worker process exits
+        (:func:`srdvol.predict.block.stop_blocks`); a worker in the client's own process
+        leaves them be (that process goes on)."""
+        import multiprocessing
+
+        if multiprocessing.parent_process() is None:
+            return
+        from srdvol.predict.block import stop_blocks
+
+        stop_blocks(timeout=STOP_WAIT)
 
 
 class ModelPlugin(WorkerPlugin):

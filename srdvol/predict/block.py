@@ -29,11 +29,56 @@ from srdvol.errors import InputError
 from srdvol.predict.guide import mean_image
 from srdvol.predict.predictors import Predictor, as_patch, check_frames
 
-__all__ = ["Placement", "block_sums", "model_turn", "predict_array"]
+__all__ = [
+    "BlocksStopped",
+    "Placement",
+    "block_sums",
+    "model_turn",
+    "predict_array",
+    "stop_blocks",
+]
 
 #: One block in the model at a time per process (a worker has one device): a second block that
 #: is ready waits here with its input read, while other threads read and write.
 _MODEL_LOCK = threading.Lock()
+
+#: Set when this worker process closes: the block in the model parks at its next batch. A block
+#: holds the model in a seceded thread, which the worker's close does not wait for, and a
+#: process that exits while a thread is inside torch dies in C++ with "terminate called without
+#: an active exception" on the user's terminal. Parked (outside torch), the thread goes down with
+#: the process, and the scheduler reruns its block elsewhere as for any worker that leaves.
+_CLOSING = threading.Event()
+_PARKED = threading.Event()
+
+
+class BlocksStopped(RuntimeError):
+    """A parked block was let go without its process closing (tests); nothing was written."""
+
+
+def stop_blocks(timeout: float) -> bool:
+    """Park this process's block at its next batch; wait up to ``timeout`` seconds until no
+    block is inside the model. True when none is."""
+    import time
+
+    _CLOSING.set()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _PARKED.is_set():
+            return True
+        if _MODEL_LOCK.acquire(timeout=0.05):
+            _MODEL_LOCK.release()
+            return True
+    return False
+
+
+def _park() -> None:
+    """Wait outside torch while this process closes (:func:`stop_blocks`)."""
+    import time
+
+    _PARKED.set()
+    while _CLOSING.is_set():
+        time.sleep(0.1)
+    raise BlocksStopped("this block was parked while its worker closed")
 
 
 @contextmanager
@@ -172,6 +217,8 @@ def block_sums(
         gathered if x.dtype == torch.float32 else torch.empty_like(gathered, dtype=torch.float32)
     )
     for i in range(0, len(corners), batch):
+        if _CLOSING.is_set():
+            _park()
         group = corners[i : i + batch]
         boxes = [
             tuple(slice(c, c + p) for c, p in zip(corner, psize, strict=True)) for corner in group
