@@ -171,6 +171,43 @@ def test_resume_after_a_crash(
     assert_same_weights(tmp_path / "full", tmp_path / "crash")
 
 
+def test_a_single_process_also_saves_when_its_state_is_old(
+    movie: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A CPU step can outlast a batch system's grace between SIGTERM and SIGKILL: a state older
+    # than CHECKPOINT_SECONDS is written after the next step, whatever checkpoint_every says,
+    # and a crash then resumes from it to the same weights.
+    from srdvol.training import loop
+
+    noisy_path, _ = movie
+    train(noisy_path, tmp_path / "full", steps=6, checkpoint_every=100, **QUICK)
+    real_sample = PatchSampler.sample
+
+    def crash_on(n: int) -> Any:
+        calls = {"n": 0}
+
+        def sample(self: PatchSampler, batch_size: int | None = None) -> np.ndarray:
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return real_sample(self, batch_size)
+
+        return sample
+
+    monkeypatch.setattr(PatchSampler, "sample", crash_on(5))  # steps 1-4 done
+    with pytest.raises(KeyboardInterrupt):
+        train(noisy_path, tmp_path / "young", steps=6, checkpoint_every=100, **QUICK)
+    assert not state_path(tmp_path / "young").exists()  # ten minutes are far away
+    monkeypatch.setattr(loop, "CHECKPOINT_SECONDS", 0.0)  # every state is old at once
+    monkeypatch.setattr(PatchSampler, "sample", crash_on(5))
+    with pytest.raises(KeyboardInterrupt):
+        train(noisy_path, tmp_path / "old", steps=6, checkpoint_every=100, **QUICK)
+    assert torch.load(state_path(tmp_path / "old"), weights_only=True)["trainer"]["step"] == 4
+    monkeypatch.setattr(PatchSampler, "sample", real_sample)
+    train(noisy_path, tmp_path / "old", steps=6, checkpoint_every=100, resume=True, **QUICK)
+    assert_same_weights(tmp_path / "full", tmp_path / "old")
+
+
 def test_resume_with_other_options_is_refused(movie: tuple[Path, Path], tmp_path: Path) -> None:
     noisy_path, _ = movie
     train(noisy_path, tmp_path / "m", steps=2, **QUICK)

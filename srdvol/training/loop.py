@@ -53,9 +53,15 @@ from srdvol.training.state import (
 )
 from srdvol.training.trainer import SINGLE_PROCESS, Rank, Trainer
 
-__all__ = ["LoopHooks", "TrainingRun", "run_loop", "run_training", "train"]
+__all__ = ["CHECKPOINT_SECONDS", "LoopHooks", "TrainingRun", "run_loop", "run_training", "train"]
 
 log = logging.getLogger("srdvol.training")
+
+#: A single-process training also writes its state when the last one is this many seconds old,
+#: whatever ``checkpoint_every`` says: on a CPU a step can take a minute, and a batch system's
+#: SIGKILL (SLURM sends it 30 s after SIGTERM by default) would lose every step since the last
+#: state. Ten minutes bound that loss, for a write that costs little beside them.
+CHECKPOINT_SECONDS = 600.0
 
 
 def train(
@@ -127,11 +133,15 @@ class LoopHooks:
     should_stop
         Asked before every step; when it answers True the loop checkpoints the steps done
         since the last checkpoint and returns early (a Ctrl-C, a distributed stop request).
+    checkpoint_due
+        Asked after every step; True makes the loop checkpoint then too (the saved state has
+        grown old: :data:`CHECKPOINT_SECONDS`).
     """
 
     on_checkpoint: Callable[[int], None] | None = None
     on_step: Callable[[int, float], None] | None = None
     should_stop: Callable[[], bool] | None = None
+    checkpoint_due: Callable[[], bool] | None = None
 
 
 _NO_HOOKS = LoopHooks()
@@ -214,7 +224,10 @@ def run_loop(
                     trainer.optimizer.param_groups[0]["lr"],
                     (time.perf_counter() - started) / done,
                 )
-            if hooks.on_checkpoint is not None and ((every and step % every == 0) or step == end):
+            due = (every and step % every == 0) or step == end
+            if hooks.on_checkpoint is not None and (
+                due or (hooks.checkpoint_due is not None and hooks.checkpoint_due())
+            ):
                 hooks.on_checkpoint(step)
                 saved_at = step
                 bar.milestone()
@@ -264,6 +277,7 @@ class TrainingRun:
         self.world_size = int(place.world_size)
         self.device = torch.device(device)
         self.on_checkpoint = on_checkpoint
+        self._saved_at = time.monotonic()
         self.image = plan.open_image()
         self._rng: torch.Tensor | None = None
         saved = plan.saved_state()
@@ -331,8 +345,12 @@ class TrainingRun:
         }
         save_state(self.plan.state_path, state)
         self.saved_step = self.step
+        self._saved_at = time.monotonic()
         if self.on_checkpoint is not None:
             self.on_checkpoint(self.plan.state_path, self.step if step is None else step)
+
+    def _state_is_old(self) -> bool:
+        return time.monotonic() - self._saved_at >= CHECKPOINT_SECONDS
 
     def advance(
         self,
@@ -345,7 +363,13 @@ class TrainingRun:
         """Train up to step ``until`` (checkpointing every ``checkpoint_every`` steps of the
         plan, as :func:`run_loop` does); return the step reached, which is less than ``until``
         when ``should_stop`` said so."""
-        hooks = LoopHooks(on_checkpoint=self.checkpoint, on_step=on_step, should_stop=should_stop)
+        hooks = LoopHooks(
+            on_checkpoint=self.checkpoint,
+            on_step=on_step,
+            should_stop=should_stop,
+            # one process only: every rank of a distributed run must checkpoint at the same step
+            checkpoint_due=self._state_is_old if self.world_size == 1 else None,
+        )
         with self._own_streams():
             run_loop(
                 self.trainer,
