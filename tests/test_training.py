@@ -146,25 +146,33 @@ def test_stop_and_resume_equals_uninterrupted(movie: tuple[Path, Path], tmp_path
     assert full_losses == part_losses
 
 
+_REAL_SAMPLE = PatchSampler.sample
+
+
+def _crash_at_sample(n: int) -> Any:
+    """A PatchSampler.sample that raises KeyboardInterrupt at its ``n``-th call (steps 1 to
+    ``n - 1`` done), as a crash mid-training would."""
+    calls = {"n": 0}
+
+    def sample(self: PatchSampler, batch_size: int | None = None) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return _REAL_SAMPLE(self, batch_size)
+
+    return sample
+
+
 def test_resume_after_a_crash(
     movie: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     noisy_path, _ = movie
     train(noisy_path, tmp_path / "full", steps=6, checkpoint_every=2, **QUICK)
 
-    real_sample = PatchSampler.sample
-    calls = {"n": 0}
-
-    def crash_on_fifth(self: PatchSampler, batch_size: int | None = None) -> np.ndarray:
-        calls["n"] += 1
-        if calls["n"] == 5:  # steps 1-4 done, state written after step 4
-            raise KeyboardInterrupt
-        return real_sample(self, batch_size)
-
-    monkeypatch.setattr(PatchSampler, "sample", crash_on_fifth)
+    monkeypatch.setattr(PatchSampler, "sample", _crash_at_sample(5))  # state written at step 4
     with pytest.raises(KeyboardInterrupt):
         train(noisy_path, tmp_path / "crash", steps=6, checkpoint_every=2, **QUICK)
-    monkeypatch.setattr(PatchSampler, "sample", real_sample)
+    monkeypatch.setattr(PatchSampler, "sample", _REAL_SAMPLE)
     assert not (tmp_path / "crash").exists()  # the model is written only at the end
     assert torch.load(state_path(tmp_path / "crash"), weights_only=True)["trainer"]["step"] == 4
     train(noisy_path, tmp_path / "crash", steps=6, checkpoint_every=2, resume=True, **QUICK)
@@ -181,29 +189,16 @@ def test_a_single_process_also_saves_when_its_state_is_old(
 
     noisy_path, _ = movie
     train(noisy_path, tmp_path / "full", steps=6, checkpoint_every=100, **QUICK)
-    real_sample = PatchSampler.sample
-
-    def crash_on(n: int) -> Any:
-        calls = {"n": 0}
-
-        def sample(self: PatchSampler, batch_size: int | None = None) -> np.ndarray:
-            calls["n"] += 1
-            if calls["n"] == n:
-                raise KeyboardInterrupt
-            return real_sample(self, batch_size)
-
-        return sample
-
-    monkeypatch.setattr(PatchSampler, "sample", crash_on(5))  # steps 1-4 done
+    monkeypatch.setattr(PatchSampler, "sample", _crash_at_sample(5))  # steps 1-4 done
     with pytest.raises(KeyboardInterrupt):
         train(noisy_path, tmp_path / "young", steps=6, checkpoint_every=100, **QUICK)
     assert not state_path(tmp_path / "young").exists()  # ten minutes are far away
     monkeypatch.setattr(loop, "CHECKPOINT_SECONDS", 0.0)  # every state is old at once
-    monkeypatch.setattr(PatchSampler, "sample", crash_on(5))
+    monkeypatch.setattr(PatchSampler, "sample", _crash_at_sample(5))
     with pytest.raises(KeyboardInterrupt):
         train(noisy_path, tmp_path / "old", steps=6, checkpoint_every=100, **QUICK)
     assert torch.load(state_path(tmp_path / "old"), weights_only=True)["trainer"]["step"] == 4
-    monkeypatch.setattr(PatchSampler, "sample", real_sample)
+    monkeypatch.setattr(PatchSampler, "sample", _REAL_SAMPLE)
     train(noisy_path, tmp_path / "old", steps=6, checkpoint_every=100, resume=True, **QUICK)
     assert_same_weights(tmp_path / "full", tmp_path / "old")
 
