@@ -17,7 +17,8 @@ from srdvol.predict.predictors import ModelPredictor
 
 
 def _reference(p: np.ndarray, guide: np.ndarray, radius: int, eps: float) -> np.ndarray:
-    """He et al.'s guided filter written with scipy, frame by frame, borders mirrored."""
+    """He et al.'s guided filter written with scipy, frame by frame, borders mirrored, with the
+    windows' fits averaged with weights 1 / (residual variance + eps)."""
     size = 2 * radius + 1
     out = np.empty_like(p, dtype=np.float64)
     for i in range(p.shape[0]):
@@ -31,9 +32,12 @@ def _reference(p: np.ndarray, guide: np.ndarray, radius: int, eps: float) -> np.
         for j in range(p.shape[1]):
             frame = p[i, j].astype(np.float64)
             mean_p = box(frame)
-            a = (box(image * frame) - mean_i * mean_p) / (var_i + eps)
+            cov = box(image * frame) - mean_i * mean_p
+            a = cov / (var_i + eps)
             b = mean_p - a * mean_i
-            out[i, j] = box(a) * image + box(b)
+            residual = np.maximum(box(frame * frame) - mean_p**2 - a * cov, 0)
+            w = 1 / (residual + eps)
+            out[i, j] = (box(w * a) * image + box(w * b)) / box(w)
     return out
 
 

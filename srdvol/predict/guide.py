@@ -8,12 +8,15 @@ noise that does not. With ``--guide R`` every frame of every denoised patch beco
 
     guided = M + GF_R(denoised - M; guide M)
 
-where ``M`` is the input's mean image and ``GF_R`` the guided filter (K. He, J. Sun and X. Tang,
+where ``M`` is the input's mean image and ``GF_R`` a guided filter (K. He, J. Sun and X. Tang,
 "Guided image filtering", IEEE TPAMI 35(6), 2013): in every window of ``(2R+1)²`` pixels the
 activity is fitted as a straight line of ``M``, and the fits of the windows covering a pixel are
-averaged. Activity proportional to the mean image within a few pixels (a soma, a bright
-dendrite) passes; fine noise does not. The patch's temporal detail is untouched: each frame is
-filtered on its own, with the same guide.
+averaged, each weighted by how well it fits (``1 / (residual variance + eps)``), so that windows
+straddling sources with different activity (a cell's rim and its surroundings) count less than
+in He et al.'s plain average (which kept less of the transients' amplitude:
+benchmarks/RESULTS.md). Activity proportional to the mean image within a few pixels (a soma, a
+bright dendrite) passes; fine noise does not. The patch's temporal detail is untouched: each
+frame is filtered on its own, with the same guide.
 
 It assumes a still recording: the mean image must show where the structures of each frame are.
 A recording with uncorrected motion should be registered first (or denoised without it).
@@ -78,7 +81,7 @@ def guided_filter(activity: Any, guide: Any, radius: int, eps: float = GUIDE_EPS
     Tensor
         ``(n, t, y, x)``: per pixel, the mean over the windows covering it of ``a * guide + b``,
         with ``a, b`` the least-squares fit of the activity on the guide in each window (``a``
-        shrunk by ``eps``).
+        shrunk by ``eps``), each window weighted by ``1 / (its fit's residual variance + eps)``.
     """
     import torch.nn.functional as F
 
@@ -98,4 +101,6 @@ def guided_filter(activity: Any, guide: Any, radius: int, eps: float = GUIDE_EPS
     cov = box(image * p) - mean_i * mean_p
     slope = cov / (var_i + eps)
     offset = mean_p - slope * mean_i
-    return box(slope) * image + box(offset)
+    residual = (box(p * p) - mean_p * mean_p - slope * cov).clamp_min(0)
+    weight = 1.0 / (residual + eps)
+    return (box(weight * slope) * image + box(weight * offset)) / box(weight)
