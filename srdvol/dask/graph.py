@@ -347,11 +347,12 @@ def _sums_block(
         plane_axes = [a - (a > time) for a in movie[1:]]
         images = np.moveaxis(guide[crop], plane_axes, (-2, -1))
         if not np.isfinite(images).all():  # a NaN in a frame the mean image averages
-            y, x = (int(v) for v in np.argwhere(~np.isfinite(images))[0][-2:])
+            row, col = (int(v) for v in np.argwhere(~np.isfinite(images))[0][-2:])
             raise BlockInputError(
                 _where(plan, location),
                 f"the input holds NaN or Inf values in frames that the mean image of "
-                f"{flag('guide')} averages (at y={starts[movie[1]] + y}, x={starts[movie[2]] + x})",
+                f"{flag('guide')} averages (at y={starts[movie[1]] + row}, "
+                f"x={starts[movie[2]] + col})",
                 "replace them (e.g. with the local median) and run again",
             )
     planes = []
