@@ -57,8 +57,10 @@ def mean_image(movie: Any, axis: int = 0) -> Any:
     the same image whatever the chunking.
     """
     picked = guide_frames(movie.shape[axis])
-    taken = movie[(slice(None),) * (axis % movie.ndim) + (picked,)]
-    return (taken.astype(np.float64).sum(axis=axis) / len(picked)).astype(np.float32)
+    every = len(picked) == movie.shape[axis]
+    taken = movie if every else movie[(slice(None),) * (axis % movie.ndim) + (picked,)]
+    # summed in float64 as it goes: no float64 copy of the frames (8 bytes per input voxel)
+    return (taken.sum(axis=axis, dtype=np.float64) / len(picked)).astype(np.float32)
 
 
 def guided_filter(activity: Any, guide: Any, radius: int, eps: float = GUIDE_EPS) -> Any:
