@@ -18,6 +18,11 @@ leaves: the model, its noisy movie and truth), the script predicts the whole mov
 - ``guided-input``: a reference without the network, the same guided filter applied to the
   noisy input itself (``M + GF_R(noisy - M; guide M)``, ``M`` its mean image), one row per
   radius of ``--guide-sweep``;
+- ``guide-sweep``: the choices behind ``--guide``, on the ``plain`` prediction as whole frames
+  (in units of the input's std, where the predictor uses the model's): rows ``guide-frame R
+  anchor S`` (the guide of radius R, then anchoring at S) for every R of ``--guide-sweep`` at
+  ``--anchor``, and for ``--guide`` at every S of ``--sweep``; and ``anchor-then-guide R``
+  (the other order);
 - ``subgrid``: the four half-resolution sub-grids ``noisy[:, i::2, j::2]`` denoised on their
   own and interleaved (the scale the network is trained at).
 
@@ -51,6 +56,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,13 +115,27 @@ def _fit(y: np.ndarray, columns: list[np.ndarray]) -> tuple[float, np.ndarray]:
     return 1 - float((y - x @ coef).var() / y.var()), coef
 
 
-def guided_input(noisy: np.ndarray, radius: int) -> np.ndarray:
-    """The guided filter of ``--guide`` on the noisy movie itself, in units of its std."""
+def guided_frames(estimate: np.ndarray, noisy: np.ndarray, radius: int) -> np.ndarray:
+    """``M + GF(estimate - M; guide M)`` over whole frames, ``M`` the noisy movie's mean image,
+    in units of its std (the filter of ``--guide``)."""
     std = float(noisy.std())
     image = mean_image(noisy)
-    activity = torch.from_numpy((noisy - image) / std)[None]
+    activity = torch.from_numpy((estimate - image) / std)[None]
     guide = torch.from_numpy(image / std)[None]
     return image + std * guided_filter(activity, guide, radius)[0].numpy()
+
+
+def anchored(estimate: np.ndarray, noisy: np.ndarray, sigma: float) -> np.ndarray:
+    """``estimate`` anchored to ``noisy`` as whole frames (:func:`anchor_to_input`)."""
+    out = anchor_to_input(torch.from_numpy(noisy)[None], torch.from_numpy(estimate)[None], sigma)
+    return out[0].numpy()
+
+
+def plain_row(rows: list, predict: Any) -> np.ndarray:
+    """The ``plain`` row's estimate (the network's own), predicted once and kept in ``rows``."""
+    if not any(r[0] == "plain" for r in rows):
+        rows.append(("plain", predict(), 0.0))
+    return next(r[1] for r in rows if r[0] == "plain")
 
 
 def main() -> None:
@@ -133,6 +153,7 @@ def main() -> None:
             "anchor-sweep",
             "guide",
             "guided-input",
+            "guide-sweep",
         ),
         default=["plain", "tta"],
     )
@@ -173,19 +194,26 @@ def main() -> None:
             "subgrid": functools.partial(subgrid_prediction, noisy, plain, patch, 0.25),
         }
         rows = [("noisy", noisy, 0.0)]
+        own = functools.partial(plain_row, rows, methods["plain"])
         for name in args.methods:
             if name == "anchor-sweep":
-                own = next((r[1] for r in rows if r[0] == "plain"), None)
-                own = methods["plain"]() if own is None else own
                 for sigma in args.sweep:
-                    anchored = anchor_to_input(
-                        torch.from_numpy(noisy)[None], torch.from_numpy(own)[None], sigma
-                    )
-                    rows.append((f"anchor-frame {sigma:g}", anchored[0].numpy(), 0.0))
+                    rows.append((f"anchor-frame {sigma:g}", anchored(own(), noisy, sigma), 0.0))
                 continue
             if name == "guided-input":
                 for radius in args.guide_sweep:
-                    rows.append((f"guided-input {radius}", guided_input(noisy, radius), 0.0))
+                    reference = guided_frames(noisy, noisy, radius)
+                    rows.append((f"guided-input {radius}", reference, 0.0))
+                continue
+            if name == "guide-sweep":
+                for radius in args.guide_sweep:
+                    guided = anchored(guided_frames(own(), noisy, radius), noisy, args.anchor)
+                    rows.append((f"guide-frame {radius} anchor {args.anchor:g}", guided, 0.0))
+                for sigma in args.sweep:
+                    guided = anchored(guided_frames(own(), noisy, args.guide), noisy, sigma)
+                    rows.append((f"guide-frame {args.guide} anchor {sigma:g}", guided, 0.0))
+                first = guided_frames(anchored(own(), noisy, args.anchor), noisy, args.guide)
+                rows.append((f"anchor-then-guide {args.guide}", first, 0.0))
                 continue
             started = time.process_time()
             rows.append((name, methods[name](), time.process_time() - started))
