@@ -106,6 +106,26 @@ def check_intensities(source: Any, image: Any, record: Any, *, renormalize: bool
     return None
 
 
+def check_still(source: Any, image: Any) -> None:
+    """Warn when the input seems to move (``--guide`` assumes a still recording); reads
+    :data:`~srdvol.predict.motion.SAMPLED_FRAMES` frames of one plane."""
+    import numpy as np
+
+    from srdvol.predict.motion import frame_shifts, plane_frames
+
+    if "t" not in image.dims or image.sizes["t"] < 3:
+        return
+    motion = frame_shifts(np.asarray(plane_frames(image)))
+    if motion.moving:
+        say(
+            f"srdvol: warning: {os.fspath(source)} seems to move: {motion.shifted} of "
+            f"{len(motion.shifts)} frames sampled over the recording are shifted by 1 to "
+            f"{motion.largest} px against the others' mean; {flag('guide')} assumes a still "
+            "recording and costs SNR on a moving one: register it first, or run without "
+            f"{flag('guide')}"
+        )
+
+
 def check_cluster_options(options: ClusterOptions) -> None:
     """Fail on GPUs that are not there before hours of training, not after."""
     from srdvol.dask.gpus import resolve_gpus

@@ -19,6 +19,7 @@ from srdvol.app.checks import (
     check_intensities,
     check_model_path,
     check_output_location,
+    check_still,
     default_model_path,
     ledger_path,
     open_input,
@@ -201,6 +202,8 @@ def _predict(
     own_statistics = None
     if checked is None or not checked.data_sampled:
         own_statistics = check_intensities(source, image, record, renormalize=predict.renormalize)
+    if checked is None and predict.guide:
+        check_still(source, image)
     check_model(model)
     run_record = {
         "command": "predict",
@@ -375,6 +378,8 @@ def run_denoise(
     check_cluster_options(options.cluster)
     out_dtype = str(output_dtype(options.output.dtype, image))
     check_output_location(out, image=image, dtype=out_dtype)
+    if options.predict.guide:  # before hours of training, not after
+        check_still(source, image)
     provenance: dict[str, Any] = {"command": "denoise", "training": _training_record(options)}
     with hold(out, note=say):
         if not model_given:

@@ -280,7 +280,8 @@ GuideOpt = Annotated[
         help="Filter each denoised frame's activity (its difference from the recording's mean "
         "image) with that mean image as guide, in windows of this radius: activity shaped like "
         "the cells stays, fine noise goes (cleaner pixel traces inside cells, higher SNR). For "
-        "still or registered recordings; 2 is a good start, 0 (default) turns it off.",
+        "still or registered recordings (a moving one gets a warning); 2 is a good start, 0 "
+        "(default) turns it off.",
     ),
 ]
 RenormalizeOpt = Annotated[
