@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 import urllib.request
+from collections.abc import Callable
 
 import pytest
 from distributed import Client, LocalCluster
@@ -494,3 +496,52 @@ def test_a_dashboard_port_in_use_is_said_in_the_dashboard_line(capfd, monkeypatc
     assert link and urlparse(link).port != port
     assert f"dashboard: {link} (port {port} was in use)" in err, err
     assert not [w for w in caught if "already in use" in str(w.message)]
+
+
+def test_lost_workers_on_a_shared_scheduler_are_said_only_when_they_ran_our_tasks():
+    """A worker killed while running another client's task is none of srdvol's business on a
+    shared scheduler (``ours``); on a cluster of our own every lost worker is said."""
+    from distributed import Event
+
+    from srdvol.dask.workers import lost_workers_reported
+
+    def block_until(name: str) -> int:
+        Event(name).wait()
+        return 0
+
+    held = []  # released only at the end: a released task is no longer the lost worker's
+
+    def kill_the_worker_running(client: Client, key: str) -> str:
+        held.append(client.submit(block_until, "never", key=key, pure=False))
+        deadline = time.monotonic() + 60
+        while not any(client.processing().values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (address,) = [a for a, keys in client.processing().items() if keys]
+        pid = client.run(os.getpid, workers=[address])[address]
+        os.kill(pid, signal.SIGKILL)
+        return address
+
+    def wait_until(condition: Callable[[], object]) -> None:
+        deadline = time.monotonic() + 60
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    said: dict[str, list[tuple[str, int]]] = {"shared": [], "own": []}
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as shared,
+        Client(cluster) as own,
+        lost_workers_reported(shared, lambda a, n: said["shared"].append((a, n)), ours="srdvol-"),
+        lost_workers_reported(own, lambda a, n: said["own"].append((a, n))),
+    ):
+        other = kill_the_worker_running(own, "someone-elses-task")
+        wait_until(lambda: len(said["own"]) == 1)
+        held.pop().release()
+        own.wait_for_workers(2, timeout=60)
+        mine = kill_the_worker_running(own, "srdvol-denoise-abc")
+        wait_until(lambda: len(said["own"]) == 2 and said["shared"])
+        held.pop().release()
+    assert said["own"] == [(other, 1), (mine, 1)]
+    assert said["shared"] == [(mine, 1)]

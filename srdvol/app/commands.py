@@ -290,7 +290,12 @@ def _write(
             chunks=getattr(target, "shards", None) or target.chunks,
         )
         client.register_plugin(ModelPlugin(os.fspath(model)))
-        with progress.denoising() as bar, lost_workers_reported(client, _say_lost_worker):
+        with (
+            progress.denoising() as bar,
+            lost_workers_reported(
+                client, _say_lost_worker, ours="srdvol-" if options.cluster.scheduler else None
+            ),
+        ):
             try:
                 report = write(
                     lazy,

@@ -299,11 +299,17 @@ class CloseStoreSessions(WorkerPlugin):
 
 
 @contextlib.contextmanager
-def lost_workers_reported(client: Client, on_lost: Callable[[str, int], None]) -> Iterator[None]:
+def lost_workers_reported(
+    client: Client, on_lost: Callable[[str, int], None], *, ours: str | None = None
+) -> Iterator[None]:
     """Inside: call ``on_lost(address, tasks)`` once for every worker the scheduler loses
     without being asked to (killed, crashed, stopped answering), with the number of tasks it was
     running. distributed reruns those elsewhere and the job goes on; a user waiting for it
     should know why it takes longer. Workers retired on purpose (``expected``) are not reported.
+
+    ``ours``: on a scheduler shared with other clients, report only workers that ran or held
+    tasks whose key names contain this (srdvol's ``"srdvol-"``), counting only those; ``None``
+    reports every worker (a cluster of our own, whose idle workers matter too).
     """
     said: set[str] = set()
 
@@ -314,8 +320,14 @@ def lost_workers_reported(client: Client, on_lost: Callable[[str, int], None]) -
         address = str(msg.get("worker", "?"))
         if msg.get("expected") or address in said:
             return
+        running = list(msg.get("processing-tasks") or ())
+        if ours is not None:
+            held = list(msg.get("lost-computed-tasks") or ())
+            if not any(ours in _key_name(key) for key in running + held):
+                return
+            running = [key for key in running if ours in _key_name(key)]
         said.add(address)
-        on_lost(address, len(msg.get("processing-tasks") or ()))
+        on_lost(address, len(running))
 
     client.subscribe_topic("all", on_event)  # the scheduler's own event stream
     try:
@@ -323,3 +335,8 @@ def lost_workers_reported(client: Client, on_lost: Callable[[str, int], None]) -
     finally:
         with contextlib.suppress(Exception):
             client.unsubscribe_topic("all")
+
+
+def _key_name(key: Any) -> str:
+    """A task key's name: the key itself, or the first part of a tuple key."""
+    return str(key[0] if isinstance(key, tuple) and key else key)
