@@ -77,6 +77,13 @@ def test_the_check_reads_sampled_frames_of_the_middle_plane_and_first_channel():
     assert frames.shape == (SAMPLED_FRAMES, 4, 6)
     np.testing.assert_array_equal(frames[:, 0, 0], values[picked, 0, z // 2, 0, 0])
     assert np.array_equal(sampled_frames(10), np.arange(10))
+    # stored in chunks of 8 frames: 32 frames from 5 of the 13 chunks, the first and the last
+    chunked = image.chunk({"t": 8})
+    picked = sampled_frames(t, chunked.chunksizes["t"])
+    assert len(picked) == SAMPLED_FRAMES and picked[0] == 0 and picked[-1] == t - 1
+    assert len(set(picked // 8)) == 5
+    frames = np.asarray(plane_frames(chunked))
+    np.testing.assert_array_equal(frames[:, 0, 0], values[picked, 0, z // 2, 0, 0])
 
 
 def test_check_still_warns_only_on_a_moving_input(field, movie, capsys):

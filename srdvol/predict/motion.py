@@ -15,6 +15,7 @@ residuals of a registration pass.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,10 +68,21 @@ class Motion:
         return len(self.shifts) > 1 and self.shifted >= MOVING_SHARE * len(self.shifts)
 
 
-def sampled_frames(frames: int) -> np.ndarray:
-    """Indices of the frames the check reads: all, or :data:`SAMPLED_FRAMES` evenly spaced."""
-    count = min(int(frames), SAMPLED_FRAMES)
-    return np.unique(np.linspace(0, frames - 1, count).round().astype(np.int64))
+def sampled_frames(frames: int, chunks: Sequence[int] | None = None) -> np.ndarray:
+    """Indices of the frames the check reads: all, or :data:`SAMPLED_FRAMES` evenly spaced.
+
+    With the storage's chunk lengths along t (``chunks``), the frames come from as few chunks
+    as hold :data:`SAMPLED_FRAMES` frames (at least two: the first and the last, so a drift
+    shows), evenly spaced over the recording, and evenly from those chunks' frames: a chunk
+    of 64 frames is not read for one frame.
+    """
+    lengths = list(chunks) if chunks else [1] * int(frames)
+    bounds = np.cumsum([0, *lengths])
+    wanted = max(2, -(-SAMPLED_FRAMES * len(lengths) // int(bounds[-1])))
+    picked = np.linspace(0, len(lengths) - 1, min(len(lengths), wanted)).round().astype(int)
+    available = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in np.unique(picked)])
+    count = min(len(available), SAMPLED_FRAMES)
+    return available[np.unique(np.linspace(0, len(available) - 1, count).round().astype(int))]
 
 
 def frame_shifts(frames: np.ndarray) -> Motion:
@@ -138,9 +150,10 @@ def _significance(
 
 def plane_frames(image: Any) -> Any:
     """The frames the check reads from a labelled image (``t`` and ``y``, ``x`` among its
-    dims): :func:`sampled_frames` of its middle ``z`` plane and first channel, lazily, as a
-    ``(n, y, x)`` array."""
+    dims): :func:`sampled_frames` (of its storage chunks, for a dask-backed image) of its middle
+    ``z`` plane and first channel, lazily, as a ``(n, y, x)`` array."""
     picks = {dim: image.sizes[dim] // 2 if dim == "z" else 0 for dim in image.dims}
-    picks |= {"t": sampled_frames(image.sizes["t"])}
+    chunks = image.chunksizes.get("t") if image.chunks else None
+    picks |= {"t": sampled_frames(image.sizes["t"], chunks)}
     del picks["y"], picks["x"]
     return image.isel(picks).transpose("t", "y", "x").data
