@@ -1,10 +1,10 @@
 """Denoising quality on simulated 0.3 Hz calcium imaging: srdvol against classical filters.
 
 For each photon budget and each seed the script simulates a noisy movie with its ground truth
-(:func:`srdvol.simulate.simulate`, the seed also seeds training), then scores, with
-:func:`srdvol.core.metrics.evaluate` (per-frame SNR in dB against the truth, detector offset
-removed; SSIM; per-cell trace correlation and median transient gain; the same per pixel inside
-the cells, see :mod:`srdvol.core.traces`):
+(:func:`srdvol.simulate.simulate`; the seed also seeds training unless ``--train-seed`` says),
+then scores, with :func:`srdvol.core.metrics.evaluate` (per-frame SNR in dB against the truth,
+detector offset removed; SSIM; per-cell trace correlation and median transient gain; the same
+per pixel inside the cells, see :mod:`srdvol.core.traces`):
 
 - the noisy input;
 - a **3D Gaussian filter** (scipy ``gaussian_filter`` over t, y, x) and a **median filter**
@@ -381,7 +381,7 @@ def run_seed(photons: float, seed: int, args: argparse.Namespace, root: Path) ->
         batch_size=args.batch_size,
         lr=args.lr,
         loss=args.loss,
-        seed=seed,
+        seed=seed if args.train_seed is None else args.train_seed,
         device=args.device,
     )
     predictor = ModelPredictor(model, device=args.device, batch_size=4, anchor=args.anchor)
@@ -399,6 +399,7 @@ def run_seed(photons: float, seed: int, args: argparse.Namespace, root: Path) ->
         "load_before": before,
         "load_after": load(),
         "final_loss": losses[-1],
+        **({"train_seed": args.train_seed} if args.train_seed is not None else {}),
     }
     settings = f"overlap {args.overlap:g}, anchor {args.anchor:g}"
     row("srdvol", movie.score(denoised), params=settings, **timing)
@@ -406,6 +407,12 @@ def run_seed(photons: float, seed: int, args: argparse.Namespace, root: Path) ->
         network_only = ModelPredictor(model, device=args.device, batch_size=4)
         own = predict_array(movie.noisy, network_only, patch=patch, overlap=args.overlap)
         row("srdvol, --anchor 0", movie.score(own), params=f"overlap {args.overlap:g}")
+    if args.guide:
+        guided = ModelPredictor(
+            model, device=args.device, batch_size=4, anchor=args.anchor, guide=args.guide
+        )
+        estimate = predict_array(movie.noisy, guided, patch=patch, overlap=args.overlap)
+        row(f"srdvol --guide {args.guide}", movie.score(estimate), params=settings)
     if args.subgrid:
         started = time.perf_counter()
         sub = subgrid_prediction(movie.noisy, predictor, patch, args.overlap)
@@ -494,6 +501,16 @@ def main() -> None:
     parser.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP)
     parser.add_argument(
         "--anchor", type=float, default=DEFAULT_ANCHOR, help="srdvol predict --anchor SIGMA"
+    )
+    parser.add_argument(
+        "--guide", type=int, default=0, help="also score srdvol predict --guide RADIUS"
+    )
+    parser.add_argument(
+        "--train-seed",
+        type=int,
+        default=None,
+        help="seed of training (default: the movie's seed); another one trains another model on "
+        "the same movie",
     )
     parser.add_argument("--network", choices=sorted(NETWORKS), default="default")
     parser.add_argument("--device", default="auto")

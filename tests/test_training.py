@@ -343,6 +343,11 @@ def _ddp_worker(
         options = TrainOptions(steps=4, checkpoint_every=2, **quick)
         plan = prepare_training(noisy, Path(root) / name, options, rank=rank, world_size=2)
         run_training(plan, device="cpu", place=Rank(rank, 2, DistributedDataParallel))
+        # Both ranks past their last collective before either tears the group down and exits:
+        # a rank leaving while its peer still completes the last all-reduce is the likely cause
+        # of one SIGABRT of a rank ("terminate called without an active exception") seen in a
+        # full suite run.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

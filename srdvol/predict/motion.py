@@ -9,8 +9,9 @@ each one's whole-pixel shift against the mean of the others by cross-correlation
 least :data:`MOVING_SHARE` of them are shifted, the run warns.
 
 The estimate integrates over the whole frame, so it works at a few photons per pixel; a frame
-counts as shifted when its correlation peaks at least one pixel away from zero, so sub-pixel
-residuals of a registration pass.
+counts as shifted when its correlation peaks at least one pixel away from zero and beats the
+correlation at zero by :data:`Z_MIN` standard deviations of the frame's noise (so noise alone
+does not count, and sub-pixel residuals of a registration pass).
 """
 
 from __future__ import annotations
