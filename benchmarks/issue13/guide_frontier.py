@@ -15,7 +15,12 @@ predicts the network's own output once (as ``inference.py``'s ``plain``; kept in
 - ``guided residual R weight W``: ``--guide 2``, then ``W`` times the guided filter (radius R,
   guide ``M``) of the residual ``noisy - guided`` added back, then ``--anchor 4``: a
   correction of the network's cell-scale bias shaped like the mean image instead of a
-  Gaussian (``W`` 1 without the Gaussian anchor is the row ``... alone``).
+  Gaussian (``W`` 1 without the Gaussian anchor is the row ``... alone``);
+- ``guide 2 anchor S``: ``--guide 2 --anchor S`` for every S of ``--anchors``.
+
+``--families`` picks which of these run (default: all). With ``--tta`` the network's output
+is ``--tta``'s (the 8 turns and mirrors of every patch averaged; kept in
+``WORKDIR/tta-TAG.npy``) and every row's name starts with ``tta``.
 
 One JSON line per model and variant on stdout, readable by ``acceptance.py``. Run from the
 repository root, one thread::
@@ -91,13 +96,17 @@ class Frames:
 
 def variants(frames: Frames, plain: np.ndarray, truth: np.ndarray, args: Any) -> Any:
     """``(name, estimate)`` for every variant of the module docstring."""
-    for radius in (1, 2, 3):
+    families = set(args.families)
+    if "truth" in families:
+        yield from _truth_rows(frames, truth, args)
+    if "eps" in families:
         for eps in args.eps:
-            yield f"truth {radius} eps {eps:g}", frames.filter(truth, radius, eps)
-    for eps in args.eps:
-        yield f"guide eps {eps:g}", anchored(frames.filter(plain, 2, eps), frames.noisy, 4)
+            yield f"guide eps {eps:g}", anchored(frames.filter(plain, 2, eps), frames.noisy, 4)
     first = frames.filter(plain, 2)
-    for radius in args.radii:
+    if "anchors" in families:
+        for sigma in args.anchors:
+            yield f"guide 2 anchor {sigma:g}", anchored(first, frames.noisy, sigma)
+    for radius in args.radii if "residual" in families else ():
         yield f"guided residual {radius} alone", frames.residual(first, radius, 1.0)
         for weight in args.weights:
             corrected = frames.residual(first, radius, weight)
@@ -107,6 +116,15 @@ def variants(frames: Frames, plain: np.ndarray, truth: np.ndarray, args: Any) ->
             )
 
 
+def _truth_rows(frames: Frames, truth: np.ndarray, args: Any) -> Any:
+    for radius in (1, 2, 3):
+        for eps in args.eps:
+            yield f"truth {radius} eps {eps:g}", frames.filter(truth, radius, eps)
+
+
+FAMILIES = ("truth", "eps", "residual", "anchors")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdir", type=Path)
@@ -114,6 +132,9 @@ def main() -> None:
     parser.add_argument("--eps", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4])
     parser.add_argument("--radii", type=int, nargs="+", default=[4, 6, 8])
     parser.add_argument("--weights", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--anchors", type=float, nargs="+", default=[3, 3.5, 4])
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--tta", action="store_true", help="the network's output with --tta")
     args = parser.parse_args()
     torch.set_num_threads(1)
     for tag in args.models:
@@ -121,15 +142,16 @@ def main() -> None:
         truth = np.asarray(open_image(truth_path).data, dtype=np.float32)
         noisy = np.asarray(open_image(args.workdir / f"noisy-{tag}.zarr").data, dtype=np.float32)
         masks = np.asarray(read_masks(truth_path))
-        cached = args.workdir / f"plain-{tag}.npy"
+        cached = args.workdir / f"{'tta' if args.tta else 'plain'}-{tag}.npy"
         if not cached.exists():
             model = ModelPredictor(
-                args.workdir / f"model-{tag}.safetensors", device="cpu", batch_size=4
+                args.workdir / f"model-{tag}.safetensors", device="cpu", batch_size=4, tta=args.tta
             )
             np.save(cached, predict_array(noisy, model, patch=(32, 64, 64), overlap=0.25))
         plain = np.load(cached)
         for name, estimate in variants(Frames(noisy), plain, truth, args):
             scores = evaluate(estimate, truth, masks=masks, offset=OFFSET)
+            name = f"tta {name}" if args.tta else name
             line = {"model": tag, "method": name, **{k: scores[k] for k in SCORES}}
             print(json.dumps(line), flush=True)
 
