@@ -38,40 +38,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inference import OFFSET, anchored
+from inference import OFFSET, anchored, guided_frames
 
 from srdvol.core.metrics import evaluate
 from srdvol.ngff.labels import read_masks
 from srdvol.ngff.read import open_image
 from srdvol.options import DEFAULT_ANCHOR
 from srdvol.predict.block import predict_array
-from srdvol.predict.guide import GUIDE_EPS, mean_image
+from srdvol.predict.guide import GUIDE_EPS, guided_filter, mean_image
 from srdvol.predict.predictors import ModelPredictor
 
 SCORES = ("snr_db", "ssim", "trace_r", "trace_gain", "pixel_r", "pixel_gain")
-
-
-def guided(activity: Any, guide: Any, radius: int, slope_eps: float) -> Any:
-    """:func:`srdvol.predict.guide.guided_filter` with the slope's regularisation apart from
-    the windows' weights' (``GUIDE_EPS``); ``activity`` ``(t, y, x)``, ``guide`` ``(y, x)``."""
-    size = 2 * radius + 1
-
-    def box(values: Any) -> Any:
-        return F.avg_pool2d(F.pad(values, (radius,) * 4, mode="reflect"), size, stride=1)
-
-    image = guide[None, None]
-    p = activity[None]
-    mean_i, mean_p = box(image), box(p)
-    var_i = box(image * image) - mean_i * mean_i
-    cov = box(image * p) - mean_i * mean_p
-    slope = cov / (var_i + slope_eps)
-    offset = mean_p - slope * mean_i
-    residual = (box(p * p) - mean_p * mean_p - slope * cov).clamp_min(0)
-    weight = 1.0 / (residual + GUIDE_EPS)
-    return ((box(weight * slope) * image + box(weight * offset)) / box(weight))[0]
 
 
 class Frames:
@@ -80,17 +59,16 @@ class Frames:
     def __init__(self, noisy: np.ndarray) -> None:
         self.noisy, self.std = noisy, float(noisy.std())
         self.image = mean_image(noisy)
-        self.guide = torch.from_numpy(self.image / self.std)
+        self.guide = torch.from_numpy(self.image / self.std)[None]
 
     def filter(self, movie: np.ndarray, radius: int, slope_eps: float = GUIDE_EPS) -> np.ndarray:
-        """``M + GF(movie - M; guide M)``."""
-        activity = torch.from_numpy((movie - self.image) / self.std)
-        return self.image + self.std * guided(activity, self.guide, radius, slope_eps).numpy()
+        """``M + GF(movie - M; guide M)``, the slope regularised by ``slope_eps``."""
+        return guided_frames(movie, self.noisy, radius, slope_eps)
 
     def residual(self, movie: np.ndarray, radius: int, weight: float) -> np.ndarray:
         """``movie`` plus ``weight`` times the guided filter of ``noisy - movie``."""
-        residual = torch.from_numpy((self.noisy - movie) / self.std)
-        correction = guided(residual, self.guide, radius, GUIDE_EPS).numpy()
+        residual = torch.from_numpy((self.noisy - movie) / self.std)[None]
+        correction = guided_filter(residual, self.guide, radius)[0].numpy()
         return movie + weight * self.std * correction
 
 

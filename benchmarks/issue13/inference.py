@@ -70,7 +70,7 @@ from srdvol.ngff.read import open_image
 from srdvol.options import DEFAULT_ANCHOR
 from srdvol.predict.anchor import anchor_to_input
 from srdvol.predict.block import predict_array
-from srdvol.predict.guide import guided_filter, mean_image
+from srdvol.predict.guide import GUIDE_EPS, guided_filter, mean_image
 from srdvol.predict.predictors import ModelPredictor
 
 #: The simulator's detector offset (srdvol.simulate's default), removed before SNR.
@@ -115,14 +115,18 @@ def _fit(y: np.ndarray, columns: list[np.ndarray]) -> tuple[float, np.ndarray]:
     return 1 - float((y - x @ coef).var() / y.var()), coef
 
 
-def guided_frames(estimate: np.ndarray, noisy: np.ndarray, radius: int) -> np.ndarray:
+def guided_frames(
+    estimate: np.ndarray, noisy: np.ndarray, radius: int, eps: float = GUIDE_EPS
+) -> np.ndarray:
     """``M + GF(estimate - M; guide M)`` over whole frames, ``M`` the noisy movie's mean image,
-    in units of its std (the filter of ``--guide``)."""
+    in units of its std (the filter of ``--guide``; ``eps``: its slope's regularisation, the
+    windows' weights keep :data:`~srdvol.predict.guide.GUIDE_EPS`)."""
     std = float(noisy.std())
     image = mean_image(noisy)
     activity = torch.from_numpy((estimate - image) / std)[None]
     guide = torch.from_numpy(image / std)[None]
-    return image + std * guided_filter(activity, guide, radius)[0].numpy()
+    filtered = guided_filter(activity, guide, radius, eps, weight_eps=GUIDE_EPS)
+    return image + std * filtered[0].numpy()
 
 
 def anchored(estimate: np.ndarray, noisy: np.ndarray, sigma: float) -> np.ndarray:

@@ -63,7 +63,13 @@ def mean_image(movie: Any, axis: int = 0) -> Any:
     return (taken.sum(axis=axis, dtype=np.float64) / len(picked)).astype(np.float32)
 
 
-def guided_filter(activity: Any, guide: Any, radius: int, eps: float = GUIDE_EPS) -> Any:
+def guided_filter(
+    activity: Any,
+    guide: Any,
+    radius: int,
+    eps: float = GUIDE_EPS,
+    weight_eps: float | None = None,
+) -> Any:
     """The guided filter of every frame of ``activity`` with one guide image per patch.
 
     Parameters
@@ -77,13 +83,17 @@ def guided_filter(activity: Any, guide: Any, radius: int, eps: float = GUIDE_EPS
         (borders are reflected).
     eps
         Regularisation of each window's slope, in the units of ``guide`` squared.
+    weight_eps
+        The one of the windows' weights (``None``: ``eps``); apart only to measure each
+        (benchmarks/issue13/guide_frontier.py).
 
     Returns
     -------
     Tensor
         ``(n, t, y, x)``: per pixel, the mean over the windows covering it of ``a * guide + b``,
         with ``a, b`` the least-squares fit of the activity on the guide in each window (``a``
-        shrunk by ``eps``), each window weighted by ``1 / (its fit's residual variance + eps)``.
+        shrunk by ``eps``), each window weighted by ``1 / (its fit's residual variance +
+        weight_eps)``.
     """
     import torch.nn.functional as F
 
@@ -104,5 +114,5 @@ def guided_filter(activity: Any, guide: Any, radius: int, eps: float = GUIDE_EPS
     slope = cov / (var_i + eps)
     offset = mean_p - slope * mean_i
     residual = (box(p * p) - mean_p * mean_p - slope * cov).clamp_min(0)
-    weight = 1.0 / (residual + eps)
+    weight = 1.0 / (residual + (eps if weight_eps is None else weight_eps))
     return (box(weight * slope) * image + box(weight * offset)) / box(weight)
