@@ -16,9 +16,12 @@ from srdvol.predict.guide import GUIDE_EPS, GUIDE_FRAMES, guide_frames, guided_f
 from srdvol.predict.predictors import ModelPredictor
 
 
-def _reference(p: np.ndarray, guide: np.ndarray, radius: int, eps: float) -> np.ndarray:
+def _reference(
+    p: np.ndarray, guide: np.ndarray, radius: int, eps: float, weight_eps: float | None = None
+) -> np.ndarray:
     """He et al.'s guided filter written with scipy, frame by frame, borders mirrored, with the
-    windows' fits averaged with weights 1 / (residual variance + eps)."""
+    windows' fits averaged with weights 1 / (residual variance + weight_eps, default eps)."""
+    weight_eps = eps if weight_eps is None else weight_eps
     size = 2 * radius + 1
     out = np.empty_like(p, dtype=np.float64)
     for i in range(p.shape[0]):
@@ -36,18 +39,24 @@ def _reference(p: np.ndarray, guide: np.ndarray, radius: int, eps: float) -> np.
             a = cov / (var_i + eps)
             b = mean_p - a * mean_i
             residual = np.maximum(box(frame * frame) - mean_p**2 - a * cov, 0)
-            w = 1 / (residual + eps)
+            w = 1 / (residual + weight_eps)
             out[i, j] = (box(w * a) * image + box(w * b)) / box(w)
     return out
 
 
-@pytest.mark.parametrize(("radius", "eps"), [(1, 0.01), (2, 0.01), (3, 0.5)])
-def test_guided_filter_matches_a_scipy_reference(radius, eps):
+@pytest.mark.parametrize(
+    ("radius", "eps", "weight_eps"),
+    [(1, 0.01, None), (2, 0.01, None), (3, 0.5, None), (2, 1e-4, 0.5)],
+)
+def test_guided_filter_matches_a_scipy_reference(radius, eps, weight_eps):
     rng = np.random.default_rng(radius)
     guide = rng.normal(0, 1, size=(2, 17, 20)).astype(np.float32)
     p = rng.normal(0, 1, size=(2, 3, 17, 20)).astype(np.float32)
-    got = guided_filter(torch.from_numpy(p), torch.from_numpy(guide), radius, eps).numpy()
-    np.testing.assert_allclose(got, _reference(p, guide, radius, eps), rtol=0, atol=2e-5)
+    got = guided_filter(
+        torch.from_numpy(p), torch.from_numpy(guide), radius, eps, weight_eps=weight_eps
+    ).numpy()
+    expected = _reference(p, guide, radius, eps, weight_eps)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5)
 
 
 def test_activity_that_follows_the_mean_image_passes_and_noise_does_not():
