@@ -153,3 +153,61 @@ def test_each_plane_is_guided_by_its_own_mean_image(tiny_model):
     assert lazy.numblocks[1] == 2 and max(lazy.numblocks[0], lazy.numblocks[2]) > 1
     with dask.config.set(scheduler="threads"):
         np.testing.assert_array_equal(lazy.compute(), both)
+
+
+class _CountingFrames:
+    """A (t, y, x) array that records which frames each read asks for."""
+
+    def __init__(self, movie: np.ndarray):
+        self.movie, self.shape, self.dtype, self.ndim = movie, movie.shape, movie.dtype, movie.ndim
+        self.reads: list[tuple[int, int]] = []
+
+    def __getitem__(self, key):
+        if key[0].stop > key[0].start:  # dask's own probe at from_array reads no frame
+            self.reads.append((key[0].start, key[0].stop))
+        return self.movie[key]
+
+
+def test_mean_image_reads_whole_storage_chunks_only():
+    movie = np.random.default_rng(6).integers(0, 4000, size=(600, 5, 6), dtype=np.uint16)
+    counting = _CountingFrames(movie)
+    lazy = da.from_array(counting, chunks=(8, 5, 6), asarray=False)
+    picked = guide_frames(600, lazy.chunks[0])
+    assert len(picked) == GUIDE_FRAMES  # 32 chunks of 8 frames
+    with dask.config.set(scheduler="sync"):
+        got = mean_image(lazy, 0, chunks=lazy.chunks[0]).compute()
+    assert len(counting.reads) == 32 and all(b - a == 8 for a, b in counting.reads)
+    np.testing.assert_array_equal(got, mean_image(movie, 0, chunks=lazy.chunks[0]))
+    np.testing.assert_allclose(got, movie[picked].astype(np.float64).mean(axis=0), rtol=1e-6)
+    # without the chunks: evenly spaced frames, one from each of 75 chunks
+    counting.reads.clear()
+    with dask.config.set(scheduler="sync"):
+        mean_image(lazy, 0).compute()
+    assert len(counting.reads) == 75
+
+
+def test_engine_mean_image_neither_waits_for_blocks_nor_shares_their_reads(tiny_model, monkeypatch):
+    # The guide is read before any block runs; taken from the blocks it would need the whole
+    # input read (and held) first, and sharing their reads it would hold its chunks until then.
+    import srdvol.dask.graph as graph
+
+    images = []
+
+    def keep(*args, **kwargs):
+        images.append(mean_image(*args, **kwargs))
+        return images[-1]
+
+    monkeypatch.setattr(graph, "mean_image", keep)
+    movie = np.random.default_rng(7).integers(50, 400, size=(600, 16, 16), dtype=np.uint16)
+    data = da.from_array(movie, chunks=(8, 16, 16))
+    guided = ModelPredictor(tiny_model, device="cpu", batch_size=4, guide=2)
+    denoise(data, guided, patch=(16, 16, 16), block=(64, 16, 16), dims="tyx")
+    (image,) = images
+    graph_ = image.__dask_graph__().cull(set(dask.core.flatten(image.__dask_keys__())))
+    names = {key[0] if isinstance(key, tuple) else key for key in graph_.keys()}
+    assert not [n for n in names if n.startswith("rechunk")], names
+    # its reads: the tasks it starts from, 32 whole chunks of 8 frames, none of them the blocks'
+    starts = [key for key, deps in graph_.get_all_dependencies().items() if not deps]
+    reads = [key for key in starts if isinstance(key, tuple)]  # not the frame index list
+    assert len(reads) == 32
+    assert not set(reads) & set(dict(data.__dask_graph__()))

@@ -98,7 +98,6 @@ def _denoise_lines(
     """Training patch and padding, block plan, its cost, workers."""
     from srdvol.core.cost import plan_cost
     from srdvol.dask.gpus import visible_gpus
-    from srdvol.predict.guide import guide_frames
 
     sizes = dict(zip(("t", "y", "x"), patch, strict=True))
     plan = _block_plan(image, sizes=sizes, block=block, overlap=overlap, chunks=chunks)
@@ -136,8 +135,7 @@ def _denoise_lines(
         + ("; --tta: every patch in the 8 turns and mirrors of (y, x)" if tta else "")
         + (
             f"; --guide: each frame's activity filtered in windows of radius {guide} px with "
-            f"the mean image of {len(guide_frames(int(image.sizes['t'])))} input frames, read "
-            "first"
+            f"the mean image of {_guide_frame_count(image)} input frames, read first"
             if guide
             else ""
         ),
@@ -355,3 +353,10 @@ def _bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def _guide_frame_count(image: Any) -> int:
+    from srdvol.predict.guide import guide_frames
+
+    chunks = image.chunksizes.get("t") if image.chunks else None
+    return len(guide_frames(int(image.sizes["t"]), chunks))

@@ -30,6 +30,7 @@ import dask
 import dask.array as da
 import numpy as np
 from dask._task_spec import List, Task, TaskRef
+from dask.graph_manipulation import clone
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from srdvol.axes import MOVIE_AXES, parse_axes
@@ -219,13 +220,19 @@ def _lazy(
 ) -> da.Array:
     # Plain tasks, never distributed's P2P rechunk (which dask picks when a Client is the
     # default): its all-to-all barrier cannot run block by block, nor without a cluster.
+    # --guide: the input's mean image, one small task every block depends on (and a worker
+    # fetches once); None keeps the graph as it was. It reads a few storage chunks of its own
+    # (a clone of the reads): taken from the blocks, it would wait for every block of the
+    # input to be read and held in memory; sharing the blocks' reads, it would hold its chunks
+    # until their blocks run.
+    guide = None
+    if getattr(predictor, "guide", 0):
+        t = plan.dims.index("t")
+        guide = mean_image(clone(data), t, chunks=data.chunks[t])
     data = data.rechunk(plan.chunks, method="tasks")
     token = dask.base.tokenize(data.name, plan, predictor, window_kind, overlap)
     name = f"srdvol-denoise-{token}"
     depth = {a: (0, d) if d else 0 for a, d in enumerate(plan.depth)}
-    # --guide: the input's mean image, one small task every block depends on (and a worker
-    # fetches once); None keeps the graph as it was.
-    guide = mean_image(data, plan.dims.index("t")) if getattr(predictor, "guide", 0) else None
     sums = da.map_overlap(
         _sums_block,
         data,

@@ -21,42 +21,68 @@ frame is filtered on its own, with the same guide.
 It assumes a still recording: the mean image must show where the structures of each frame are.
 A recording with uncorrected motion should be registered first (or denoised without it).
 
-The mean image is :func:`mean_image` of the whole input (at most :data:`GUIDE_FRAMES` frames,
-evenly spaced), the same for every patch, so the output does not depend on the blocks. Like
+The mean image is :func:`mean_image` of the whole input (about :data:`GUIDE_FRAMES` frames
+spread over the recording, taken from as few of its storage chunks as hold them), the same for
+every patch, so the output does not depend on the blocks. Like
 ``--anchor`` it runs on each patch inside the predictor (after the network and ``--tta``, before
 the anchoring), where the blending window gives a patch's reflected edges little weight.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["GUIDE_EPS", "GUIDE_FRAMES", "guide_frames", "guided_filter", "mean_image"]
+from srdvol.core.frames import frames_of_few_chunks
+
+__all__ = [
+    "GUIDE_CHUNKS",
+    "GUIDE_EPS",
+    "GUIDE_FRAMES",
+    "guide_frames",
+    "guided_filter",
+    "mean_image",
+]
 
 #: Regularisation of the fits, in the predictor's normalised units squared (a window whose mean
 #: image varies by less than 0.1 of the input's std is treated as flat: its activity is averaged).
 GUIDE_EPS = 0.01
 
-#: The most frames the mean image averages (evenly spaced over the recording).
+#: The frames the mean image averages: all, or about this many, evenly spread.
 GUIDE_FRAMES = 256
 
-
-def guide_frames(frames: int) -> np.ndarray:
-    """Indices of the frames :func:`mean_image` averages: all, or :data:`GUIDE_FRAMES` evenly
-    spaced ones."""
-    count = min(int(frames), GUIDE_FRAMES)
-    return np.unique(np.linspace(0, frames - 1, count).round().astype(np.int64))
+#: The fewest storage chunks the mean image reads (or all), evenly spread over the recording, so
+#: that a recording stored in long chunks is not averaged over one stretch of it.
+GUIDE_CHUNKS = 8
 
 
-def mean_image(movie: Any, axis: int = 0) -> Any:
+def guide_frames(frames: int, chunks: Sequence[int] | None = None) -> np.ndarray:
+    """Indices of the frames :func:`mean_image` averages.
+
+    Parameters
+    ----------
+    frames
+        Length of the recording.
+    chunks
+        The storage's chunk lengths along t. ``None``: all frames, or :data:`GUIDE_FRAMES`
+        evenly spaced ones. Given: every frame of the fewest chunks that hold
+        :data:`GUIDE_FRAMES` frames (at least :data:`GUIDE_CHUNKS`, or all), evenly spread,
+        since reading one frame costs its whole chunk.
+    """
+    return frames_of_few_chunks(frames, GUIDE_FRAMES, chunks, at_least=GUIDE_CHUNKS)
+
+
+def mean_image(movie: Any, axis: int = 0, chunks: Sequence[int] | None = None) -> Any:
     """The mean over ``axis`` (time) of the frames :func:`guide_frames` picks, float32.
 
     Works on numpy and dask arrays alike; frames are summed in float64, so integer data give
-    the same image whatever the chunking.
+    the same image whatever the chunking. ``chunks`` are the storage's chunk lengths along
+    ``axis`` (see :func:`guide_frames`); pass a dask array's own (``movie.chunks[axis]``) to
+    read as few of its chunks as the image needs.
     """
-    picked = guide_frames(movie.shape[axis])
+    picked = guide_frames(movie.shape[axis], chunks)
     every = len(picked) == movie.shape[axis]
     taken = movie if every else movie[(slice(None),) * (axis % movie.ndim) + (picked,)]
     # summed in float64 as it goes: no float64 copy of the frames (8 bytes per input voxel)

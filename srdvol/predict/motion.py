@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from srdvol.core.frames import frames_of_few_chunks
+
 __all__ = [
     "MOVING_SHARE",
     "SAMPLED_FRAMES",
@@ -77,11 +79,7 @@ def sampled_frames(frames: int, chunks: Sequence[int] | None = None) -> np.ndarr
     shows), evenly spaced over the recording, and evenly from those chunks' frames: a chunk
     of 64 frames is not read for one frame.
     """
-    lengths = list(chunks) if chunks else [1] * int(frames)
-    bounds = np.cumsum([0, *lengths])
-    wanted = max(2, -(-SAMPLED_FRAMES * len(lengths) // int(bounds[-1])))
-    picked = np.linspace(0, len(lengths) - 1, min(len(lengths), wanted)).round().astype(int)
-    available = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in np.unique(picked)])
+    available = frames_of_few_chunks(frames, SAMPLED_FRAMES, chunks, at_least=2)
     count = min(len(available), SAMPLED_FRAMES)
     return available[np.unique(np.linspace(0, len(available) - 1, count).round().astype(int))]
 
