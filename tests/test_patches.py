@@ -166,3 +166,79 @@ def test_bad_arguments(
 ) -> None:
     with pytest.raises(ConfigError, match=match):
         PatchSampler(movie[1], **kwargs)  # type: ignore[arg-type]
+
+
+def test_reading_ahead_gives_the_same_batches_and_resumes_the_same(
+    movie: tuple[np.ndarray, xr.DataArray],
+) -> None:
+    _, img = movie
+    plain = PatchSampler(img, patch=(16, 8, 8), seed=5, batch_size=3)
+    ahead = PatchSampler(img, patch=(16, 8, 8), seed=5, batch_size=3, read_ahead=True)
+    try:
+        for _ in range(3):
+            np.testing.assert_array_equal(ahead.sample(), plain.sample())
+        # the state is the returned batches', not the one being read ahead
+        assert ahead.state_dict() == plain.state_dict()
+        state = json.loads(json.dumps(ahead.state_dict()))
+        # another batch size, then single draws: the positions read ahead go back to the stream
+        np.testing.assert_array_equal(ahead.sample(batch_size=2), plain.sample(batch_size=2))
+        assert [ahead.draw() for _ in range(4)] == [plain.draw() for _ in range(4)]
+        expected = [plain.sample() for _ in range(2)]
+        resumed = PatchSampler(img, patch=(16, 8, 8), seed=0, batch_size=3, read_ahead=True)
+        resumed.load_state_dict(state)
+        replay = PatchSampler(img, patch=(16, 8, 8), seed=0, batch_size=3)
+        replay.load_state_dict(state)
+        for _ in range(2):
+            np.testing.assert_array_equal(resumed.sample(), replay.sample())
+        resumed.close()
+        assert resumed.state_dict() == replay.state_dict()
+        np.testing.assert_array_equal(resumed.sample(), replay.sample())  # closed: reads now
+        assert len(expected) == 2
+    finally:
+        ahead.close()
+
+
+class _SlowReads:
+    """A (t, y, x) array whose reads are noted (and take a while)."""
+
+    def __init__(self, data: np.ndarray):
+        self.data, self.shape, self.dtype, self.ndim = data, data.shape, data.dtype, data.ndim
+        self.reads = 0
+
+    def __getitem__(self, key):
+        if all(k.stop > k.start for k in key):
+            import time
+
+            time.sleep(0.01)
+            self.reads += 1
+        return self.data[key]
+
+
+def test_the_next_batch_is_read_while_the_caller_works() -> None:
+    import time
+
+    slow = _SlowReads(np.random.default_rng(2).integers(0, 9, size=(64, 16, 16), dtype=np.uint16))
+    img = xr.DataArray(da.from_array(slow, chunks=(1, 16, 16), asarray=False), dims=("t", "y", "x"))
+    sampler = PatchSampler(img, patch=(16, 16, 16), seed=0, batch_size=2, read_ahead=True)
+    # one frame per chunk: a batch reads the distinct frames of its two patches
+    replay = PatchSampler(img, patch=(16, 16, 16), seed=0)
+    frames = []
+    for _ in range(3):
+        starts = [replay.draw()[1][0] for _ in range(2)]
+        frames.append(len({t for s in starts for t in range(s, s + 16)}))
+
+    def reads_reach(count: int) -> bool:
+        for _ in range(600):  # no sample() call meanwhile: the reading thread reads
+            if slow.reads >= count:
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)
+        return slow.reads == count
+
+    try:
+        sampler.sample()
+        assert reads_reach(frames[0] + frames[1])
+        sampler.sample()  # the batch read ahead, and the next one started
+        assert reads_reach(sum(frames))
+    finally:
+        sampler.close()

@@ -298,6 +298,7 @@ class TrainingRun:
                 rank=self.rank,
                 world_size=self.world_size,
                 batch_size=plan.batch_size,
+                read_ahead=True,  # the next batch's chunks are read while a step trains
             )
             self.losses: list[float] = []
             if saved is not None:
@@ -385,6 +386,7 @@ class TrainingRun:
 
     def finish(self) -> ModelRecord:
         """The model's record; rank 0 writes the model file."""
+        self.sampler.close()
         record = model_record(self.plan, self.image, self.trainer, self.losses)
         if self.rank == 0:
             write_model(self.plan.model_path, self.trainer.network, record)
@@ -457,7 +459,11 @@ def run_training(
             if reached < end:
                 raise interrupt.interruption()
     except KeyboardInterrupt as exc:  # stopped at a step, or a second Ctrl-C cut a step short
+        run.sampler.close()
         interrupt.keep(exc, run.kept())
+        raise
+    except BaseException:
+        run.sampler.close()
         raise
     if on_finish is not None:
         on_finish(run.trainer)

@@ -7,6 +7,12 @@ inference lattice: uniform starts show the network every phase of the image rela
 grid and every frame equally often, and a patch that straddles chunk borders only costs reading
 those few chunks.
 
+With ``read_ahead`` (training's setting) the next batch is read in a background thread while the
+current step trains: storage is read whole chunks at a time, so a patch of 64 frames of a
+recording stored one frame per chunk decompresses 64 whole frames, which the step would
+otherwise wait for. The positions are drawn in the same order either way (on the calling
+thread), so the patches, and a seed's result, do not change.
+
 Each rank of a distributed run draws from its own stream, ``SeedSequence(seed, spawn_key=(rank,))``,
 so ranks see different patches and a run is reproducible for a seed and world size. The stream's
 state is part of :meth:`PatchSampler.state_dict`, which training checkpoints store, so a resumed run
@@ -18,6 +24,8 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import dask
@@ -30,6 +38,15 @@ from srdvol.errors import ConfigError, InputError, flag
 from srdvol.options import Patch
 
 __all__ = ["PatchSampler"]
+
+
+@dataclass
+class _Ahead:
+    """A batch being read ahead: its size, the stream's state before its draws, its blocks."""
+
+    count: int
+    state: dict[str, Any]
+    blocks: Future[tuple[Any, ...]]
 
 
 def _source(array: xr.DataArray) -> str:
@@ -53,6 +70,10 @@ class PatchSampler:
         This process's rank among ``world_size`` training processes; each rank has its own stream.
     batch_size
         Number of patches :meth:`sample` (and iteration) returns at once.
+    read_ahead
+        Read the next batch in a background thread as soon as :meth:`sample` returns one (the
+        same patches, drawn in the same order; :meth:`state_dict` is the state after the
+        batches returned). :meth:`close` ends the thread.
 
     Raises
     ------
@@ -76,6 +97,7 @@ class PatchSampler:
         rank: int = 0,
         world_size: int = 1,
         batch_size: int = 1,
+        read_ahead: bool = False,
     ) -> None:
         patch = Patch.parse(patch)
         if world_size < 1 or not 0 <= rank < world_size:
@@ -115,10 +137,17 @@ class PatchSampler:
         ]
         self._shape = {d: int(array.sizes[d]) for d in MOVIE_AXES}
         self._rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(rank,)))
+        self.read_ahead = bool(read_ahead)
+        self._ahead: _Ahead | None = None
+        self._reader: ThreadPoolExecutor | None = None
 
     # -- positions -----------------------------------------------------------------------------
     def draw(self) -> tuple[dict[str, int], tuple[int, int, int]]:
         """Draw one patch position: the (c, z) movie and the (t, y, x) start (pre-padding)."""
+        self._drop_ahead()  # the batch read ahead gives its positions back to the stream
+        return self._draw()
+
+    def _draw(self) -> tuple[dict[str, int], tuple[int, int, int]]:
         movie = self.movies[int(self._rng.integers(len(self.movies)))]
         start = tuple(
             int(self._rng.integers(max(self._shape[d] - p, 0) + 1))
@@ -155,11 +184,40 @@ class PatchSampler:
     def sample(self, batch_size: int | None = None) -> np.ndarray:
         """Draw and read a batch of patches: float32 ``(B, t, y, x)`` in input units."""
         count = self.batch_size if batch_size is None else int(batch_size)
-        regions = [self.region(*self.draw()) for _ in range(count)]
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.count != count:
+            self._rng.bit_generator.state = ahead.state  # drawn again, at this size
+            ahead = None
+        blocks = ahead.blocks.result() if ahead is not None else self._read(self._regions(count))
+        if self.read_ahead:
+            if self._reader is None:
+                self._reader = ThreadPoolExecutor(1, thread_name_prefix="srdvol-read-ahead")
+            state = self._rng.bit_generator.state
+            regions = self._regions(count)
+            self._ahead = _Ahead(count, state, self._reader.submit(self._read, regions))
+        return np.stack([self._finish(np.asarray(b)) for b in blocks])
+
+    def _regions(self, count: int) -> list[tuple[slice | int, ...]]:
+        return [self.region(*self._draw()) for _ in range(count)]
+
+    def _read(self, regions: list[tuple[slice | int, ...]]) -> tuple[Any, ...]:
         # One compute for the batch so the chunk reads run in parallel threads; explicit
         # threads keep it off any distributed client (this may run inside a Dask worker).
-        blocks = dask.compute(*(self._data[r] for r in regions), scheduler="threads")
-        return np.stack([self._finish(np.asarray(b)) for b in blocks])
+        return dask.compute(*(self._data[r] for r in regions), scheduler="threads")
+
+    def _drop_ahead(self) -> None:
+        """Forget the batch read ahead, its positions given back to the stream."""
+        if self._ahead is not None:
+            self._rng.bit_generator.state = self._ahead.state
+            self._ahead.blocks.cancel()
+            self._ahead = None
+
+    def close(self) -> None:
+        """Stop reading ahead (the stream stays where the returned batches left it)."""
+        self._drop_ahead()
+        if self._reader is not None:
+            self._reader.shutdown(wait=False, cancel_futures=True)
+            self._reader = None
 
     def __iter__(self) -> Iterator[np.ndarray]:
         while True:
@@ -177,7 +235,9 @@ class PatchSampler:
             "seed": self.seed,
             "rank": self.rank,
             "world_size": self.world_size,
-            "bit_generator": self._rng.bit_generator.state,
+            "bit_generator": (
+                self._ahead.state if self._ahead is not None else self._rng.bit_generator.state
+            ),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -189,4 +249,5 @@ class PatchSampler:
                 f"not rank {self.rank} of {self.world_size}",
                 "resume with the same number of training processes",
             )
+        self._drop_ahead()
         self._rng.bit_generator.state = state["bit_generator"]
