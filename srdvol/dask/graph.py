@@ -218,8 +218,6 @@ def _lazy(
     window_kind: Window,
     overlap: float,
 ) -> da.Array:
-    # Plain tasks, never distributed's P2P rechunk (which dask picks when a Client is the
-    # default): its all-to-all barrier cannot run block by block, nor without a cluster.
     # --guide: the input's mean image, one small task every block depends on (and a worker
     # fetches once); None keeps the graph as it was. It reads a few storage chunks of its own
     # (a clone of the reads): taken from the blocks, it would wait for every block of the
@@ -229,6 +227,8 @@ def _lazy(
     if getattr(predictor, "guide", 0):
         t = plan.dims.index("t")
         guide = mean_image(clone(data), t, chunks=data.chunks[t])
+    # Plain tasks, never distributed's P2P rechunk (which dask picks when a Client is the
+    # default): its all-to-all barrier cannot run block by block, nor without a cluster.
     data = data.rechunk(plan.chunks, method="tasks")
     token = dask.base.tokenize(data.name, plan, predictor, window_kind, overlap)
     name = f"srdvol-denoise-{token}"

@@ -459,12 +459,10 @@ def run_training(
             if reached < end:
                 raise interrupt.interruption()
     except KeyboardInterrupt as exc:  # stopped at a step, or a second Ctrl-C cut a step short
-        run.sampler.close()
         interrupt.keep(exc, run.kept())
         raise
-    except BaseException:
-        run.sampler.close()
-        raise
+    finally:
+        run.sampler.close()  # no more batches to read ahead, whatever ended the steps
     if on_finish is not None:
         on_finish(run.trainer)
     return run.finish()
