@@ -211,3 +211,15 @@ def test_engine_mean_image_neither_waits_for_blocks_nor_shares_their_reads(tiny_
     reads = [key for key in starts if isinstance(key, tuple)]  # not the frame index list
     assert len(reads) == 32
     assert not set(reads) & set(dict(data.__dask_graph__()))
+
+
+def test_an_in_memory_input_gets_the_in_memory_guide(tiny_model):
+    # A numpy input has no storage chunks: the engine averages the same evenly spaced frames
+    # as predict_array (not every frame of its one in-memory chunk), so the two agree.
+    movie = np.random.default_rng(8).integers(50, 400, size=(300, 16, 16), dtype=np.uint16)
+    movie[::7] += 300  # frames outside the even sample: a mean of every frame differs
+    guided = ModelPredictor(tiny_model, device="cpu", batch_size=8, guide=2)
+    whole = predict_array(movie, guided, patch=(16, 16, 16), overlap=0.25)
+    lazy = denoise(movie, guided, patch=(16, 16, 16), block=(128, 16, 16), dims="tyx")
+    with dask.config.set(scheduler="threads"):
+        np.testing.assert_array_equal(lazy.compute(), whole)

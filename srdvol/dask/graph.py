@@ -129,7 +129,10 @@ def denoise(
             )
         names = parse_axes(dims, subject="dims")
         data = array
-    if not isinstance(data, da.Array):
+    # --guide's mean image reads whole storage chunks of a lazy input; an in-memory one has
+    # none, and averages evenly spaced frames as predict_array does
+    stored = isinstance(data, da.Array)
+    if not stored:
         data = da.from_array(np.asarray(data), chunks=-1)
     if len(names) != data.ndim:
         raise InputError(
@@ -175,6 +178,7 @@ def denoise(
         predictor=predictor,
         window_kind=Window(window),
         overlap=overlap,
+        stored=stored,
     )
     if labelled:
         import xarray as xr
@@ -217,6 +221,7 @@ def _lazy(
     predictor: Predictor,
     window_kind: Window,
     overlap: float,
+    stored: bool = True,
 ) -> da.Array:
     # --guide: the input's mean image, one small task every block depends on (and a worker
     # fetches once); None keeps the graph as it was. It reads a few storage chunks of its own
@@ -226,7 +231,7 @@ def _lazy(
     guide = None
     if getattr(predictor, "guide", 0):
         t = plan.dims.index("t")
-        guide = mean_image(clone(data), t, chunks=data.chunks[t])
+        guide = mean_image(clone(data), t, chunks=data.chunks[t] if stored else None)
     # Plain tasks, never distributed's P2P rechunk (which dask picks when a Client is the
     # default): its all-to-all barrier cannot run block by block, nor without a cluster.
     data = data.rechunk(plan.chunks, method="tasks")

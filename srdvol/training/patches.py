@@ -184,10 +184,9 @@ class PatchSampler:
     def sample(self, batch_size: int | None = None) -> np.ndarray:
         """Draw and read a batch of patches: float32 ``(B, t, y, x)`` in input units."""
         count = self.batch_size if batch_size is None else int(batch_size)
+        if self._ahead is not None and self._ahead.count != count:
+            self._drop_ahead()  # drawn again, at this size
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead.count != count:
-            self._rng.bit_generator.state = ahead.state  # drawn again, at this size
-            ahead = None
         blocks = ahead.blocks.result() if ahead is not None else self._read(self._regions(count))
         if self.read_ahead:
             if self._reader is None:
