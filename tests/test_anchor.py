@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from srdvol.predict.anchor import anchor_to_input, gaussian_kernel
+from srdvol.predict.anchor import SHAPE_MAX, anchor_to_input, gaussian_kernel, shape_of
 from srdvol.predict.predictors import ModelPredictor
 
 
@@ -52,6 +52,54 @@ def test_anchor_is_affine_in_the_units_and_zero_turns_it_off():
     taps = gaussian_kernel(4.0, 12)
     assert len(taps) == 23 and abs(sum(taps) - 1) < 1e-12
     assert len(gaussian_kernel(4.0, 1)) == 1  # one pixel: nothing to blur
+
+
+def _cell_image(offset=50.0, size=32):
+    """A mean image: a flat background and one bright disk of radius 5 (a soma)."""
+    yy, xx = np.mgrid[:size, :size]
+    disk = ((yy - 16) ** 2 + (xx - 15) ** 2 <= 25).astype(np.float32)
+    return (offset + 100 * disk).astype(np.float32), disk
+
+
+def test_shaped_anchor_puts_back_a_residual_shaped_like_the_mean_image():
+    # The network missed 30 % of a cell's activity, which follows the cell's brightness: the
+    # Gaussian anchor spreads that over the cell's surroundings, the shaped one puts it back.
+    image, disk = _cell_image()
+    noisy, _ = _pair((2, 3, 32, 32))
+    denoised = noisy - 0.3 * (image - 50)
+    t = torch.from_numpy
+    images = t(np.stack([image, image]))
+    for sigma in (2.0, 4.0):
+        shaped = anchor_to_input(t(noisy), t(denoised), sigma, images).numpy()
+        np.testing.assert_allclose(shaped, noisy, rtol=0, atol=0.1)  # all 30 of 30 back
+        gaussian = anchor_to_input(t(noisy), t(denoised), sigma).numpy()
+        inside = disk.astype(bool)
+        assert np.mean((noisy - gaussian)[..., inside]) > 5  # over 5 of 30 still missing
+        assert np.abs(gaussian - noisy)[..., ~inside].max() > 3  # and some put beside it
+
+
+def test_shape_of_a_flat_image_is_the_gaussian_anchor_and_units_do_not_matter():
+    noisy, denoised = _pair((2, 3, 20, 24))
+    t = torch.from_numpy
+    flat = torch.full((2, 20, 24), 7.0)
+    np.testing.assert_allclose(shape_of(flat, 3.0).numpy(), 1.0, atol=1e-5)
+    np.testing.assert_allclose(
+        anchor_to_input(t(noisy), t(denoised), 3.0, flat),
+        anchor_to_input(t(noisy), t(denoised), 3.0),
+        atol=1e-4,
+    )
+    image = t(np.stack([_cell_image()[0], _cell_image(offset=10)[0]]))
+    shape = shape_of(image, 4.0)
+    np.testing.assert_allclose(shape_of(3 * image + 40, 4.0), shape, rtol=1e-4, atol=1e-5)
+    assert shape.max() > 1.5 and shape.min() < 0.1  # raised on the cell, lowered beside it
+
+
+def test_shape_of_a_lone_bright_pixel_is_capped():
+    image = torch.zeros(1, 24, 24)
+    image[0, 12, 12] = 1000.0  # a hot pixel: its share would be about 2 pi sigma² = 100
+    shape = shape_of(image, 4.0)
+    assert float(shape.max()) == SHAPE_MAX
+    assert float(shape[0, 0, 0]) == pytest.approx(1.0, abs=0.01)  # far off: the plain anchor
 
 
 def test_model_predictor_anchors_each_patch_after_the_network(tiny_model):

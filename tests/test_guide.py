@@ -103,8 +103,10 @@ def test_model_predictor_guides_each_patch_then_anchors(tiny_model):
     got = guided.predict_tensor(t(x), t(guide)).numpy()
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-3)
     assert np.abs(got - own).max() > 0.5
-    anchored = anchor_to_input(t(x), t(got), 3.0).numpy()
-    np.testing.assert_allclose(both.predict_tensor(t(x), t(guide)).numpy(), anchored, atol=2e-3)
+    # then the anchor, its correction shaped like the mean image
+    shaped = anchor_to_input(t(x), t(got), 3.0, t(guide)).numpy()
+    np.testing.assert_allclose(both.predict_tensor(t(x), t(guide)).numpy(), shaped, atol=2e-3)
+    assert np.abs(shaped - anchor_to_input(t(x), t(got), 3.0).numpy()).max() > 0.05
     assert "guide=2" in repr(guided)
     with pytest.raises(RuntimeError, match="mean image"):
         guided(x)  # patches alone: no mean image to guide with

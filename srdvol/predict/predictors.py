@@ -424,7 +424,7 @@ class ModelPredictor:
         if self.anchor:
             from srdvol.predict.anchor import anchor_to_input
 
-            out = anchor_to_input(x, out, self.anchor)
+            out = anchor_to_input(x, out, self.anchor, image[:, 0] if self.guide else None)
         return out * std + mean
 
     def _forward(self, network: Any, x: Any) -> Any:
