@@ -44,6 +44,7 @@ from srdvol.values import (
     Window,
     check_model_patch_t,
     check_overlap,
+    default_anchor,
     parse_compression,
     parse_gpus,
     parse_triple,
@@ -285,10 +286,11 @@ class PredictOptions(_Options):
         "(y, x) plane (8x the prediction time).",
     )
     anchor: float = Field(
-        DEFAULT_ANCHOR,
+        None,  # type: ignore[assignment]  # filled in from guide by _anchor_for_guide
         ge=0,
         description="Keep the input's intensities at scales above this Gaussian sigma in "
-        "pixels (the network's fine detail, the measurement's coarse levels); 0 turns it off.",
+        f"pixels (the network's fine detail, the measurement's coarse levels); default "
+        f"{DEFAULT_ANCHOR:g}, {default_anchor(1):g} with guide; 0 turns it off.",
     )
     guide: int = Field(
         0,
@@ -302,6 +304,18 @@ class PredictOptions(_Options):
         description="Normalise the input with its own sampled mean and std, not the model's "
         "training statistics.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _anchor_for_guide(cls, values: Any) -> Any:
+        # The anchor's default depends on the guide (its correction is shaped when guided).
+        if isinstance(values, dict) and values.get("anchor") is None:
+            try:
+                guided = bool(int(values.get("guide") or 0))
+            except (TypeError, ValueError):
+                return values  # the guide's own check names the bad value
+            return {**values, "anchor": default_anchor(guided)}
+        return values
 
 
 class OutputOptions(_Options):

@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_OVERLAP",
     "DEVICE_PREFIXES",
     "FRAMES_PER_LEVEL",
+    "GUIDED_ANCHOR",
     "MAX_OVERLAP",
     "Block",
     "GPUChoice",
@@ -25,6 +26,7 @@ __all__ = [
     "Window",
     "check_model_patch_t",
     "check_overlap",
+    "default_anchor",
     "parse_compression",
     "parse_gpus",
     "parse_triple",
@@ -34,6 +36,10 @@ __all__ = [
 #: (``--anchor``, :mod:`srdvol.predict.anchor`): unbiased cell traces at short training budgets
 #: (benchmarks/RESULTS.md, issue 13).
 DEFAULT_ANCHOR = 4.0
+#: The anchor's sigma with ``--guide``, where its correction is shaped like the mean image
+#: (:func:`srdvol.predict.anchor.shape_of`) and so noisier on a cell's pixels: at 4.5 pixels the
+#: transients keep their amplitude and pixel traces beat every Gaussian's (benchmarks/RESULTS.md).
+GUIDED_ANCHOR = 4.5
 #: Patch overlap of prediction: every voxel is covered by about 2.4 patches at 0.25.
 DEFAULT_OVERLAP = 0.25
 #: Above this the stride is 5 % of the patch and a run costs tens of times more (`srdvol info`).
@@ -282,3 +288,9 @@ def parse_gpus(text: Any) -> GPUChoice:
             "ids such as GPU-<uuid>",
         )
     return entries
+
+
+def default_anchor(guide: int) -> float:
+    """``--anchor``'s default: :data:`GUIDED_ANCHOR` with ``--guide``, else
+    :data:`DEFAULT_ANCHOR`."""
+    return GUIDED_ANCHOR if guide else DEFAULT_ANCHOR

@@ -49,6 +49,7 @@ def test_info_describes_an_image_and_a_model(bad_inputs, capsys):
         capsys, "info", str(bad_inputs / "in.zarr"), "--patch", "16,32,32", "--guide", "3"
     )
     assert code == 0 and "windows of radius 3 px with the mean image of 32 input frames" in out
+    assert "above a Gaussian of 4.5 px (--anchor, shaped like the mean image)" in out
     code, out, _ = run_cli(capsys, "info", str(bad_inputs / "m16.safetensors"))
     assert code == 0
     assert "patch      [16, 16, 16]" in out and '"spatial"' in out and "sha256" in out
@@ -365,13 +366,14 @@ def test_predict_tta_anchor_and_guide_are_the_predictors_and_are_recorded(
     from srdvol.predict.block import predict_array
     from srdvol.predict.predictors import ModelPredictor
     from srdvol.simulate import simulate
-    from srdvol.values import DEFAULT_ANCHOR
+    from srdvol.values import GUIDED_ANCHOR
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     noisy = tmp_path / "in.zarr"
     simulate(noisy, truth=tmp_path / "truth.zarr", frames=24, size=(24, 32), seed=5)
     common = ["--model", str(tiny_model), "--workers", "1", "--dashboard-address", ":0"]
-    # --tta and --guide with the default anchor; the network's own output with --anchor 0
+    # --tta and --guide with the default anchor (guided: GUIDED_ANCHOR, shaped); the network's
+    # own output with --anchor 0
     runs = {"tta": ["--tta", "--guide", "2"], "plain": ["--anchor", "0"]}
     for name, extra in runs.items():
         try:
@@ -380,7 +382,7 @@ def test_predict_tta_anchor_and_guide_are_the_predictors_and_are_recorded(
             assert not exc.code, exc.code
     data = np.asarray(open_image(noisy).data, dtype=np.float32)
     predictors = {
-        "tta": ModelPredictor(tiny_model, device="cpu", tta=True, anchor=DEFAULT_ANCHOR, guide=2),
+        "tta": ModelPredictor(tiny_model, device="cpu", tta=True, anchor=GUIDED_ANCHOR, guide=2),
         "plain": ModelPredictor(tiny_model, device="cpu"),
     }
     written = {}
@@ -396,7 +398,7 @@ def test_predict_tta_anchor_and_guide_are_the_predictors_and_are_recorded(
         ]["parameters"]
         for name in runs
     }
-    assert recorded["tta"]["tta"] is True and recorded["tta"]["anchor"] == DEFAULT_ANCHOR
+    assert recorded["tta"]["tta"] is True and recorded["tta"]["anchor"] == GUIDED_ANCHOR != 4.0
     assert recorded["tta"]["guide"] == 2
     assert not {"tta", "anchor", "guide"} & set(recorded["plain"])
     # the --tta output is another run's for a plain predict, and the refusal says why
@@ -405,7 +407,7 @@ def test_predict_tta_anchor_and_guide_are_the_predictors_and_are_recorded(
         main(["predict", str(noisy), str(tmp_path / "tta.zarr"), *common, "--anchor", "0"])
     assert refused.value.code != 0
     error = capsys.readouterr().err
-    assert f"parameters.anchor={DEFAULT_ANCHOR} where this run has none" in error, error
+    assert f"parameters.anchor={GUIDED_ANCHOR} where this run has none" in error, error
     assert "parameters.tta=true where this run has none" in error, error
     assert "parameters.guide=2 where this run has none" in error, error
 

@@ -119,3 +119,12 @@ def test_gpu_choices():
     assert parse_gpus("ALL") == "all"
     assert parse_gpus("0, 2") == [0, 2]
     assert parse_gpus([1, "GPU-abcd"]) == [1, "GPU-abcd"]
+
+
+def test_the_anchor_default_follows_the_guide_and_a_given_anchor_wins():
+    from srdvol.values import DEFAULT_ANCHOR, GUIDED_ANCHOR
+
+    assert RunOptions.from_flat({}).predict.anchor == DEFAULT_ANCHOR
+    assert RunOptions.from_flat({"guide": 2}).predict.anchor == GUIDED_ANCHOR != DEFAULT_ANCHOR
+    assert RunOptions.from_flat({"guide": 2, "anchor": 3}).predict.anchor == 3
+    assert RunOptions.from_flat({"guide": 2, "anchor": 0}).predict.anchor == 0

@@ -57,7 +57,6 @@ from srdvol.app.flags import (
 from srdvol.app.say import say
 from srdvol.errors import SrdvolError
 from srdvol.options import (
-    DEFAULT_ANCHOR,
     DEFAULT_BATCH_SIZE,
     DEFAULT_COMPRESSION,
     DEFAULT_DASHBOARD_ADDRESS,
@@ -139,7 +138,7 @@ def info(
     y: YOpt = None,
     x: XOpt = None,
     tta: TtaOpt = False,
-    anchor: AnchorOpt = DEFAULT_ANCHOR,
+    anchor: AnchorOpt = None,
     guide: GuideOpt = 0,
     config: ConfigOpt = None,
 ) -> None:
@@ -268,7 +267,7 @@ def predict(
     compression: CompressionOpt = str(DEFAULT_COMPRESSION),
     autocast: AutocastOpt = Autocast.auto,
     tta: TtaOpt = False,
-    anchor: AnchorOpt = DEFAULT_ANCHOR,
+    anchor: AnchorOpt = None,
     guide: GuideOpt = 0,
     renormalize: RenormalizeOpt = False,
     overwrite: OverwriteOpt = False,
@@ -315,7 +314,7 @@ def denoise(
     compression: CompressionOpt = str(DEFAULT_COMPRESSION),
     autocast: AutocastOpt = Autocast.auto,
     tta: TtaOpt = False,
-    anchor: AnchorOpt = DEFAULT_ANCHOR,
+    anchor: AnchorOpt = None,
     guide: GuideOpt = 0,
     renormalize: RenormalizeOpt = False,
     overwrite: OverwriteOpt = False,

@@ -14,6 +14,7 @@ import typer
 
 from srdvol.app.config import config_defaults, load_config_file
 from srdvol.options import MAX_OVERLAP, Autocast, Loss, Ngff, OutputDtype, Sampling, Window
+from srdvol.values import DEFAULT_ANCHOR, GUIDED_ANCHOR
 
 __all__ = [
     "AllowMissingOpt",
@@ -259,15 +260,17 @@ TtaOpt = Annotated[
     ),
 ]
 AnchorOpt = Annotated[
-    float,
+    float | None,
     typer.Option(
         "--anchor",
         min=0.0,
         metavar="SIGMA",
+        show_default=f"{DEFAULT_ANCHOR:g}, {GUIDED_ANCHOR:g} with --guide",
         help="Keep the input's own intensities at scales above a Gaussian of SIGMA pixels: the "
         "output is the network's fine detail plus the measurement's coarse levels, so cell "
-        "traces keep their amplitudes even after a short training, for a little coarse noise. "
-        "0 turns it off (the network's output as it is).",
+        "traces keep their amplitudes even after a short training, for a little coarse noise "
+        "(with --guide the correction follows the mean image's cells). 0 turns it off (the "
+        "network's output as it is).",
     ),
 ]
 GuideOpt = Annotated[

@@ -128,7 +128,7 @@ def _denoise_lines(
         "             output: "
         + (
             f"the network's fine detail on the input's own levels above a Gaussian of "
-            f"{anchor:g} px (--anchor)"
+            f"{anchor:g} px (--anchor{', shaped like the mean image' if guide else ''})"
             if anchor
             else "the network's own output (--anchor 0)"
         )
