@@ -16,7 +16,10 @@ predicts the network's own output once (as ``inference.py``'s ``plain``; kept in
   guide ``M``) of the residual ``noisy - guided`` added back, then ``--anchor 4``: a
   correction of the network's cell-scale bias shaped like the mean image instead of a
   Gaussian (``W`` 1 without the Gaussian anchor is the row ``... alone``);
-- ``guide 2 anchor S``: ``--guide 2 --anchor S`` for every S of ``--anchors``.
+- ``guide 2 anchor S``: ``--guide 2`` then the plain Gaussian anchor of S, for every S of
+  ``--anchors`` (``--guide 2 --anchor S`` until the anchor was shaped);
+- ``guide 2 shaped anchor S``: ``--guide 2 --anchor S`` as srdvol runs it now, the anchor's
+  correction shaped like the mean image (:func:`~srdvol.predict.anchor.shape_of`).
 
 ``--families`` picks which of these run (default: all). With ``--tta`` the network's output
 is ``--tta``'s (the 8 turns and mirrors of every patch averaged; kept in
@@ -84,6 +87,9 @@ def variants(frames: Frames, plain: np.ndarray, truth: np.ndarray, args: Any) ->
     if "anchors" in families:
         for sigma in args.anchors:
             yield f"guide 2 anchor {sigma:g}", anchored(first, frames.noisy, sigma)
+    if "shaped" in families:
+        for sigma in args.anchors:
+            yield f"guide 2 shaped anchor {sigma:g}", anchored(first, frames.noisy, sigma, True)
     for radius in args.radii if "residual" in families else ():
         yield f"guided residual {radius} alone", frames.residual(first, radius, 1.0)
         for weight in args.weights:
@@ -100,7 +106,7 @@ def _truth_rows(frames: Frames, truth: np.ndarray, args: Any) -> Any:
             yield f"truth {radius} eps {eps:g}", frames.filter(truth, radius, eps)
 
 
-FAMILIES = ("truth", "eps", "residual", "anchors")
+FAMILIES = ("truth", "eps", "residual", "anchors", "shaped")
 
 
 def main() -> None:

@@ -129,9 +129,15 @@ def guided_frames(
     return image + std * filtered[0].numpy()
 
 
-def anchored(estimate: np.ndarray, noisy: np.ndarray, sigma: float) -> np.ndarray:
-    """``estimate`` anchored to ``noisy`` as whole frames (:func:`anchor_to_input`)."""
-    out = anchor_to_input(torch.from_numpy(noisy)[None], torch.from_numpy(estimate)[None], sigma)
+def anchored(
+    estimate: np.ndarray, noisy: np.ndarray, sigma: float, shaped: bool = False
+) -> np.ndarray:
+    """``estimate`` anchored to ``noisy`` as whole frames (:func:`anchor_to_input`); ``shaped``:
+    the correction shaped like ``noisy``'s mean image, as ``--guide`` runs it."""
+    image = torch.from_numpy(mean_image(noisy))[None] if shaped else None
+    out = anchor_to_input(
+        torch.from_numpy(noisy)[None], torch.from_numpy(estimate)[None], sigma, image
+    )
     return out[0].numpy()
 
 

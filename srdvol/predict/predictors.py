@@ -307,6 +307,9 @@ class ModelPredictor:
         Gaussian sigma in pixels (``--anchor``): the output keeps the input's intensities at
         scales above it (:func:`~srdvol.predict.anchor.anchor_to_input`, applied to each patch
         after the network and ``tta``); 0, the default here, returns the network's output.
+        With ``guide`` the correction is shaped like the mean image
+        (:func:`~srdvol.predict.anchor.shape_of`; the command line's default sigma is then
+        :data:`~srdvol.values.GUIDED_ANCHOR`).
     guide
         Window radius in pixels of the guided filter with the input's mean image
         (``--guide``, :mod:`srdvol.predict.guide`), applied to each patch after the network and
