@@ -76,6 +76,7 @@ from srdvol.simulate import simulate
 from srdvol.training.loop import run_training
 from srdvol.training.plan import prepare_training
 from srdvol.training.trainer import GRAD_CLIP, Trainer
+from srdvol.values import default_anchor
 
 #: Scores a baseline is tuned for (higher is better); every row also shows the gains.
 METRICS = ("snr_db", "ssim", "trace_r", "pixel_r")
@@ -384,7 +385,8 @@ def run_seed(photons: float, seed: int, args: argparse.Namespace, root: Path) ->
         seed=seed if args.train_seed is None else args.train_seed,
         device=args.device,
     )
-    predictor = ModelPredictor(model, device=args.device, batch_size=4, anchor=args.anchor)
+    plain_anchor = DEFAULT_ANCHOR if args.anchor is None else args.anchor
+    predictor = ModelPredictor(model, device=args.device, batch_size=4, anchor=plain_anchor)
     started = time.perf_counter()
     denoised = predict_array(movie.noisy, predictor, patch=patch, overlap=args.overlap)
     predicted = time.perf_counter() - started
@@ -401,18 +403,21 @@ def run_seed(photons: float, seed: int, args: argparse.Namespace, root: Path) ->
         "final_loss": losses[-1],
         **({"train_seed": args.train_seed} if args.train_seed is not None else {}),
     }
-    settings = f"overlap {args.overlap:g}, anchor {args.anchor:g}"
+    settings = f"overlap {args.overlap:g}, anchor {plain_anchor:g}"
     row("srdvol", movie.score(denoised), params=settings, **timing)
-    if args.anchor:
+    if plain_anchor:
         network_only = ModelPredictor(model, device=args.device, batch_size=4)
         own = predict_array(movie.noisy, network_only, patch=patch, overlap=args.overlap)
         row("srdvol, --anchor 0", movie.score(own), params=f"overlap {args.overlap:g}")
     if args.guide:
+        # as srdvol predict --guide runs it: the shaped anchor, at its own default sigma
+        anchor = default_anchor(args.guide) if args.anchor is None else args.anchor
         guided = ModelPredictor(
-            model, device=args.device, batch_size=4, anchor=args.anchor, guide=args.guide
+            model, device=args.device, batch_size=4, anchor=anchor, guide=args.guide
         )
         estimate = predict_array(movie.noisy, guided, patch=patch, overlap=args.overlap)
-        row(f"srdvol --guide {args.guide}", movie.score(estimate), params=settings)
+        params = f"overlap {args.overlap:g}, anchor {anchor:g} shaped"
+        row(f"srdvol --guide {args.guide}", movie.score(estimate), params=params)
     if args.subgrid:
         started = time.perf_counter()
         sub = subgrid_prediction(movie.noisy, predictor, patch, args.overlap)
@@ -500,7 +505,11 @@ def main() -> None:
     parser.add_argument("--patch-yx", type=int, default=64)
     parser.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP)
     parser.add_argument(
-        "--anchor", type=float, default=DEFAULT_ANCHOR, help="srdvol predict --anchor SIGMA"
+        "--anchor",
+        type=float,
+        default=None,
+        help=f"srdvol predict --anchor SIGMA (default {DEFAULT_ANCHOR:g}; with --guide, "
+        "the guided default)",
     )
     parser.add_argument(
         "--guide", type=int, default=0, help="also score srdvol predict --guide RADIUS"
