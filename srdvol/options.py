@@ -288,6 +288,7 @@ class PredictOptions(_Options):
     anchor: float = Field(
         None,  # type: ignore[assignment]  # filled in from guide by _anchor_for_guide
         ge=0,
+        allow_inf_nan=False,
         description="Keep the input's intensities at scales above this Gaussian sigma in "
         f"pixels (the network's fine detail, the measurement's coarse levels); default "
         f"{DEFAULT_ANCHOR:g}, {default_anchor(1):g} with guide; 0 turns it off.",

@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from srdvol.errors import ConfigError
 from srdvol.predict.anchor import SHAPE_MAX, anchor_to_input, gaussian_kernel, shape_of
 from srdvol.predict.predictors import ModelPredictor
 
@@ -114,6 +115,9 @@ def test_model_predictor_anchors_each_patch_after_the_network(tiny_model):
     np.testing.assert_array_equal(anchored(x[:1]), got[:1])  # independent of the batch
     again = pickle.loads(pickle.dumps(anchored))
     assert again.anchor == 2.5 and "anchor=2.5" in repr(again)
+    for bad in (float("inf"), float("nan"), -1.0):  # refused before any model is loaded
+        with pytest.raises(ConfigError, match="finite sigma"):
+            ModelPredictor(path, device="cpu", anchor=bad)
     both = ModelPredictor(path, device="cpu", batch_size=4, tta=True, anchor=2.5)
     tta = ModelPredictor(path, device="cpu", batch_size=4, tta=True)
     expected = anchor_to_input(torch.from_numpy(x), torch.from_numpy(tta(x)), 2.5).numpy()

@@ -41,6 +41,7 @@ BAD = [
     ({"autocast": "maybe"}, "autocast", "'auto', 'on' or 'off'"),
     ({"anchor": -1}, "anchor", "greater than or equal to 0"),
     ({"anchor": "wide"}, "anchor", "valid number"),
+    ({"anchor": float("inf"), "guide": 2}, "anchor", "finite number"),
     ({"level": -1}, "level", "greater than or equal to 0"),
     ({"workers": 0}, "workers", "greater than or equal to 1"),
     ({"gpus": "gpu0"}, "gpus", "not a GPU choice"),

@@ -15,6 +15,7 @@ in-memory array, :func:`~srdvol.predict.block.predict_array`, still importable f
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -335,6 +336,10 @@ class ModelPredictor:
         self.normalization = normalization
         self.tta = bool(tta)
         self.anchor = float(anchor)
+        if not (math.isfinite(self.anchor) and self.anchor >= 0):
+            raise ConfigError(
+                flag("anchor"), f"{anchor} is not a finite sigma of 0 or more", "give e.g. 4"
+            )
         self.device = device
         self.autocast = autocast
         self._batch_size = int(batch_size) if batch_size is not None else None
