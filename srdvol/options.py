@@ -241,7 +241,7 @@ class TrainOptions(_Options):
     sampling: Sampling = Field(Sampling.spatial, description="Training pairs.")
     steps: int = Field(DEFAULT_STEPS, ge=1, description="Optimiser steps.")
     batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, description="Patches per step and worker.")
-    lr: float = Field(DEFAULT_LR, gt=0, description="Peak learning rate.")
+    lr: float = Field(DEFAULT_LR, gt=0, allow_inf_nan=False, description="Peak learning rate.")
     loss: Loss = Field(
         Loss.mse, description="Training loss: mse, or l1mse (upstream's 0.5 L1 + 0.5 MSE)."
     )

@@ -34,6 +34,7 @@ BAD = [
     ({"steps": 0}, "steps", "greater than or equal to 1"),
     ({"batch_size": 0}, "batch_size", "greater than or equal to 1"),
     ({"lr": 0}, "lr", "greater than 0"),
+    ({"lr": float("inf")}, "lr", "finite number"),
     ({"sampling": "diagonal"}, "sampling", "'spatial', 'temporal' or 'auto'"),
     ({"window": "box"}, "window", "'tent' or 'cos2'"),
     ({"dtype": "int8"}, "dtype", "'float32' or 'input'"),
