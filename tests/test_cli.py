@@ -410,6 +410,7 @@ def test_predict_tta_anchor_and_guide_are_the_predictors_and_are_recorded(
     assert f"parameters.anchor={GUIDED_ANCHOR} where this run has none" in error, error
     assert "parameters.tta=true where this run has none" in error, error
     assert "parameters.guide=2 where this run has none" in error, error
+    assert "to resume it, rerun with the options it was written with" in error, error
 
 
 def test_cpu_training_with_the_gpu_default_patch_gets_a_hint(monkeypatch):

@@ -305,15 +305,17 @@ def _plan_output(
     if options.overwrite:
         return replace(plan, action="replace")
     if existing is None or existing.get("run_id") != record["run_id"]:
-        owner = "and is not a srdvol output"
+        owner, fix = "and is not a srdvol output", ""
         if existing is not None:
             differences = "; ".join(record_differences(existing, record))
             written = f": written with {differences}" if differences else ""
             owner = f"from another srdvol run (run_id {existing.get('run_id')}{written})"
+            # a changed option (or default) is the usual reason an interrupted run is refused
+            fix = "to resume it, rerun with the options it was written with; otherwise "
         raise OutputExistsError(
             target,
             f"the output already exists {owner}",
-            f"choose another output path or pass {flag('overwrite')} to replace it",
+            f"{fix}choose another output path or pass {flag('overwrite')} to replace it",
         )
     array = open_output_array(target)
     if tuple(array.shape) != tuple(shape.values()) or np.dtype(array.dtype) != out_dtype:
