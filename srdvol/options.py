@@ -156,8 +156,10 @@ class _Options(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
 
     def replace(self, **changes: Any) -> Any:
-        """A copy with ``changes``, validated like the original."""
-        return type(self).create(**{**self.model_dump(), **changes})
+        """A copy with ``changes``, validated like the original: the values it was given plus
+        ``changes``, so a default that follows another option (``anchor`` with ``guide``)
+        follows it again."""
+        return type(self).create(**{**self.model_dump(exclude_unset=True), **changes})
 
     @classmethod
     def create(cls, **values: Any) -> Any:
@@ -306,17 +308,14 @@ class PredictOptions(_Options):
         "training statistics.",
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _anchor_for_guide(cls, values: Any) -> Any:
+    @model_validator(mode="after")
+    def _anchor_for_guide(self) -> PredictOptions:
         # The anchor's default depends on the guide (its correction is shaped when guided).
-        if isinstance(values, dict) and values.get("anchor") is None:
-            try:
-                guided = bool(int(values.get("guide") or 0))
-            except (TypeError, ValueError):
-                return values  # the guide's own check names the bad value
-            return {**values, "anchor": default_anchor(guided)}
-        return values
+        # Set past the frozen check and left out of model_fields_set: still a default, so
+        # replace(guide=...) derives it again.
+        if self.anchor is None:
+            object.__setattr__(self, "anchor", default_anchor(self.guide))
+        return self
 
 
 class OutputOptions(_Options):

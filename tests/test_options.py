@@ -130,3 +130,7 @@ def test_the_anchor_default_follows_the_guide_and_a_given_anchor_wins():
     assert RunOptions.from_flat({"guide": 2}).predict.anchor == GUIDED_ANCHOR != DEFAULT_ANCHOR
     assert RunOptions.from_flat({"guide": 2, "anchor": 3}).predict.anchor == 3
     assert RunOptions.from_flat({"guide": 2, "anchor": 0}).predict.anchor == 0
+    # a copy with another guide derives the default again; a given anchor stays
+    assert RunOptions.from_flat({}).predict.replace(guide=2).anchor == GUIDED_ANCHOR
+    assert RunOptions.from_flat({"guide": 2}).predict.replace(guide=0).anchor == DEFAULT_ANCHOR
+    assert RunOptions.from_flat({"anchor": 3}).predict.replace(guide=2).anchor == 3
