@@ -20,8 +20,9 @@ install: $(BIN)/.srdvol-installed
 demo: install
 	$(BIN)/srdvol demo
 
+# Two test processes, each test file whole in one of them (its module fixtures built once).
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 lint: install
 	$(BIN)/ruff check srdvol tests benchmarks examples
