@@ -13,7 +13,8 @@ Files ending in ``.jsonl`` are ``benchmarks/issue13/inference.py`` output on the
 a run: their rows join the movie's baselines (``anchor`` is srdvol's default, ``guide`` is
 ``--guide``, ``guided-input R`` the guided filter alone on the noisy input, scored as a
 reference against the same targets), and so do ``ceiling.py``'s (``oracle ...``: estimators
-that know the simulated scene).
+that know the simulated scene) and ``mean_input.py``'s (``mean-input ...``, with their training
+seed).
 
 Prints one markdown table. Run from the repository root::
 
@@ -41,7 +42,7 @@ def verdicts(rows: list[dict]) -> list[list[str]]:
     snr, trace, pixel = (best(rows, k) for k in ("snr_db", "trace_r", "pixel_r"))
     lines = []
     for r in rows:
-        if not r["method"].startswith(("srdvol", "guided filter", "oracle")):
+        if not r["method"].startswith(("srdvol", "guided filter", "oracle", "mean-input")):
             continue
         checks = {
             "SNR - best Gaussian": (f"{r['snr_db'] - snr:+.2f} dB", r["snr_db"] - snr >= 3),
@@ -74,14 +75,16 @@ def inference_rows(path: Path) -> list[dict]:
         method = row["method"]
         if method == "noisy":
             continue
-        if method.startswith("oracle"):
-            pass  # ceiling.py's estimators that know the scene: their names are their own
+        if method.startswith(("oracle", "mean-input")):
+            pass  # ceiling.py's and mean_input.py's rows name themselves
         elif method.startswith("guided-input"):
             method = f"guided filter of the input, radius {method.split()[-1]}"
         elif method == "guide":
             method = "srdvol --guide (inference.py)"
         else:
             method = INFERENCE_NAMES.get(method, f"srdvol {method} (inference.py)")
+        if "train_seed" in row:  # mean_input.py's: one movie, several trainings
+            method = f"{method}, training seed {row['train_seed']}"
         photons, seed = row["model"].split("-")
         rows.append({**row, "photons": float(photons), "seed": int(seed), "method": method})
     return rows
