@@ -302,6 +302,15 @@ class PredictOptions(_Options):
         description="Filter each denoised frame's activity with the input's mean image as "
         "guide, in windows of this radius in pixels (a still recording); 0 turns it off.",
     )
+    restore: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Put back the transient amplitudes the network flattens: in every "
+        "32-pixel tile, this many activity patterns of the denoised stretch of 256 frames "
+        "fitted to the input (a still recording; includes guide and replaces anchor); 0 turns "
+        "it off.",
+    )
     renormalize: bool = Field(
         False,
         description="Normalise the input with its own sampled mean and std, not the model's "
@@ -313,8 +322,15 @@ class PredictOptions(_Options):
         # The anchor's default depends on the guide (its correction is shaped when guided).
         # Set past the frozen check and left out of model_fields_set: still a default, so
         # replace(guide=...) derives it again.
+        if self.restore and (self.guide or self.anchor):
+            raise ConfigError(
+                flag("restore"),
+                f"it replaces {flag('guide' if self.guide else 'anchor')} (it filters the "
+                "activity with the mean image itself and puts the amplitudes back)",
+                f"leave out {flag('guide' if self.guide else 'anchor')}, or {flag('restore')}",
+            )
         if self.anchor is None:
-            object.__setattr__(self, "anchor", default_anchor(self.guide))
+            object.__setattr__(self, "anchor", default_anchor(self.guide, self.restore))
         return self
 
 

@@ -290,7 +290,9 @@ def parse_gpus(text: Any) -> GPUChoice:
     return entries
 
 
-def default_anchor(guide: int) -> float:
-    """``--anchor``'s default: :data:`GUIDED_ANCHOR` with ``--guide``, else
-    :data:`DEFAULT_ANCHOR`."""
+def default_anchor(guide: int, restore: int = 0) -> float:
+    """``--anchor``'s default: 0 with ``--restore`` (which puts the amplitudes back itself),
+    :data:`GUIDED_ANCHOR` with ``--guide``, else :data:`DEFAULT_ANCHOR`."""
+    if restore:
+        return 0.0
     return GUIDED_ANCHOR if guide else DEFAULT_ANCHOR

@@ -50,6 +50,11 @@ def test_info_describes_an_image_and_a_model(bad_inputs, capsys):
     )
     assert code == 0 and "windows of radius 3 px with the mean image of 32 input frames" in out
     assert "above a Gaussian of 4.5 px (--anchor, shaped like the mean image)" in out
+    code, out, _ = run_cli(
+        capsys, "info", str(bad_inputs / "in.zarr"), "--patch", "16,32,32", "--restore", "4"
+    )
+    assert code == 0 and "amplitude put back (--restore: 4 activity patterns per 32-px" in out
+    assert "over 1 stretch(es) of 32 frames" in out and "Gaussian" not in out
     code, out, _ = run_cli(capsys, "info", str(bad_inputs / "m16.safetensors"))
     assert code == 0
     assert "patch      [16, 16, 16]" in out and '"spatial"' in out and "sha256" in out

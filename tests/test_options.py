@@ -134,3 +134,13 @@ def test_the_anchor_default_follows_the_guide_and_a_given_anchor_wins():
     assert RunOptions.from_flat({}).predict.replace(guide=2).anchor == GUIDED_ANCHOR
     assert RunOptions.from_flat({"guide": 2}).predict.replace(guide=0).anchor == DEFAULT_ANCHOR
     assert RunOptions.from_flat({"anchor": 3}).predict.replace(guide=2).anchor == 3
+
+
+def test_restore_turns_the_anchor_off_and_refuses_a_given_anchor_or_guide():
+    assert RunOptions.from_flat({"restore": 4}).predict.anchor == 0
+    assert RunOptions.from_flat({"restore": 4, "anchor": 0}).predict.anchor == 0
+    assert RunOptions.from_flat({}).predict.replace(restore=3).anchor == 0
+    assert RunOptions.from_flat({"restore": 3}).predict.replace(restore=0).anchor == 4.0
+    for other in ({"anchor": 2}, {"guide": 2}):
+        with pytest.raises(ConfigError, match=r"restore.*replaces"):
+            RunOptions.from_flat({"restore": 4, **other})

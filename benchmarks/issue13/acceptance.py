@@ -13,8 +13,8 @@ Files ending in ``.jsonl`` are ``benchmarks/issue13/inference.py`` output on the
 a run: their rows join the movie's baselines (``anchor`` is srdvol's default, ``guide`` is
 ``--guide``, ``guided-input R`` the guided filter alone on the noisy input, scored as a
 reference against the same targets), and so do ``ceiling.py``'s (``oracle ...``: estimators
-that know the simulated scene) and ``mean_input.py``'s (``mean-input ...``, with their training
-seed).
+that know the simulated scene), ``mean_input.py``'s (``mean-input ...``, with their training
+seed) and ``restore.py``'s (``srdvol predict --restore``).
 
 Prints one markdown table. Run from the repository root::
 
@@ -75,8 +75,8 @@ def inference_rows(path: Path) -> list[dict]:
         method = row["method"]
         if method == "noisy":
             continue
-        if method.startswith(("oracle", "mean-input")):
-            pass  # ceiling.py's and mean_input.py's rows name themselves
+        if method.startswith(("oracle", "mean-input", "srdvol")):
+            pass  # ceiling.py's, mean_input.py's and restore.py's rows name themselves
         elif method.startswith("guided-input"):
             method = f"guided filter of the input, radius {method.split()[-1]}"
         elif method == "guide":

@@ -106,8 +106,9 @@ def check_intensities(source: Any, image: Any, record: Any, *, renormalize: bool
     return None
 
 
-def check_still(source: Any, image: Any) -> None:
-    """Warn when the input seems to move (``--guide`` assumes a still recording); reads
+def check_still(source: Any, image: Any, predict: Any = None) -> None:
+    """Warn when the input seems to move (``--guide`` and ``--restore``, the option that
+    ``predict`` sets, assume a still recording); reads
     :data:`~srdvol.predict.motion.SAMPLED_FRAMES` frames of one plane."""
     import numpy as np
 
@@ -117,12 +118,12 @@ def check_still(source: Any, image: Any) -> None:
         return
     motion = frame_shifts(np.asarray(plane_frames(image)))
     if motion.moving:
+        option = flag("restore" if predict is not None and predict.restore else "guide")
         say(
             f"srdvol: warning: {os.fspath(source)} seems to move: {motion.shifted} of "
             f"{len(motion.shifts)} frames sampled over the recording are shifted by 1 to "
-            f"{motion.largest} px against the others' mean; {flag('guide')} assumes a still "
-            "recording and costs SNR on a moving one: register it first, or run without "
-            f"{flag('guide')}"
+            f"{motion.largest} px against the others' mean; {option} assumes a still "
+            f"recording and costs SNR on a moving one: register it first, or run without {option}"
         )
 
 

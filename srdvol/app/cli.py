@@ -40,6 +40,7 @@ from srdvol.app.flags import (
     OverwriteOpt,
     PatchOpt,
     RenormalizeOpt,
+    RestoreOpt,
     ResumeOpt,
     SamplingOpt,
     SchedulerOpt,
@@ -140,6 +141,7 @@ def info(
     tta: TtaOpt = False,
     anchor: AnchorOpt = None,
     guide: GuideOpt = 0,
+    restore: RestoreOpt = 0,
     config: ConfigOpt = None,
 ) -> None:
     """Show axes, shape, chunks, size and what `srdvol denoise` would do and write, with its
@@ -269,6 +271,7 @@ def predict(
     tta: TtaOpt = False,
     anchor: AnchorOpt = None,
     guide: GuideOpt = 0,
+    restore: RestoreOpt = 0,
     renormalize: RenormalizeOpt = False,
     overwrite: OverwriteOpt = False,
     allow_missing_chunks: AllowMissingOpt = False,
@@ -316,6 +319,7 @@ def denoise(
     tta: TtaOpt = False,
     anchor: AnchorOpt = None,
     guide: GuideOpt = 0,
+    restore: RestoreOpt = 0,
     renormalize: RenormalizeOpt = False,
     overwrite: OverwriteOpt = False,
     allow_missing_chunks: AllowMissingOpt = False,

@@ -202,8 +202,8 @@ def _predict(
     own_statistics = None
     if checked is None or not checked.data_sampled:
         own_statistics = check_intensities(source, image, record, renormalize=predict.renormalize)
-    if checked is None and predict.guide:
-        check_still(source, image)
+    if checked is None and (predict.guide or predict.restore):
+        check_still(source, image, predict)
     check_model(model)
     run_record = {
         "command": "predict",
@@ -289,6 +289,8 @@ def _write(
             window=predict.window,
             chunks=getattr(target, "shards", None) or target.chunks,
         )
+        if predict.restore:
+            lazy = _restored(image, lazy, predictor, predict.restore, target)
         client.register_plugin(ModelPlugin(os.fspath(model)))
         with (
             progress.denoising() as bar,
@@ -317,6 +319,24 @@ def _write(
                 ) from exc
         write_pyramid(out, client=client)
     return report
+
+
+def _restored(image: Any, lazy: Any, predictor: Any, rank: int, target: Any) -> Any:
+    """``--restore`` on the lazy denoised image: the network's output and the input, stretch
+    by stretch (:mod:`srdvol.dask.restoring`), in the model's units."""
+    from srdvol.dask.restoring import restored
+
+    own = predictor.normalization
+    stats = own if own is not None else predictor.record.normalization
+    data = restored(
+        image.data,
+        lazy.data,
+        dims=[str(d) for d in image.dims],
+        scale=float(stats.std),
+        chunks=getattr(target, "shards", None) or target.chunks,
+        rank=rank,
+    )
+    return lazy.copy(data=data)
 
 
 def _autocast(value: Autocast) -> str | bool:
@@ -348,6 +368,7 @@ def _parameters(options: RunOptions, *, patch: Any) -> dict[str, Any]:
         **({"tta": True} if predict.tta else {}),
         **({"anchor": predict.anchor} if predict.anchor else {}),
         **({"guide": predict.guide} if predict.guide else {}),
+        **({"restore": predict.restore} if predict.restore else {}),
     }
 
 
@@ -383,8 +404,8 @@ def run_denoise(
     check_cluster_options(options.cluster)
     out_dtype = str(output_dtype(options.output.dtype, image))
     check_output_location(out, image=image, dtype=out_dtype)
-    if options.predict.guide:  # before hours of training, not after
-        check_still(source, image)
+    if options.predict.guide or options.predict.restore:  # before hours of training
+        check_still(source, image, options.predict)
     provenance: dict[str, Any] = {"command": "denoise", "training": _training_record(options)}
     with hold(out, note=say):
         if not model_given:
@@ -445,5 +466,6 @@ def _predict_record(options: RunOptions) -> dict[str, str]:
         **({"tta": True} if predict.tta else {}),
         **({"anchor": predict.anchor} if predict.anchor else {}),
         **({"guide": predict.guide} if predict.guide else {}),
+        **({"restore": predict.restore} if predict.restore else {}),
     }
     return {k: str(v) for k, v in values.items()}

@@ -77,6 +77,7 @@ def info_text(source: str | os.PathLike[str], options: RunOptions | None = None)
         tta=predict.tta,
         anchor=predict.anchor,
         guide=predict.guide,
+        restore=predict.restore,
     )
     lines += _output_lines(
         image, dtype=out_dtype, ngff=ngff, chunks=out_chunks, compression=options.output.compression
@@ -94,6 +95,7 @@ def _denoise_lines(
     tta: bool = False,
     anchor: float = 0.0,
     guide: int = 0,
+    restore: int = 0,
 ) -> list[str]:
     """Training patch and padding, block plan, its cost, workers."""
     from srdvol.core.cost import plan_cost
@@ -130,6 +132,8 @@ def _denoise_lines(
             f"the network's fine detail on the input's own levels above a Gaussian of "
             f"{anchor:g} px (--anchor{', shaped like the mean image' if guide else ''})"
             if anchor
+            else _restore_text(image, restore, chunks)
+            if restore
             else "the network's own output (--anchor 0)"
         )
         + ("; --tta: every patch in the 8 turns and mirrors of (y, x)" if tta else "")
@@ -353,6 +357,19 @@ def _bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def _restore_text(image: Any, restore: int, chunks: dict[str, int]) -> str:
+    from srdvol.dask.restoring import stretches
+    from srdvol.predict.restore import RESTORE_TILE
+
+    lengths = stretches(int(image.sizes["t"]), int(chunks.get("t", 1)))
+    span = f"{lengths[0]}" if len(set(lengths)) == 1 else f"{min(lengths)}-{max(lengths)}"
+    return (
+        f"the network's output with the transients' amplitude put back (--restore: "
+        f"{restore} activity patterns per {RESTORE_TILE}-px tile, fitted to the input over "
+        f"{len(lengths)} stretch(es) of {span} frames)"
+    )
 
 
 def _guide_frame_count(image: Any) -> int:
