@@ -922,3 +922,41 @@ def test_rechunking_is_plain_tasks_even_where_dask_would_pick_p2p(tmp_path):
     assert not any("p2p" in str(name) for name in lazy.__dask_graph__().layers)
     write(lazy, out, wave=1)
     np.testing.assert_allclose(out[...], 2 * arr + 1, rtol=2e-6)
+
+
+@pytest.mark.slow
+def test_restore_keeps_each_patch_once(tmp_path):
+    """``--restore`` stacks its stretches on the denoised blocks: the network still predicts
+    each lattice patch once, each input voxel is read once, and what is written is the
+    restore of the network's output."""
+    from srdvol.dask.restoring import restored
+    from srdvol.predict.restore import restore
+
+    case = {
+        "dims": "tyx",
+        "shape": (40, 80, 72),
+        "patch": (8, 8, 8),
+        "overlap": 0.25,
+        "block": (16, 24, 24),
+        "out_chunks": (8, 8, 8),
+        "in_chunks": (20, 40, 36),
+        "wave": 2,
+        "threads": 2,
+    }
+    data = _positions(case["shape"])
+    source = CountingArray(data)
+    model = RecordingIdentity(case["shape"])
+    model.batch_size = 3
+    out = zarr.create_array(
+        str(tmp_path / "o.zarr"), shape=data.shape, chunks=(8, 8, 8), dtype="float32"
+    )
+    image = da.from_array(source, chunks=case["in_chunks"])
+    lazy = denoise(
+        image, model, dims="tyx", patch=case["patch"], chunks=out.chunks, block=case["block"]
+    )
+    lazy = restored(image, lazy, dims="tyx", scale=1000.0, chunks=out.chunks)
+    write(lazy, out, wave=case["wave"], threads=case["threads"])
+    starts = sorted(tuple(int(i) for i in s) for s in _PATCHES[model.id])
+    assert starts == _lattice_starts(case["shape"], "tyx", case["patch"], 0.25)
+    assert source.voxels == data.size  # the restore's input is the network's, read once
+    np.testing.assert_allclose(out[...], restore(data, data, scale=1000.0), rtol=1e-5, atol=0.5)
