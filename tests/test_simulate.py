@@ -176,3 +176,12 @@ def test_memory_stays_flat_when_the_store_grows(tmp_path):
     assert zarr.open_array(os.fspath(tmp_path / "n1000/s0")).shape == (1000, 256, 256)
     # 5x the output, same peak memory (within 10 % of the growth; measured: ~1 %).
     assert big["peak"] - small["peak"] < 0.1 * grown, (small, big)
+
+
+def test_a_frame_much_smaller_than_the_neuropil_scale_simulates(tmp_path):
+    """12 x 12 pixels against neuropil fields tens of pixels wide: once an overflow (a smooth
+    field divided by its tiny std), an internal error and a half-written store."""
+    info = simulate(tmp_path / "n.zarr", truth=tmp_path / "t.zarr", frames=16, size=(12, 12))
+    truth = np.asarray(zarr.open_array(tmp_path / "t.zarr" / "s0", mode="r")[...])
+    assert truth.shape == (16, 12, 12) and np.isfinite(truth).all()
+    assert truth.min() >= info.offset

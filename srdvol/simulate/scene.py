@@ -229,7 +229,11 @@ def _neuropil(
     sig = cfg.neuropil_scale_um / px
     for i in range(m):
         fields[i] = ndimage.gaussian_filter(fields[i], (0.0, sig, sig), mode="wrap")
-        fields[i] = np.exp(0.4 * fields[i] / (fields[i].std() + 1e-12))
+        # centred first: on a frame much smaller than the fields' scale the filtered field is
+        # nearly constant, and exp(0.4 mean / tiny std) overflowed (the normalisation below
+        # cancels the centring's constant factor)
+        centred = fields[i] - fields[i].mean()
+        fields[i] = np.exp(0.4 * centred / (centred.std() + 1e-12))
         fields[i] *= cfg.neuropil_level / (m * fields[i].mean())
     slow = rng.normal(size=(m, frames))
     tau = max(cfg.neuropil_time_s * rate_hz, 0.5)
