@@ -97,6 +97,12 @@ def test_check_still_warns_only_on_a_moving_input(field, movie, capsys):
     assert err.startswith("srdvol: warning: in.zarr seems to move:"), err
     assert "--guide assumes a still recording" in err and "register it first" in err
     assert err.count("\n") == 1
+    # --restore learns each tile's patterns over hundreds of frames: it names itself
+    from srdvol.options import PredictOptions
+
+    check_still("in.zarr", xr.DataArray(moving, dims=("t", "y", "x")), PredictOptions(restore=4))
+    err = capsys.readouterr().err
+    assert "--restore assumes a still recording" in err and "without --restore" in err
 
 
 def test_a_guided_prediction_of_a_moving_input_warns_and_still_runs(
