@@ -142,11 +142,17 @@ def test_stretches():
 
 
 @pytest.mark.parametrize(
-    ("dims", "blocks"),
-    [("tyx", (32, 16, 16)), ("tyx", (96, 64, 64)), ("tcyx", (16, 1, 32, 24))],
+    ("dims", "blocks", "frame"),
+    [
+        ("tyx", (32, 16, 16), 64),
+        ("tyx", (96, 64, 64), 64),
+        ("tcyx", (16, 1, 32, 24), 64),
+        ("tyx", (16, 8, 8), 12),  # a frame smaller than a tile and the halo
+    ],
 )
-def test_lazy_restore_equals_one_whole_frame_pass(scene, dims, blocks):
+def test_lazy_restore_equals_one_whole_frame_pass(scene, dims, blocks, frame):
     noisy, network = scene["noisy"], _shrunk(scene["truth"], 0.6)
+    noisy, network = noisy[:, :frame, :frame], network[:, :frame, :frame]
     if "c" in dims:  # two channels: the second the first upside down
         noisy = np.stack([noisy, noisy[:, ::-1]], axis=1)
         network = np.stack([network, network[:, ::-1]], axis=1)
@@ -159,6 +165,7 @@ def test_lazy_restore_equals_one_whole_frame_pass(scene, dims, blocks):
         chunks=chunks,
     )
     assert all(c % 8 == 0 for c in lazy.chunks[-1][:-1])  # whole output chunks
+    assert lazy.shape == noisy.shape
     with dask.config.set(scheduler="threads"):
         out = lazy.compute()
     t = dims.index("t")

@@ -102,7 +102,8 @@ def restored(
         _restore_block,
         noisy,
         network,
-        depth={a: (halo if a in (y, x) else 0) for a in range(len(names))},
+        # an axis in one block (a frame smaller than the halo) needs none
+        depth={a: (halo if a in (y, x) and len(block[a]) > 1 else 0) for a in range(len(names))},
         boundary="none",
         trim=False,  # the block function crops its halo itself
         chunks=tuple(block),
@@ -137,7 +138,7 @@ def _restore_block(
     starts = [int(sum(chunks_of[a][:i])) for a, i in enumerate(location)]
     stops = [s + chunks_of[a][i] for a, (s, i) in enumerate(zip(starts, location, strict=True))]
     _, y, x = movie
-    low = {a: starts[a] - max(0, starts[a] - halo) for a in (y, x)}
+    low = {a: starts[a] - max(0, starts[a] - halo) if len(chunks_of[a]) > 1 else 0 for a in (y, x)}
     a_noisy = np.moveaxis(noisy, movie, (-3, -2, -1))
     a_network = np.moveaxis(network, movie, (-3, -2, -1))
     origin = (starts[y] - low[y], starts[x] - low[x])
