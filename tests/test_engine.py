@@ -727,7 +727,9 @@ def grids(draw):
     }
 
 
-def _run_once(case, tmp, *, client=None, read_delay=0.0, model_delay=0.0):
+def _run_once(case, tmp, *, client=None, read_delay=0.0, model_delay=0.0, then=None):
+    """Denoise and write ``case`` with the recording identity; ``then(image, lazy, chunks)``
+    may stack a step on the lazy denoised array before it is written."""
     data = _positions(case["shape"])
     source = CountingArray(data, delay=read_delay)
     model = RecordingIdentity(case["shape"], delay=model_delay)
@@ -739,8 +741,9 @@ def _run_once(case, tmp, *, client=None, read_delay=0.0, model_delay=0.0):
         dtype="float32",
         fill_value=np.nan,
     )
+    image = da.from_array(source, chunks=case["in_chunks"])
     lazy = denoise(
-        da.from_array(source, chunks=case["in_chunks"]),
+        image,
         model,
         dims=case["dims"],
         patch=case["patch"],
@@ -748,6 +751,8 @@ def _run_once(case, tmp, *, client=None, read_delay=0.0, model_delay=0.0):
         chunks=out.chunks,
         block=case["block"],
     )
+    if then is not None:
+        lazy = then(image, lazy, out.chunks)
     report = write(lazy, out, client=client, wave=case["wave"], threads=case["threads"])
     return data, source, model, out, lazy, report
 
@@ -943,19 +948,11 @@ def test_restore_keeps_each_patch_once(tmp_path):
         "wave": 2,
         "threads": 2,
     }
-    data = _positions(case["shape"])
-    source = CountingArray(data)
-    model = RecordingIdentity(case["shape"])
-    model.batch_size = 3
-    out = zarr.create_array(
-        str(tmp_path / "o.zarr"), shape=data.shape, chunks=(8, 8, 8), dtype="float32"
-    )
-    image = da.from_array(source, chunks=case["in_chunks"])
-    lazy = denoise(
-        image, model, dims="tyx", patch=case["patch"], chunks=out.chunks, block=case["block"]
-    )
-    lazy = restored(image, lazy, dims="tyx", scale=1000.0, chunks=out.chunks)
-    write(lazy, out, wave=case["wave"], threads=case["threads"])
+
+    def restore_step(image, lazy, chunks):
+        return restored(image, lazy, dims="tyx", scale=1000.0, chunks=chunks)
+
+    data, source, model, out, _, _ = _run_once(case, tmp_path, then=restore_step)
     starts = sorted(tuple(int(i) for i in s) for s in _PATCHES[model.id])
     assert starts == _lattice_starts(case["shape"], "tyx", case["patch"], 0.25)
     assert source.voxels == data.size  # the restore's input is the network's, read once
