@@ -23,9 +23,9 @@ returns::
   footprint is unbiased, so what the network flattened comes back; the noise that comes with
   it is only that of ``rank`` numbers per tile and frame, each pooled over a whole footprint.
 
-On the issue 13 movies at 0.5 photons per pixel this keeps transients at a gain of about 0.95
-where the network alone keeps 0.70-0.75, at 1.9 dB more SNR than the best Gaussian filter's
-frames (benchmarks/RESULTS.md). It needs whole stretches of frames: a pattern is learnt from
+On the issue 13 movies at 0.5 photons per pixel (4250-step models, three seeds) this keeps
+0.96-0.97 of the transients' amplitude where the network alone keeps 0.65-0.79, at 2.96-3.38 dB
+above the best Gaussian filter (benchmarks/RESULTS.md). It needs whole stretches of frames: a pattern is learnt from
 how a tile's activity varies over a few hundred frames, which one patch of ``patch_t`` frames
 does not show (32 frames cost 1.5 dB).
 """
