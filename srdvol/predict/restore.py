@@ -25,9 +25,9 @@ returns::
 
 On the issue 13 movies at 0.5 photons per pixel (4250-step models, three seeds) this keeps
 0.96-0.97 of the transients' amplitude where the network alone keeps 0.65-0.79, at 2.96-3.38 dB
-above the best Gaussian filter (benchmarks/RESULTS.md). It needs whole stretches of frames: a pattern is learnt from
-how a tile's activity varies over a few hundred frames, which one patch of ``patch_t`` frames
-does not show (32 frames cost 1.5 dB).
+above the best Gaussian filter (benchmarks/RESULTS.md). It needs whole stretches of frames: a
+pattern is learnt from how a tile's activity varies over a few hundred frames, which one patch
+of ``patch_t`` frames does not show (32 frames cost 1.5 dB).
 """
 
 from __future__ import annotations
