@@ -9,6 +9,7 @@ import pytest
 
 from srdvol.core.traces import fit_traces
 from srdvol.dask.restoring import restored, stretches
+from srdvol.dask.writer import BlockDataError
 from srdvol.predict.restore import noise_variance, restore, restore_halo, tile_starts
 
 OFFSET, GAIN, READ = 100.0, 10.0, 5.0
@@ -177,6 +178,34 @@ def test_lazy_restore_equals_one_whole_frame_pass(scene, dims, blocks, frame):
         else:
             whole = restore(noisy[lo:hi], network[lo:hi], scale=50.0)
             np.testing.assert_allclose(out[lo:hi], whole, rtol=1e-5, atol=1e-3)
+
+
+def test_a_restored_block_with_nan_is_refused_naming_the_block(monkeypatch):
+    import srdvol.dask.restoring as restoring
+
+    def broken(noisy, denoised, **kwargs):
+        out = restore(noisy, denoised, **kwargs)
+        if kwargs["origin"][1] > 0:  # the right-hand blocks only
+            out[3, 2, -1] = np.nan
+        return out
+
+    monkeypatch.setattr(restoring, "restore", broken)
+    scene = _scene(frames=32, size=96)
+    noisy, network = scene["noisy"], _shrunk(scene["truth"], 0.6)
+    lazy = restored(
+        da.from_array(noisy, chunks=(32, 96, 48)),
+        da.from_array(network, chunks=(32, 96, 48)),
+        dims="tyx",
+        scale=50.0,
+        chunks=(16, 8, 8),
+    )
+    assert lazy.numblocks == (1, 1, 2)
+    left = lazy.blocks[0, 0, 0].compute(scheduler="sync")
+    assert np.isfinite(left).all()
+    with pytest.raises(
+        BlockDataError, match=r"restore block \(0, 0, 1\) \(t=0:32, y=0:96, x=48:96\)"
+    ):
+        lazy.compute(scheduler="sync")
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ import dask.array as da
 import numpy as np
 
 from srdvol.axes import MOVIE_AXES
+from srdvol.dask.writer import BlockDataError
 from srdvol.predict.restore import RESTORE_FRAMES, RESTORE_RANK, restore, restore_halo
 
 __all__ = ["restored", "stretches"]
@@ -117,6 +118,7 @@ def restored(
         halo=halo,
         scale=float(scale),
         rank=int(rank),
+        dims=tuple(names),
     )
 
 
@@ -130,6 +132,7 @@ def _restore_block(
     halo: int,
     scale: float,
     rank: int,
+    dims: tuple[str, ...],
     block_info: dict[Any, Any] | None = None,
 ) -> np.ndarray:
     if block_info is None:  # dask passes it to every function that accepts it
@@ -158,4 +161,16 @@ def _restore_block(
             frame=(shape[y], shape[x]),
         )
         out[idx] = plane[:, core[0], core[1]]
+    # never write NaN/Inf and report success (as the network's blocks, srdvol.dask.graph)
+    bad = 0 if np.isfinite(out.sum(dtype=np.float64)) else int(np.count_nonzero(~np.isfinite(out)))
+    if bad:
+        span = ", ".join(
+            f"{name}={start}:{stop}" for name, start, stop in zip(dims, starts, stops, strict=True)
+        )
+        raise BlockDataError(
+            f"restore block {tuple(int(i) for i in location)} ({span})",
+            f"--restore gave {bad} NaN or Inf value(s) from a finite input and network output",
+            "run without --restore (or with --anchor) and report this; nothing of this block "
+            "was written",
+        )
     return np.moveaxis(out, (-3, -2, -1), movie)
