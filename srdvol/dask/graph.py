@@ -45,6 +45,7 @@ from srdvol.dask.writer import (
     BlockInputError,
     Progress,
     WriteReport,
+    nonfinite_count,
     write,
 )
 from srdvol.errors import ConfigError, InputError, UnsupportedDtypeError, flag
@@ -388,9 +389,7 @@ def _sums_block(
         planes.append(sums)
     # One plane (the usual case) needs no copy: its sums are the block's.
     out = (planes[0] if len(planes) == 1 else np.stack(planes)).reshape(moved.shape)
-    # never write NaN/Inf and report success; the sum is finite exactly when every term is
-    # (sums of |w·pred| stay far below float64's range), and needs no temporary
-    bad = 0 if np.isfinite(out.sum()) else int(out.size - np.count_nonzero(np.isfinite(out)))
+    bad = nonfinite_count(out)  # never write NaN/Inf and report success
     if bad:
         raise BlockDataError(
             _where(plan, location),

@@ -21,7 +21,7 @@ import dask.array as da
 import numpy as np
 
 from srdvol.axes import MOVIE_AXES
-from srdvol.dask.writer import BlockDataError
+from srdvol.dask.writer import BlockDataError, nonfinite_count
 from srdvol.predict.restore import RESTORE_FRAMES, RESTORE_RANK, restore, restore_halo
 
 __all__ = ["restored", "stretches"]
@@ -161,8 +161,7 @@ def _restore_block(
             frame=(shape[y], shape[x]),
         )
         out[idx] = plane[:, core[0], core[1]]
-    # never write NaN/Inf and report success (as the network's blocks, srdvol.dask.graph)
-    bad = 0 if np.isfinite(out.sum(dtype=np.float64)) else int(np.count_nonzero(~np.isfinite(out)))
+    bad = nonfinite_count(out)  # never write NaN/Inf and report success
     if bad:
         span = ", ".join(
             f"{name}={start}:{stop}" for name, start, stop in zip(dims, starts, stops, strict=True)

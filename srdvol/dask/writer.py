@@ -42,6 +42,7 @@ __all__ = [
     "BlockInputError",
     "Progress",
     "WriteReport",
+    "nonfinite_count",
     "write",
 ]
 
@@ -64,6 +65,15 @@ class BlockDataError(DataError):
 
 class BlockInputError(BlockDataError):
     """A block's input holds NaN or Inf values (in chunks the statistics sample did not read)."""
+
+
+def nonfinite_count(values: np.ndarray) -> int:
+    """NaN and Inf values in a block's output (a block is never written with any): one float64
+    sum when there are none, which is finite exactly when every term is and needs no
+    temporary."""
+    if np.isfinite(values.sum(dtype=np.float64)):
+        return 0
+    return int(values.size - np.count_nonzero(np.isfinite(values)))
 
 
 @dataclass(frozen=True)
