@@ -307,7 +307,7 @@ class PredictOptions(_Options):
         ge=0,
         le=16,
         description="Put back the transient amplitudes the network flattens: in every "
-        "32-pixel tile, this many activity patterns of the denoised stretch of 256 frames "
+        "44-pixel tile, this many activity patterns of the denoised stretch of 256 frames "
         "fitted to the input (a still recording; includes guide and replaces anchor); 0 turns "
         "it off.",
     )

@@ -53,7 +53,7 @@ def test_info_describes_an_image_and_a_model(bad_inputs, capsys):
     code, out, _ = run_cli(
         capsys, "info", str(bad_inputs / "in.zarr"), "--patch", "16,32,32", "--restore", "4"
     )
-    assert code == 0 and "amplitude put back (--restore: 4 activity patterns per 32-px" in out
+    assert code == 0 and "amplitude put back (--restore: 4 activity patterns per 44-px" in out
     assert "over 1 stretch(es) of 32 frames" in out and "Gaussian" not in out
     code, out, _ = run_cli(capsys, "info", str(bad_inputs / "m16.safetensors"))
     assert code == 0

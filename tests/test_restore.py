@@ -180,6 +180,24 @@ def test_lazy_restore_equals_one_whole_frame_pass(scene, dims, blocks, frame):
             np.testing.assert_allclose(out[lo:hi], whole, rtol=1e-5, atol=1e-3)
 
 
+def test_lazy_restore_across_blocks_in_y_and_x_equals_one_whole_frame_pass():
+    """Blocks in y and x each with the default tile's halo (the 64-px frames above fit in one):
+    their cores join into exactly what one whole-frame pass gives."""
+    scene = _scene(frames=32, size=128, seed=3)
+    noisy, network = scene["noisy"], _shrunk(scene["truth"], 0.6)
+    lazy = restored(
+        da.from_array(noisy, chunks=(32, 48, 48)),
+        da.from_array(network, chunks=(32, 48, 48)),
+        dims="tyx",
+        scale=50.0,
+        chunks=(16, 8, 8),
+    )
+    assert lazy.numblocks == (1, 2, 2)  # 48 + 48 + 32 px, the last merged to hold a halo
+    out = lazy.compute(scheduler="threads")
+    whole = restore(noisy, network, scale=50.0)
+    np.testing.assert_allclose(out, whole, rtol=1e-5, atol=1e-3)
+
+
 def test_a_restored_block_with_nan_is_refused_naming_the_block(monkeypatch):
     import srdvol.dask.restoring as restoring
 
@@ -190,11 +208,11 @@ def test_a_restored_block_with_nan_is_refused_naming_the_block(monkeypatch):
         return out
 
     monkeypatch.setattr(restoring, "restore", broken)
-    scene = _scene(frames=32, size=96)
+    scene = _scene(frames=32, size=128)
     noisy, network = scene["noisy"], _shrunk(scene["truth"], 0.6)
-    lazy = restored(
-        da.from_array(noisy, chunks=(32, 96, 48)),
-        da.from_array(network, chunks=(32, 96, 48)),
+    lazy = restored(  # 64-px blocks in x: the right one's region starts past x = 0
+        da.from_array(noisy, chunks=(32, 128, 64)),
+        da.from_array(network, chunks=(32, 128, 64)),
         dims="tyx",
         scale=50.0,
         chunks=(16, 8, 8),
@@ -203,7 +221,7 @@ def test_a_restored_block_with_nan_is_refused_naming_the_block(monkeypatch):
     left = lazy.blocks[0, 0, 0].compute(scheduler="sync")
     assert np.isfinite(left).all()
     with pytest.raises(
-        BlockDataError, match=r"restore block \(0, 0, 1\) \(t=0:32, y=0:96, x=48:96\)"
+        BlockDataError, match=r"restore block \(0, 0, 1\) \(t=0:32, y=0:128, x=64:128\)"
     ):
         lazy.compute(scheduler="sync")
 

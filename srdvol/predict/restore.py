@@ -51,10 +51,13 @@ __all__ = [
 ]
 
 #: Side of the tiles whose activity patterns carry the amplitude back, in pixels (a soma with
-#: its nearest dendrites; half of it is the lattice's stride).
-RESTORE_TILE = 32
-#: Patterns per tile (measured: 3 keeps 0.94 of the transients, 4 keeps 0.96 at 0.35 dB less).
-RESTORE_RANK = 4
+#: its nearest dendrites; half of it is the lattice's stride). Chosen with :data:`RESTORE_RANK`
+#: on the issue 13 movies (benchmarks/RESULTS.md): larger tiles give more SNR and cell trace
+#: correlation, more patterns per tile keep more of the transients' amplitude.
+RESTORE_TILE = 44
+#: Patterns per tile, the advice for ``--restore`` (at 44-px tiles 5 kept 0.92-0.95 of the
+#: transients, 6 keeps 0.97 at 0.2-0.3 dB less).
+RESTORE_RANK = 6
 #: Frames of one stretch: the patterns of a tile come from this many frames.
 RESTORE_FRAMES = 256
 #: The guided filter of the activity (``A``): radius in pixels.
