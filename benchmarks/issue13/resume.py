@@ -14,17 +14,13 @@ count the weights differ from an uninterrupted run in their last digits.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from quality import NETWORKS
+from snapshot import saved_training  # this script's folder, first on sys.path
 
 from srdvol.model.device import resolve_device
-from srdvol.options import TrainOptions
 from srdvol.training.loop import run_training
 from srdvol.training.plan import prepare_training
 
@@ -38,19 +34,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = args.workdir / f"model-{args.tag}.safetensors"
-    state = torch.load(f"{model}.state", map_location="cpu", weights_only=False)
-    saved = state["options"]
-    print(f"resuming {model.name} at step {state['trainer']['step']}", flush=True)
-    options = TrainOptions(
-        patch=tuple(saved["patch"]),
-        steps=args.steps,
-        batch_size=saved["batch_size"],
-        lr=saved["lr"],
-        seed=int(saved["seed"]),
-        network=NETWORKS["default"](saved["patch"][0]),
-        resume=True,
-        checkpoint_every=250,
+    state, options = saved_training(
+        args.workdir, args.tag, steps=args.steps, resume=True, checkpoint_every=250
     )
+    print(f"resuming {model.name} at step {state['trainer']['step']}", flush=True)
     plan = prepare_training(args.workdir / f"noisy-{args.tag}.zarr", model, options)
     wall, cpu = time.perf_counter(), time.process_time()
     run_training(plan, device=resolve_device("cpu"))

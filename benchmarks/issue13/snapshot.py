@@ -16,6 +16,7 @@ import argparse
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,6 +30,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quality import NETWORKS
 
 
+def saved_training(
+    workdir: Path, tag: str, network: str = "default", **changes: Any
+) -> tuple[dict, TrainOptions]:
+    """The training state ``model-TAG.safetensors.state`` in ``workdir`` and the options it was
+    trained with (``steps``: the state's step), with ``changes`` on top."""
+    path = workdir / f"model-{tag}.safetensors.state"
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved = state["options"]
+    options = {
+        "patch": tuple(saved["patch"]),
+        "steps": int(state["trainer"]["step"]),
+        "batch_size": saved["batch_size"],
+        "lr": saved["lr"],
+        "seed": int(saved["seed"]),
+        "network": NETWORKS[network](saved["patch"][0]),
+    }
+    return state, TrainOptions(**(options | changes))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workdir", type=Path)
@@ -36,18 +56,8 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--network", choices=sorted(NETWORKS), default="default")
     args = parser.parse_args()
-    path = args.workdir / f"model-{args.tag}.safetensors.state"
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    step, saved = int(state["trainer"]["step"]), state["options"]
-    options = TrainOptions(
-        patch=tuple(saved["patch"]),
-        steps=step,
-        batch_size=saved["batch_size"],
-        lr=saved["lr"],
-        seed=int(saved["seed"]),
-        network=NETWORKS[args.network](saved["patch"][0]),
-        overwrite=True,
-    )
+    state, options = saved_training(args.workdir, args.tag, args.network, overwrite=True)
+    step = options.steps
     movie = args.workdir / f"noisy-{args.tag}.zarr"
     plan = prepare_training(movie, args.out, options)
     network = build_network(plan.config)
