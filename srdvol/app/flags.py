@@ -298,7 +298,7 @@ RestoreOpt = Annotated[
         "over stretches of 256 frames, in every 44-pixel tile, the PATTERNS strongest "
         "activity patterns of the denoised movie (where cells light up) are fitted to the "
         "input, frame by frame. For dim, still or registered recordings: at 0.5 photons per "
-        "pixel it kept 0.96-0.97 of the transients' amplitude at about 3 dB above the best "
+        "pixel it kept 0.965-0.974 of the transients' amplitude at about 3 dB above the best "
         "Gaussian filter. It filters the activity with the mean image itself and replaces "
         "--anchor and --guide; 6 is the setting measured, 0 (default) turns it off.",
     ),

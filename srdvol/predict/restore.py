@@ -24,7 +24,7 @@ returns::
   it is only that of ``rank`` numbers per tile and frame, each pooled over a whole footprint.
 
 On the issue 13 movies at 0.5 photons per pixel (4250-step models, three seeds) this keeps
-0.96-0.97 of the transients' amplitude where the network alone keeps 0.65-0.79, at 2.96-3.38 dB
+0.965-0.974 of the transients' amplitude where the network alone keeps 0.65-0.79, at 3.12-3.48 dB
 above the best Gaussian filter (benchmarks/RESULTS.md). It needs whole stretches of frames: a
 pattern is learnt from how a tile's activity varies over a few hundred frames, which one patch
 of ``patch_t`` frames does not show (32 frames cost 1.5 dB).
@@ -56,7 +56,7 @@ __all__ = [
 #: correlation, more patterns per tile keep more of the transients' amplitude.
 RESTORE_TILE = 44
 #: Patterns per tile, the advice for ``--restore`` (at 44-px tiles 5 kept 0.92-0.95 of the
-#: transients, 6 keeps 0.97 at 0.2-0.3 dB less).
+#: transients, 6 keeps 0.965-0.974 at about 0.25 dB less).
 RESTORE_RANK = 6
 #: Frames of one stretch: the patterns of a tile come from this many frames.
 RESTORE_FRAMES = 256
